@@ -1,0 +1,76 @@
+//! Names on the bus, defined once. Versions are part of every name.
+//!
+//! | event | subject | stream | consumers |
+//! |---|---|---|---|
+//! | InstanceStored | `bidsflux.v1.instance.stored` | `BIDSFLUX_V1_INSTANCES` | `study-completion` |
+//! | StudyCompleted | `bidsflux.v1.study.completed` | `BIDSFLUX_V1_STUDIES` | `uploader` |
+//! | ArchiveStored | `bidsflux.v1.archive.stored` | `BIDSFLUX_V1_ARCHIVES` | `indexer` (work queue shared by replicas) |
+//! | StudyIndexed | `bidsflux.v1.study.indexed` | `BIDSFLUX_V1_INDEXED` | — |
+//! | DeadLetter | `bidsflux.v1.deadletter.<service>` | `BIDSFLUX_V1_DEADLETTER` | — (operators) |
+
+/// Prefix of every subject.
+pub const PREFIX: &str = "bidsflux.v1";
+
+/// An instance is durably in the spool.
+pub const INSTANCE_STORED: &str = "bidsflux.v1.instance.stored";
+/// A study (or amendment) is complete.
+pub const STUDY_COMPLETED: &str = "bidsflux.v1.study.completed";
+/// A study archive is stored and verified in S3.
+pub const ARCHIVE_STORED: &str = "bidsflux.v1.archive.stored";
+/// A study is indexed in the forge.
+pub const STUDY_INDEXED: &str = "bidsflux.v1.study.indexed";
+/// Prefix of dead-letter subjects (`<prefix>.<service>`).
+pub const DEADLETTER_PREFIX: &str = "bidsflux.v1.deadletter";
+
+/// The dead-letter subject of a service.
+pub fn deadletter(service: &str) -> String {
+    format!("{DEADLETTER_PREFIX}.{service}")
+}
+
+/// Stream of `InstanceStored`.
+pub const STREAM_INSTANCES: &str = "BIDSFLUX_V1_INSTANCES";
+/// Stream of `StudyCompleted`.
+pub const STREAM_STUDIES: &str = "BIDSFLUX_V1_STUDIES";
+/// Stream of `ArchiveStored`.
+pub const STREAM_ARCHIVES: &str = "BIDSFLUX_V1_ARCHIVES";
+/// Stream of `StudyIndexed`.
+pub const STREAM_INDEXED: &str = "BIDSFLUX_V1_INDEXED";
+/// Stream of `DeadLetter`.
+pub const STREAM_DEADLETTER: &str = "BIDSFLUX_V1_DEADLETTER";
+
+/// Durable consumer of the study-completion service on [`STREAM_INSTANCES`].
+pub const CONSUMER_STUDY_COMPLETION: &str = "study-completion";
+/// Durable consumer of the uploader on [`STREAM_STUDIES`].
+pub const CONSUMER_UPLOADER: &str = "uploader";
+/// Durable consumer shared by all indexer replicas on [`STREAM_ARCHIVES`].
+pub const CONSUMER_INDEXER: &str = "indexer";
+
+/// KV bucket holding the study-completion state (`StudyState`, key = StudyInstanceUID).
+pub const KV_STUDIES: &str = "bidsflux_v1_studies";
+
+/// The de-duplication id of an `InstanceStored` event (`Nats-Msg-Id`).
+pub fn instance_msg_id(sop_instance_uid: &str, dataset_sha256: &str) -> String {
+    format!("instance:{sop_instance_uid}:{dataset_sha256}")
+}
+
+/// The de-duplication id of a `StudyCompleted` event.
+pub fn completed_msg_id(study_instance_uid: &str, generation: u32) -> String {
+    format!("completed:{study_instance_uid}:{generation}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_is_versioned() {
+        for s in [INSTANCE_STORED, STUDY_COMPLETED, ARCHIVE_STORED, STUDY_INDEXED, DEADLETTER_PREFIX] {
+            assert!(s.starts_with("bidsflux.v1."), "{s}");
+        }
+        assert_eq!(deadletter("uploader"), "bidsflux.v1.deadletter.uploader");
+        for s in [STREAM_INSTANCES, STREAM_STUDIES, STREAM_ARCHIVES, STREAM_INDEXED, STREAM_DEADLETTER] {
+            assert!(s.starts_with("BIDSFLUX_V1_"), "{s}");
+        }
+        assert!(KV_STUDIES.starts_with("bidsflux_v1_"));
+    }
+}

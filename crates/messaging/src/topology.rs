@@ -1,0 +1,176 @@
+//! The JetStream objects of bidsflux.
+//!
+//! [`declare`] creates or updates them (idempotent; the provisioner runs it at
+//! start). Services call [`require`] at start and refuse to run with a message
+//! that names what is missing.
+//!
+//! Only NATS 2.9 features are used (Debian's nats-server is 2.9.10).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::subjects as s;
+
+/// Something a service needs to exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// A stream.
+    Stream(&'static str),
+    /// A durable consumer on a stream.
+    Consumer {
+        /// Stream.
+        stream: &'static str,
+        /// Durable name.
+        name: &'static str,
+    },
+    /// A KV bucket.
+    KeyValue(&'static str),
+}
+
+/// Missing or unreachable topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// An object does not exist.
+    #[error("JetStream {what} is missing; run bidsflux-provisioner against this NATS server first")]
+    Missing {
+        /// e.g. `stream BIDSFLUX_V1_INSTANCES`.
+        what: String,
+    },
+    /// The server could not be asked.
+    #[error("cannot check JetStream {what}: {reason}")]
+    Unreachable {
+        /// The object.
+        what: String,
+        /// Cause.
+        reason: String,
+    },
+    /// Declaring failed.
+    #[error("cannot declare JetStream {what}: {reason}")]
+    Declare {
+        /// The object.
+        what: String,
+        /// Cause.
+        reason: String,
+    },
+}
+
+/// Retention of event streams (events are small; replays help operators).
+const EVENT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// De-duplication window: a resend with the same `Nats-Msg-Id` within it is dropped.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The streams: name, subjects, max age (zero = keep).
+pub fn streams() -> Vec<stream::Config> {
+    let ev = |name: &str, subject: &str, max_age: Duration| stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    };
+    vec![
+        ev(s::STREAM_INSTANCES, s::INSTANCE_STORED, EVENT_MAX_AGE),
+        ev(s::STREAM_STUDIES, s::STUDY_COMPLETED, EVENT_MAX_AGE),
+        ev(s::STREAM_ARCHIVES, s::ARCHIVE_STORED, EVENT_MAX_AGE),
+        ev(s::STREAM_INDEXED, s::STUDY_INDEXED, EVENT_MAX_AGE),
+        ev(s::STREAM_DEADLETTER, &format!("{}.>", s::DEADLETTER_PREFIX), Duration::ZERO),
+    ]
+}
+
+/// The durable pull consumers: (stream, config).
+///
+/// `max_deliver` is unlimited: the consumers count attempts themselves and
+/// dead-letter, so the server never drops a message silently.
+pub fn consumers() -> Vec<(&'static str, consumer::pull::Config)> {
+    let c = |name: &str, subject: &str, ack_wait: Duration| consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject: subject.to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait,
+        max_deliver: -1,
+        max_ack_pending: 1000,
+        ..Default::default()
+    };
+    vec![
+        (s::STREAM_INSTANCES, c(s::CONSUMER_STUDY_COMPLETION, s::INSTANCE_STORED, Duration::from_secs(30))),
+        (s::STREAM_STUDIES, c(s::CONSUMER_UPLOADER, s::STUDY_COMPLETED, Duration::from_secs(120))),
+        (s::STREAM_ARCHIVES, c(s::CONSUMER_INDEXER, s::ARCHIVE_STORED, Duration::from_secs(120))),
+    ]
+}
+
+/// The KV buckets.
+pub fn key_values() -> Vec<kv::Config> {
+    vec![kv::Config {
+        bucket: s::KV_STUDIES.to_owned(),
+        description: "study-completion state per StudyInstanceUID".to_owned(),
+        history: 5,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }]
+}
+
+/// Creates or updates every stream, consumer and KV bucket. Idempotent.
+pub async fn declare(js: &jetstream::Context) -> Result<(), TopologyError> {
+    for cfg in streams() {
+        let what = format!("stream {}", cfg.name);
+        js.create_or_update_stream(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+    }
+    for (stream, cfg) in consumers() {
+        let name = cfg.durable_name.clone().unwrap_or_default();
+        let what = format!("consumer {name} on {stream}");
+        let st = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| TopologyError::Declare { what: what.clone(), reason: e.to_string() })?;
+        match st.consumer_info(&name).await {
+            Ok(_) => {
+                js.update_consumer_on_stream(cfg, stream)
+                    .await
+                    .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+            }
+            Err(_) => {
+                st.create_consumer(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+            }
+        }
+    }
+    for cfg in key_values() {
+        let what = format!("KV bucket {}", cfg.bucket);
+        if js.get_key_value(&cfg.bucket).await.is_err() {
+            js.create_key_value(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each requirement exists.
+pub async fn require(js: &jetstream::Context, needs: &[Requirement]) -> Result<(), TopologyError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    for need in needs {
+        match *need {
+            Requirement::Stream(name) | Requirement::Consumer { stream: name, .. } => {
+                let what = format!("stream {name}");
+                let st = match js.get_stream(name).await {
+                    Ok(st) => st,
+                    Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(_)) => {
+                        return Err(TopologyError::Missing { what });
+                    }
+                    Err(e) => return Err(TopologyError::Unreachable { what, reason: e.to_string() }),
+                };
+                if let Requirement::Consumer { name: consumer, .. } = *need {
+                    let what = format!("consumer {consumer} on stream {name}");
+                    st.consumer_info(consumer).await.map_err(|_| TopologyError::Missing { what })?;
+                }
+            }
+            Requirement::KeyValue(bucket) => {
+                js.get_key_value(bucket)
+                    .await
+                    .map_err(|_| TopologyError::Missing { what: format!("KV bucket {bucket}") })?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Wire types of the bidsflux bus, generated from `proto/bidsflux/v1/*.proto`.
+//!
+//! These are transport types: services convert them into validated domain
+//! types at the edge and never pass them around as their model.
+
+/// Version 1 of the bus contract (`bidsflux.v1.*` subjects).
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/bidsflux.v1.rs"));
+}
+
+pub use prost::Message;

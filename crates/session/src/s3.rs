@@ -1,0 +1,227 @@
+//! Where a study's archive goes in S3.
+//!
+//! `S3_URL_PATTERN` has the original BIDS-flux form
+//! `s3://HOST[:PORT]/BUCKET_TEMPLATE[/PREFIX_TEMPLATE]`, e.g.
+//! `s3://s3.example.org/test.{ReferringPhysicianName}.{StudyDescriptionPath[1]}.dicoms`.
+//! The bucket is the first path element, the key prefix (git-annex's
+//! `fileprefix`) is the rest of the path plus `/<StudyInstanceUID>/`
+//! (just `<StudyInstanceUID>/` when the pattern has no rest).
+//!
+//! S3 refuses most bucket names a template renders from DICOM values
+//! (capitals, spaces, underscores). [`bucket_name`] defines the mapping; see
+//! `docs/s3-placement.md`.
+
+use std::net::Ipv4Addr;
+
+use crate::metas::SessionMetas;
+use crate::template::{RenderError, Template, TemplateError};
+
+/// A parsed `S3_URL_PATTERN`.
+#[derive(Debug, Clone)]
+pub struct S3UrlPattern {
+    source: String,
+    /// `HOST[:PORT]` of the pattern.
+    pub host: String,
+    bucket: Template,
+    prefix: Option<Template>,
+}
+
+/// An `S3_URL_PATTERN` that cannot be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    /// Not of the form `s3://HOST/BUCKET[/PREFIX]`.
+    #[error("S3_URL_PATTERN {pattern:?} is not of the form s3://HOST/BUCKET_TEMPLATE[/PREFIX_TEMPLATE]")]
+    Shape {
+        /// The pattern.
+        pattern: String,
+    },
+    /// A template part does not parse.
+    #[error("S3_URL_PATTERN: {0}")]
+    Template(#[from] TemplateError),
+}
+
+/// Why a study cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// A template value cannot be used.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// The rendered bucket is not a valid S3 bucket name even after normalisation.
+    #[error(
+        "S3_URL_PATTERN bucket template {template:?} renders to {bucket:?}, which S3 refuses as a bucket name: {why}"
+    )]
+    Bucket {
+        /// The bucket template.
+        template: String,
+        /// The normalised bucket name.
+        bucket: String,
+        /// The rule it breaks.
+        why: &'static str,
+    },
+}
+
+/// Bucket and key prefix of one study.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Valid S3 bucket name.
+    pub bucket: String,
+    /// Key prefix, ending with `/<StudyInstanceUID>/`.
+    pub fileprefix: String,
+}
+
+impl Placement {
+    /// The object key of a file (e.g. a git-annex key) under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{}", self.fileprefix, name)
+    }
+}
+
+impl S3UrlPattern {
+    /// Parses a pattern.
+    pub fn parse(pattern: &str) -> Result<Self, PatternError> {
+        let shape = || PatternError::Shape { pattern: pattern.to_owned() };
+        let rest = pattern.trim().strip_prefix("s3://").ok_or_else(shape)?;
+        let (host, path) = rest.split_once('/').ok_or_else(shape)?;
+        if host.is_empty() || host.contains(['{', '}']) {
+            return Err(shape());
+        }
+        let path = path.trim_end_matches('/');
+        let (bucket, prefix) = match path.split_once('/') {
+            Some((b, p)) => (b, Some(p)),
+            None => (path, None),
+        };
+        if bucket.is_empty() {
+            return Err(shape());
+        }
+        Ok(Self {
+            source: pattern.to_owned(),
+            host: host.to_owned(),
+            bucket: Template::parse(bucket)?,
+            prefix: prefix.map(Template::parse).transpose()?,
+        })
+    }
+
+    /// The pattern text.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Bucket and key prefix of a study.
+    pub fn place(&self, metas: &SessionMetas) -> Result<Placement, PlacementError> {
+        let rendered = self.bucket.render(metas)?;
+        let bucket = bucket_name(&rendered).map_err(|(bucket, why)| PlacementError::Bucket {
+            template: self.bucket.as_str().to_owned(),
+            bucket,
+            why,
+        })?;
+        let uid = metas.study_instance_uid.as_str();
+        let fileprefix = match &self.prefix {
+            Some(p) => format!("{}/{uid}/", p.render(metas)?),
+            None => format!("{uid}/"),
+        };
+        Ok(Placement { bucket, fileprefix })
+    }
+}
+
+/// Maps a rendered value to a valid S3 bucket name.
+///
+/// Rules, in order: ASCII letters are lower-cased; every character other than
+/// `a-z`, `0-9`, `.` and `-` becomes `-`; runs of `-` or `.` collapse to one,
+/// and `-.`/`.-` become `.`; leading and trailing `.`/`-` are removed. The
+/// result must then follow S3's rules (3–63 characters, not an IPv4 address,
+/// no reserved prefix or suffix), or the error gives the normalised name and
+/// the rule it breaks. Truncation is never done: two studies must not share a
+/// bucket by accident.
+pub fn bucket_name(rendered: &str) -> Result<String, (String, &'static str)> {
+    let mut out = String::with_capacity(rendered.len());
+    for c in rendered.chars() {
+        let c = c.to_ascii_lowercase();
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' { c } else { '-' };
+        match (out.chars().last(), c) {
+            (Some('-'), '-') | (Some('.'), '.') | (Some('.'), '-') => {}
+            (Some('-'), '.') => {
+                out.pop();
+                if !out.ends_with('.') {
+                    out.push('.');
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    let name = out.trim_matches(['.', '-']).to_owned();
+    let why = if name.len() < 3 {
+        Some("shorter than 3 characters")
+    } else if name.len() > 63 {
+        Some("longer than 63 characters")
+    } else if name.parse::<Ipv4Addr>().is_ok() {
+        Some("formatted as an IP address")
+    } else if ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p)) {
+        Some("starts with a reserved prefix")
+    } else if ["-s3alias", "--ol-s3", ".mrap", "--x-s3"].iter().any(|s| name.ends_with(s)) {
+        Some("ends with a reserved suffix")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err((name, why)),
+        None => Ok(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metas::example;
+
+    #[test]
+    fn original_example_becomes_a_valid_bucket() {
+        let p =
+            S3UrlPattern::parse("s3://s3.example.org/test.{ReferringPhysicianName}.{StudyDescriptionPath[1]}.dicoms")
+                .unwrap();
+        assert_eq!(p.host, "s3.example.org");
+        let pl = p.place(&example()).unwrap();
+        assert_eq!(pl.bucket, "test.investigator.study1.dicoms");
+        assert_eq!(pl.fileprefix, "1.2.3.4/");
+        assert_eq!(pl.key("MD5E-s1--x.7z"), "1.2.3.4/MD5E-s1--x.7z");
+    }
+
+    #[test]
+    fn prefix_after_the_bucket() {
+        let p = S3UrlPattern::parse("s3://127.0.0.1:9000/dicoms/{ReferringPhysicianName}/{StudyDescriptionPath[1]}")
+            .unwrap();
+        let pl = p.place(&example()).unwrap();
+        assert_eq!(pl.bucket, "dicoms");
+        assert_eq!(pl.fileprefix, "Investigator/Study1/1.2.3.4/");
+    }
+
+    #[test]
+    fn bucket_normalisation() {
+        assert_eq!(bucket_name("test.Dr Smith.Study_1.dicoms").unwrap(), "test.dr-smith.study-1.dicoms");
+        assert_eq!(bucket_name("--A..B-.c--").unwrap(), "a.b.c");
+        assert_eq!(bucket_name("Müller.ß").unwrap(), "m-ller");
+        assert!(bucket_name("ab").is_err());
+        assert!(bucket_name(&"a".repeat(64)).is_err());
+        assert!(bucket_name("192.168.1.1").is_err());
+        assert!(bucket_name("xn--abc").is_err());
+        assert_eq!(bucket_name("___").unwrap_err().1, "shorter than 3 characters");
+        for ok in ["abc", "a-b.c", "bucket.with.dots"] {
+            assert_eq!(bucket_name(ok).unwrap(), ok);
+        }
+    }
+
+    #[test]
+    fn bad_patterns() {
+        assert!(S3UrlPattern::parse("http://host/b").is_err());
+        assert!(S3UrlPattern::parse("s3://host").is_err());
+        assert!(S3UrlPattern::parse("s3://host/").is_err());
+        assert!(S3UrlPattern::parse("s3://host/{Nope}").is_err());
+    }
+
+    #[test]
+    fn unplaceable_studies_are_errors() {
+        let p = S3UrlPattern::parse("s3://h/{PatientID}").unwrap();
+        let m = SessionMetas::from_raw("1.2", "__", "x", "y", "z", "a^b").unwrap();
+        let e = p.place(&m).unwrap_err().to_string();
+        assert!(e.contains("{PatientID}") && e.contains("shorter than 3"), "{e}");
+    }
+}
