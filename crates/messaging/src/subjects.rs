@@ -58,6 +58,16 @@ pub fn completed_msg_id(study_instance_uid: &str, generation: u32) -> String {
     format!("completed:{study_instance_uid}:{generation}")
 }
 
+/// The de-duplication id of an `ArchiveStored` event (same archive bytes, same id).
+pub fn archive_msg_id(study_instance_uid: &str, generation: u32, archive_md5: &str) -> String {
+    format!("archive:{study_instance_uid}:{generation}:{archive_md5}")
+}
+
+/// The de-duplication id of a `StudyIndexed` event.
+pub fn indexed_msg_id(study_instance_uid: &str, generation: u32) -> String {
+    format!("indexed:{study_instance_uid}:{generation}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,6 +113,27 @@ pub fn key_values() -> Vec<kv::Config> {
     }]
 }
 
+/// The stream backing a KV bucket, as async-nats lays it out (`KV_<bucket>`, `$KV.<bucket>.>`).
+fn kv_stream_config(cfg: &kv::Config) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{}", cfg.bucket),
+        description: Some(cfg.description.clone()),
+        subjects: vec![format!("$KV.{}.>", cfg.bucket)],
+        max_messages_per_subject: cfg.history.max(1),
+        max_bytes: cfg.max_bytes,
+        max_age: cfg.max_age,
+        max_message_size: cfg.max_value_size,
+        storage: cfg.storage,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates every stream, consumer and KV bucket. Idempotent.
 pub async fn declare(js: &jetstream::Context) -> Result<(), TopologyError> {
     for cfg in streams() {
@@ -139,9 +160,11 @@ pub async fn declare(js: &jetstream::Context) -> Result<(), TopologyError> {
     }
     for cfg in key_values() {
         let what = format!("KV bucket {}", cfg.bucket);
-        if js.get_key_value(&cfg.bucket).await.is_err() {
-            js.create_key_value(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
-        }
+        // `create_key_value` asks for account info in a form NATS 2.9 does not
+        // answer; declare the bucket's stream as async-nats would.
+        js.create_or_update_stream(kv_stream_config(&cfg))
+            .await
+            .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
     }
     Ok(())
 }
