@@ -1,0 +1,37 @@
+//! `bidsflux-receiver`: the DICOM C-STORE endpoint.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bidsflux_config::Env;
+use bidsflux_messaging::{Bus, shutdown_on_signals};
+use bidsflux_receiver::{Config, REQUIRES, run};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-receiver") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot initialise telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match start().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "receiver stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
+    let config = Config::from_env(&Env::from_process())?;
+    let bus = Bus::connect(&config.nats_url, "receiver", Duration::from_secs(30)).await?;
+    bus.require(REQUIRES).await?;
+    let listener = tokio::net::TcpListener::bind(config.dicom_bind)
+        .await
+        .with_context(|| format!("bind BIDSFLUX_DICOM_BIND {}", config.dicom_bind))?;
+    run(config, listener, bus, shutdown_on_signals()).await
+}

@@ -1,0 +1,256 @@
+//! One C-STORE: stream the data set to a temp file, validate it, place it in
+//! the spool, publish `InstanceStored`, and decide the response status.
+//!
+//! Success is answered only after the file is durable and JetStream has
+//! acknowledged the event. Failures never answer Success:
+//! - the data set cannot be parsed, UIDs are missing or invalid → 0xC000, temp file removed;
+//! - disk errors → 0xA700, temp file removed;
+//! - the bus does not acknowledge → 0xA700, the spool file is KEPT: it is
+//!   durable, and a resend of the same bytes publishes the same message id,
+//!   which JetStream de-duplicates.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use bidsflux_messaging::{Bus, now_unix_ms, subjects};
+use bidsflux_proto::v1 as pb;
+use bidsflux_session::Uid;
+use dicom_dictionary_std::tags;
+use dicom_object::OpenFileOptions;
+use tracing::{Instrument as _, Span, error, info, info_span, warn};
+
+use crate::dimse::status;
+use crate::spool::{InstanceIds, PartFile, PartMeta, Placement, Spool};
+
+/// What every store of the service shares.
+#[derive(Debug)]
+pub struct StoreContext {
+    /// Where files go.
+    pub spool: Spool,
+    /// Where events go.
+    pub bus: Bus,
+}
+
+/// Why a store failed, mapped to a DIMSE status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Disk or bus trouble: 0xA700 (the sender may retry).
+    OutOfResources(anyhow::Error),
+    /// The data set is not usable: 0xC000.
+    CannotUnderstand(anyhow::Error),
+}
+
+impl Failure {
+    fn status(&self) -> u16 {
+        match self {
+            Self::OutOfResources(_) => status::OUT_OF_RESOURCES,
+            Self::CannotUnderstand(_) => status::CANNOT_UNDERSTAND,
+        }
+    }
+
+    fn error(&self) -> &anyhow::Error {
+        match self {
+            Self::OutOfResources(e) | Self::CannotUnderstand(e) => e,
+        }
+    }
+}
+
+/// The answer to a C-STORE-RQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// DIMSE status.
+    pub status: u16,
+    /// ErrorComment for failures (no patient values).
+    pub comment: Option<String>,
+}
+
+/// The request side of a store, from the command set and the presentation context.
+#[derive(Debug, Clone)]
+pub struct StoreRequest {
+    /// AffectedSOPClassUID.
+    pub sop_class_uid: String,
+    /// AffectedSOPInstanceUID.
+    pub sop_instance_uid: String,
+    /// The presentation context's transfer syntax.
+    pub transfer_syntax_uid: String,
+    /// Calling AE title.
+    pub calling_ae_title: String,
+    /// Called AE title.
+    pub called_ae_title: String,
+}
+
+/// A C-STORE whose data set is arriving.
+#[derive(Debug)]
+pub struct IncomingStore {
+    request: StoreRequest,
+    /// `Err` once something failed: remaining fragments are then read and dropped.
+    sink: Result<PartFile, Failure>,
+    span: Span,
+    received_at_unix_ms: i64,
+}
+
+impl IncomingStore {
+    /// Starts receiving: validates the command's UIDs and opens the temp file.
+    pub async fn begin(ctx: &StoreContext, request: StoreRequest) -> Self {
+        let span = info_span!(
+            "store",
+            sop_instance_uid = %request.sop_instance_uid,
+            sop_class_uid = %request.sop_class_uid,
+            transfer_syntax = %request.transfer_syntax_uid,
+            series_instance_uid = tracing::field::Empty,
+            study_instance_uid = tracing::field::Empty,
+            size = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        let sink = async {
+            Uid::parse("AffectedSOPClassUID", &request.sop_class_uid)
+                .map_err(|e| Failure::CannotUnderstand(e.into()))?;
+            Uid::parse("AffectedSOPInstanceUID", &request.sop_instance_uid)
+                .map_err(|e| Failure::CannotUnderstand(e.into()))?;
+            let meta = PartMeta {
+                sop_class_uid: &request.sop_class_uid,
+                sop_instance_uid: &request.sop_instance_uid,
+                transfer_syntax_uid: &request.transfer_syntax_uid,
+                calling_ae_title: &request.calling_ae_title,
+            };
+            ctx.spool.create_part(&meta).await.context("create spool temp file").map_err(Failure::OutOfResources)
+        }
+        .instrument(span.clone())
+        .await;
+        Self { request, sink, span, received_at_unix_ms: now_unix_ms() }
+    }
+
+    /// Appends a data set fragment (dropped if the store already failed).
+    pub async fn data(&mut self, bytes: &[u8]) {
+        if let Ok(part) = &mut self.sink
+            && let Err(e) = part.append(bytes).await
+        {
+            // Dropping the part file removes it.
+            self.sink = Err(Failure::OutOfResources(anyhow::Error::new(e).context("write spool temp file")));
+        }
+    }
+
+    /// The last fragment arrived: finish, place, publish; returns the response status.
+    pub async fn complete(self, ctx: &StoreContext) -> Outcome {
+        let Self { request, sink, span, received_at_unix_ms } = self;
+        async move {
+            let result = match sink {
+                Ok(part) => finish(ctx, &request, part, received_at_unix_ms).await,
+                Err(failure) => Err(failure),
+            };
+            let outcome = match result {
+                Ok(placement) => {
+                    info!(?placement, "instance stored");
+                    Outcome { status: status::SUCCESS, comment: None }
+                }
+                Err(failure) => {
+                    let e = failure.error();
+                    match &failure {
+                        Failure::OutOfResources(_) => error!(error = %format!("{e:#}"), "failed to store instance"),
+                        Failure::CannotUnderstand(_) => warn!(error = %format!("{e:#}"), "refused instance"),
+                    }
+                    Outcome { status: failure.status(), comment: Some(format!("{e}")) }
+                }
+            };
+            Span::current().record("status", format!("0x{:04X}", outcome.status));
+            outcome
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Attributes read from the received data set.
+#[derive(Debug)]
+struct Attributes {
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    modality: String,
+    series_description: String,
+    series_number: String,
+}
+
+async fn finish(
+    ctx: &StoreContext,
+    request: &StoreRequest,
+    part: PartFile,
+    received_at_unix_ms: i64,
+) -> Result<Placement, Failure> {
+    let part = part.finish().await.context("sync spool temp file").map_err(Failure::OutOfResources)?;
+    Span::current().record("size", part.dataset_len);
+    let path = part.path().to_path_buf();
+    let attrs = tokio::task::spawn_blocking(move || inspect(path))
+        .await
+        .context("join data set inspection")
+        .map_err(Failure::OutOfResources)?
+        .map_err(Failure::CannotUnderstand)?;
+    Span::current().record("study_instance_uid", tracing::field::display(&attrs.study));
+    Span::current().record("series_instance_uid", tracing::field::display(&attrs.series));
+    if attrs.sop.as_str() != request.sop_instance_uid {
+        return Err(Failure::CannotUnderstand(anyhow::anyhow!(
+            "SOPInstanceUID of the data set differs from the command's AffectedSOPInstanceUID"
+        )));
+    }
+    let ids = InstanceIds { study: attrs.study.clone(), series: attrs.series.clone(), sop: attrs.sop.clone() };
+    let spool = ctx.spool.clone();
+    let (part, placed) = tokio::task::spawn_blocking(move || {
+        let placed = spool.place(&part, &ids);
+        (part, placed)
+    })
+    .await
+    .context("join spool placement")
+    .map_err(Failure::OutOfResources)?;
+    let placed = placed.context("place instance in the spool").map_err(Failure::OutOfResources)?;
+    if placed.placement == Placement::Conflict {
+        warn!(spool_path = %placed.relative_path, "a different data set with this SOPInstanceUID is spooled, kept both");
+    }
+    let event = pb::InstanceStored {
+        study_instance_uid: attrs.study.to_string(),
+        series_instance_uid: attrs.series.to_string(),
+        sop_instance_uid: attrs.sop.to_string(),
+        sop_class_uid: request.sop_class_uid.clone(),
+        transfer_syntax_uid: request.transfer_syntax_uid.clone(),
+        spool_path: placed.relative_path.clone(),
+        file_size: placed.file_size,
+        dataset_sha256: part.dataset_sha256.clone(),
+        calling_ae_title: request.calling_ae_title.clone(),
+        called_ae_title: request.called_ae_title.clone(),
+        received_at_unix_ms,
+        modality: attrs.modality,
+        series_description: attrs.series_description,
+        series_number: attrs.series_number,
+    };
+    // The temp file goes now: the spool file (or the identical one already there) is durable.
+    drop(part);
+    let msg_id = subjects::instance_msg_id(&event.sop_instance_uid, &event.dataset_sha256);
+    ctx.bus
+        .publish(subjects::INSTANCE_STORED, &event, Some(&msg_id))
+        .await
+        .context("publish InstanceStored (the spool file is kept)")
+        .map_err(Failure::OutOfResources)?;
+    Ok(placed.placement)
+}
+
+/// Reads the header of the spooled data set (up to Pixel Data) and validates its UIDs.
+fn inspect(path: PathBuf) -> anyhow::Result<Attributes> {
+    let obj =
+        OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&path).context("parse received data set")?;
+    let text = |tag| -> Option<String> {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_owned())
+    };
+    let uid =
+        |tag, what: &'static str| -> anyhow::Result<Uid> { Ok(Uid::parse(what, text(tag).as_deref().unwrap_or(""))?) };
+    Ok(Attributes {
+        study: uid(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
+        series: uid(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
+        sop: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
+        modality: text(tags::MODALITY).unwrap_or_default(),
+        series_description: text(tags::SERIES_DESCRIPTION).unwrap_or_default(),
+        series_number: text(tags::SERIES_NUMBER).unwrap_or_default(),
+    })
+}
