@@ -1,1 +1,73 @@
+//! The uploader: completed studies from the spool to S3.
+//!
+//! For each `StudyCompleted` (durable consumer `uploader` on
+//! `BIDSFLUX_V1_STUDIES`):
+//!
+//! 1. [`completion`]: the event is validated (UIDs are safe path components);
+//! 2. [`spool`]: the study's files are listed in sorted order, the session
+//!    metas read from the first one, and every file hashed (MD5, SHA-256)
+//!    for the manifest — the spool is only read, never changed;
+//! 3. [`archive`]: `7z` builds `<study>.7z` in a fresh temp directory of the
+//!    work dir, one file per block;
+//! 4. [`store`]: the archive is stored in the bucket the `S3_URL_PATTERN`
+//!    gives for the study, at `<fileprefix><MD5E annex key>` where git-annex's
+//!    S3 remote will look for it; an identical object already there is kept;
+//! 5. `ArchiveStored` is published with the location, hashes and manifest,
+//!    de-duplicated by `archive:<study>:<generation>:<md5>`, and the temp
+//!    archive is removed.
+//!
+//! Failures that retries can fix (network, S3 5xx, disk) are retried by the
+//! consumer; refused credentials, a study the templates cannot place, or a
+//! spool that does not hold the study are dead-lettered with a reason that
+//! names UIDs and templates, never patient values.
 
+pub mod archive;
+pub mod completion;
+pub mod config;
+pub mod spool;
+pub mod store;
+
+mod handler;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bidsflux_messaging::{Bus, ConsumerOptions, Delivery, run_consumer, subjects};
+use bidsflux_proto::v1 as pb;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use handler::Uploader;
+
+/// The study UID of a delivery, for dead letters.
+fn study_of(d: &Delivery) -> Option<String> {
+    let m = pb::StudyCompleted::decode(d.payload.as_ref()).ok()?;
+    bidsflux_session::Uid::parse("StudyInstanceUID", &m.study_instance_uid).ok().map(|u| u.to_string())
+}
+
+/// Consumes `StudyCompleted` until `shutdown` is cancelled.
+///
+/// Fails at start when the 7-Zip program cannot be run or the work
+/// directory cannot be created.
+pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let uploader = Arc::new(Uploader::new(&config, bus.clone()));
+    uploader.sevenzip().check().await?;
+    tokio::fs::create_dir_all(&config.work_dir)
+        .await
+        .with_context(|| format!("create work directory {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
+    if !config.spool_dir.is_dir() {
+        tracing::warn!(spool = %config.spool_dir.display(), "spool directory does not exist yet");
+    }
+    tracing::info!(
+        spool = %config.spool_dir.display(),
+        work = %config.work_dir.display(),
+        endpoint = config.endpoint_url,
+        "uploader ready"
+    );
+    let opts = ConsumerOptions {
+        concurrency: config.concurrency,
+        ..ConsumerOptions::new(subjects::STREAM_STUDIES, subjects::CONSUMER_UPLOADER)
+    };
+    run_consumer(bus, opts, shutdown, study_of, move |d| uploader.clone().handle(d)).await
+}

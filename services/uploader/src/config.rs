@@ -1,0 +1,158 @@
+//! Configuration of the uploader, from environment variables.
+
+use std::path::{Path, PathBuf};
+
+use bidsflux_config::{ConfigError, Env, Secret};
+use bidsflux_session::s3::S3UrlPattern;
+
+/// Everything the uploader needs to know at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `NATS_URL`: where the bus is (comma-separated list for a cluster).
+    pub nats_url: String,
+    /// `BIDSFLUX_SPOOL_DIR`: the receiver's spool. The uploader only reads it:
+    /// the files stay there until an operator or a later stage removes them.
+    pub spool_dir: PathBuf,
+    /// `BIDSFLUX_WORK_DIR`: where archives are built, one fresh temp directory
+    /// per study. Kept apart from the spool so the receiver never sees them and
+    /// so it can live on a disk with room for the largest archive.
+    pub work_dir: PathBuf,
+    /// `S3_URL_PATTERN`: bucket and key prefix of each study, rendered from its
+    /// session metas (the original BIDS-flux form, kept for compatibility).
+    pub s3_url_pattern: S3UrlPattern,
+    /// `AWS_ENDPOINT_URL`: the S3 API endpoint. Defaults to `https://<host of
+    /// the pattern>` as the original did; set it for plain-http MinIO or tests.
+    pub endpoint_url: String,
+    /// `AWS_REGION`: signing region (MinIO accepts any; AWS needs the bucket's).
+    pub region: String,
+    /// `AWS_ACCESS_KEY_ID` (or `/run/secrets/s3_id`): S3 credentials.
+    pub access_key_id: Secret,
+    /// `AWS_SECRET_ACCESS_KEY` (or `/run/secrets/s3_secret`): S3 credentials.
+    pub secret_access_key: Secret,
+    /// `BIDSFLUX_S3_PATH_STYLE`: `http://host/bucket/key` requests. MinIO and
+    /// git-annex's `requeststyle=path` need it, and bucket names with dots
+    /// break virtual-host TLS certificates.
+    pub path_style: bool,
+    /// `BIDSFLUX_S3_CREATE_BUCKET`: create a study's bucket when it does not
+    /// exist (one bucket per PI/study is the original's layout). Turn it off
+    /// where buckets are provisioned by hand and a missing one is a mistake.
+    pub create_bucket: bool,
+    /// `BIDSFLUX_S3_MAX_ATTEMPTS`: attempts per S3 request inside the SDK's
+    /// standard retry strategy, before the message itself is retried later.
+    pub s3_max_attempts: u32,
+    /// `BIDSFLUX_7Z`: the 7-Zip program (Debian's p7zip-full `7z`).
+    pub sevenzip: PathBuf,
+    /// `BIDSFLUX_7Z_LEVEL`: compression level `-mx0`..`-mx9`; 5 is what the
+    /// original used. DICOM pixel data compresses little, so higher levels
+    /// mostly cost CPU.
+    pub sevenzip_level: u8,
+    /// `BIDSFLUX_UPLOADER_CONCURRENCY`: studies handled at once. Each needs an
+    /// archive's worth of work-dir space and one upload's bandwidth.
+    pub concurrency: usize,
+}
+
+/// Default spool directory (shared with the receiver).
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/bidsflux/spool";
+/// Default work directory.
+pub const DEFAULT_WORK_DIR: &str = "/var/lib/bidsflux/work";
+
+impl Config {
+    /// Reads the configuration; errors name the variable at fault.
+    pub fn from_env(env: &Env) -> Result<Config, ConfigError> {
+        let nats_url = env.get_or("NATS_URL", "nats://127.0.0.1:4222").to_owned();
+        let pattern_text = env.required("S3_URL_PATTERN")?;
+        let s3_url_pattern =
+            S3UrlPattern::parse(pattern_text).map_err(|e| ConfigError::invalid("S3_URL_PATTERN", e.to_string()))?;
+        let endpoint_url = match env.get("AWS_ENDPOINT_URL") {
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::invalid("AWS_ENDPOINT_URL", format!("{url:?} is not an http(s) URL")));
+                }
+                url.trim_end_matches('/').to_owned()
+            }
+            None => format!("https://{}", s3_url_pattern.host),
+        };
+        let access_key_id = env
+            .secret("AWS_ACCESS_KEY_ID", Some(Path::new("/run/secrets/s3_id")))?
+            .ok_or_else(|| ConfigError::Missing { var: "AWS_ACCESS_KEY_ID (or /run/secrets/s3_id)".to_owned() })?;
+        let secret_access_key =
+            env.secret("AWS_SECRET_ACCESS_KEY", Some(Path::new("/run/secrets/s3_secret")))?.ok_or_else(|| {
+                ConfigError::Missing { var: "AWS_SECRET_ACCESS_KEY (or /run/secrets/s3_secret)".to_owned() }
+            })?;
+        let sevenzip_level: u8 = env.parse_or("BIDSFLUX_7Z_LEVEL", 5)?;
+        if sevenzip_level > 9 {
+            return Err(ConfigError::invalid("BIDSFLUX_7Z_LEVEL", format!("{sevenzip_level} is not in 0..=9")));
+        }
+        let s3_max_attempts: u32 = env.parse_or("BIDSFLUX_S3_MAX_ATTEMPTS", 5)?;
+        if s3_max_attempts == 0 {
+            return Err(ConfigError::invalid("BIDSFLUX_S3_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        let concurrency: usize = env.parse_or("BIDSFLUX_UPLOADER_CONCURRENCY", 1)?;
+        if concurrency == 0 {
+            return Err(ConfigError::invalid("BIDSFLUX_UPLOADER_CONCURRENCY", "must be at least 1"));
+        }
+        Ok(Config {
+            nats_url,
+            spool_dir: env.path_or("BIDSFLUX_SPOOL_DIR", DEFAULT_SPOOL_DIR),
+            work_dir: env.path_or("BIDSFLUX_WORK_DIR", DEFAULT_WORK_DIR),
+            s3_url_pattern,
+            endpoint_url,
+            region: env.get_or("AWS_REGION", "us-east-1").to_owned(),
+            access_key_id,
+            secret_access_key,
+            path_style: env.bool_or("BIDSFLUX_S3_PATH_STYLE", true)?,
+            create_bucket: env.bool_or("BIDSFLUX_S3_CREATE_BUCKET", true)?,
+            s3_max_attempts,
+            sevenzip: env.path_or("BIDSFLUX_7Z", "7z"),
+            sevenzip_level,
+            concurrency,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Env {
+        Env::from_pairs([
+            ("S3_URL_PATTERN", "s3://s3.example.org/test.{ReferringPhysicianName}.dicoms"),
+            ("AWS_ACCESS_KEY_ID", "id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ])
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_env(&base()).unwrap();
+        assert_eq!(c.endpoint_url, "https://s3.example.org");
+        assert_eq!(c.region, "us-east-1");
+        assert_eq!(c.spool_dir, PathBuf::from(DEFAULT_SPOOL_DIR));
+        assert_eq!(c.work_dir, PathBuf::from(DEFAULT_WORK_DIR));
+        assert!(c.path_style && c.create_bucket);
+        assert_eq!((c.sevenzip_level, c.s3_max_attempts, c.concurrency), (5, 5, 1));
+        assert_eq!(c.sevenzip, PathBuf::from("7z"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("secret\""), "{debug}");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (var, value) in [
+            ("S3_URL_PATTERN", "http://nope"),
+            ("AWS_ENDPOINT_URL", "s3.example.org"),
+            ("BIDSFLUX_7Z_LEVEL", "12"),
+            ("BIDSFLUX_S3_PATH_STYLE", "sometimes"),
+            ("BIDSFLUX_S3_MAX_ATTEMPTS", "0"),
+            ("BIDSFLUX_UPLOADER_CONCURRENCY", "x"),
+        ] {
+            let e = Config::from_env(&base().with(var, value)).unwrap_err().to_string();
+            assert!(e.contains(var), "{var}: {e}");
+        }
+        let env = Env::from_pairs([("S3_URL_PATTERN", "s3://h/b"), ("AWS_ACCESS_KEY_ID", "id")]);
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+        let e = Config::from_env(&Env::default()).unwrap_err().to_string();
+        assert!(e.contains("S3_URL_PATTERN"), "{e}");
+    }
+}

@@ -1,0 +1,254 @@
+//! One `StudyCompleted` → one verified archive in S3 → one `ArchiveStored`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bidsflux_messaging::{Bus, Delivery, HandlerError, subjects};
+use bidsflux_proto::v1 as pb;
+use bidsflux_session::SessionMetas;
+use bidsflux_session::annex::md5e_key;
+use bidsflux_session::s3::{Placement, S3UrlPattern};
+use prost::Message as _;
+use tracing::Instrument as _;
+use tracing::field::Empty;
+
+use crate::archive::{Archive, SevenZip};
+use crate::completion::Completion;
+use crate::config::Config;
+use crate::spool::{self, HashedFile, SpoolError, StudyFiles};
+use crate::store::{PutOutcome, S3Error, Store};
+
+/// Room left in a NATS message for headers (trace context, message id).
+const HEADER_ROOM: usize = 1024;
+
+/// Handles completions; shared by the concurrent handlers of the consumer.
+#[derive(Debug)]
+pub struct Uploader {
+    bus: Bus,
+    store: Store,
+    sevenzip: SevenZip,
+    pattern: S3UrlPattern,
+    spool_dir: PathBuf,
+    work_dir: PathBuf,
+    endpoint_url: String,
+    region: String,
+    path_style: bool,
+}
+
+fn spool_failure(e: SpoolError) -> HandlerError {
+    let transient = e.is_transient();
+    match e {
+        e if transient => HandlerError::Transient(anyhow::Error::new(e).context("read spool")),
+        e @ (SpoolError::NoStudyDir { .. } | SpoolError::TooFew { .. } | SpoolError::Empty { .. }) => {
+            HandlerError::permanent(e.to_string())
+        }
+        e => HandlerError::invalid(e.to_string()),
+    }
+}
+
+fn s3_failure(e: S3Error) -> HandlerError {
+    match e {
+        e @ S3Error::Retryable { .. } => HandlerError::Transient(anyhow::Error::new(e).context("store archive")),
+        e @ S3Error::Refused { .. } => HandlerError::permanent(e.to_string()),
+    }
+}
+
+/// Refuses an event the NATS server would reject as too large (a study with
+/// very many files: the manifest has one entry per file).
+fn fits_in_a_message(event: &pb::ArchiveStored, max_payload: usize) -> Result<(), HandlerError> {
+    let len = event.encoded_len();
+    if len + HEADER_ROOM > max_payload {
+        return Err(HandlerError::permanent(format!(
+            "ArchiveStored for {} files is {len} bytes, more than the NATS server's max_payload of {max_payload} \
+             bytes (less {HEADER_ROOM} for headers); raise max_payload or split the study",
+            event.manifest.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Where the archive was stored.
+struct Stored {
+    placement: Placement,
+    key: String,
+    annex_key: String,
+}
+
+/// What was read from the spool before archiving.
+struct StudyInput {
+    listing: StudyFiles,
+    metas: SessionMetas,
+}
+
+impl Uploader {
+    /// An uploader for `config`, publishing on `bus`.
+    pub fn new(config: &Config, bus: Bus) -> Self {
+        Self {
+            bus,
+            store: Store::new(config),
+            sevenzip: SevenZip { program: config.sevenzip.clone(), level: config.sevenzip_level },
+            pattern: config.s3_url_pattern.clone(),
+            spool_dir: config.spool_dir.clone(),
+            work_dir: config.work_dir.clone(),
+            endpoint_url: config.endpoint_url.clone(),
+            region: config.region.clone(),
+            path_style: config.path_style,
+        }
+    }
+
+    /// The 7-Zip settings (checked at start).
+    pub fn sevenzip(&self) -> &SevenZip {
+        &self.sevenzip
+    }
+
+    /// Handles one delivery of `StudyCompleted`.
+    pub async fn handle(self: Arc<Self>, delivery: Delivery) -> Result<(), HandlerError> {
+        let msg: pb::StudyCompleted = delivery.decode()?;
+        let completion = Completion::try_from(&msg).map_err(|e| HandlerError::malformed(e.to_string()))?;
+        let span = tracing::info_span!(
+            "upload_study",
+            study_uid = %completion.study,
+            generation = completion.generation,
+            files = Empty,
+            archive_size = Empty,
+            bucket = Empty,
+        );
+        self.upload(completion).instrument(span).await
+    }
+
+    async fn read_study(&self, c: &Completion) -> Result<StudyInput, HandlerError> {
+        let (spool_dir, study, expected) = (self.spool_dir.clone(), c.study.clone(), c.instance_count);
+        tokio::task::spawn_blocking(move || {
+            let listing = spool::list_study(&spool_dir, &study, expected)?;
+            let first = listing.files.first().ok_or_else(|| SpoolError::Empty { dir: listing.dir.clone() })?;
+            let metas = spool::read_metas(&spool_dir, first, &study)?;
+            Ok(StudyInput { listing, metas })
+        })
+        .await
+        .context("join spool task")?
+        .map_err(spool_failure)
+    }
+
+    fn place(&self, metas: &SessionMetas) -> Result<Placement, HandlerError> {
+        self.pattern.place(metas).map_err(|e| HandlerError::invalid(format!("cannot place the study in S3: {e}")))
+    }
+
+    async fn hash_files(&self, listing: &StudyFiles) -> Result<Vec<HashedFile>, HandlerError> {
+        let (spool_dir, files) = (self.spool_dir.clone(), listing.files.clone());
+        tokio::task::spawn_blocking(move || {
+            files.iter().map(|f| spool::hash_dicom(&spool_dir, f)).collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .context("join hashing task")?
+        .map_err(spool_failure)
+    }
+
+    async fn build_archive(&self, c: &Completion, listing: &StudyFiles) -> Result<Archive, HandlerError> {
+        let name = format!("{}.7z", c.study);
+        self.sevenzip
+            .build(&self.spool_dir, &self.work_dir, &name, &listing.files)
+            .await
+            .context("build archive")
+            .map_err(HandlerError::Transient)
+    }
+
+    async fn upload(&self, c: Completion) -> Result<(), HandlerError> {
+        let span = tracing::Span::current();
+        let input = self.read_study(&c).await?;
+        span.record("files", input.listing.files.len());
+        if input.listing.ignored > 0 {
+            tracing::warn!(ignored = input.listing.ignored, "spool entries outside the layout were left out");
+        }
+        let placement = self.place(&input.metas)?;
+        span.record("bucket", placement.bucket.as_str());
+
+        // Hash the files while 7z reads them too: the second read hits the page cache.
+        let (hashed, archive) =
+            tokio::try_join!(self.hash_files(&input.listing), self.build_archive(&c, &input.listing))?;
+        span.record("archive_size", archive.digests.size);
+
+        let annex_key = md5e_key(archive.digests.size, &archive.digests.md5, &archive.name);
+        let key = placement.key(&annex_key);
+        let outcome =
+            self.store.put_archive(&placement, &key, &archive.path, &archive.digests).await.map_err(s3_failure)?;
+
+        let event = self.event(&c, &input.metas, Stored { placement, key, annex_key }, &archive, hashed);
+        fits_in_a_message(&event, self.bus.client.server_info().max_payload)?;
+        let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &archive.digests.md5);
+        self.bus
+            .publish(subjects::ARCHIVE_STORED, &event, Some(&msg_id))
+            .await
+            .context("publish ArchiveStored")
+            .map_err(HandlerError::Transient)?;
+        tracing::info!(
+            uploaded = outcome == PutOutcome::Uploaded,
+            archive_size = archive.digests.size,
+            annex_key = event.annex_key,
+            "archive stored"
+        );
+        drop(archive); // removes the temp directory
+        Ok(())
+    }
+
+    fn event(
+        &self,
+        c: &Completion,
+        metas: &SessionMetas,
+        stored: Stored,
+        archive: &Archive,
+        hashed: Vec<HashedFile>,
+    ) -> pb::ArchiveStored {
+        let Stored { placement, key, annex_key } = stored;
+        pb::ArchiveStored {
+            study_instance_uid: c.study.to_string(),
+            generation: c.generation,
+            metas: Some(metas.to_proto()),
+            location: Some(pb::S3Location {
+                endpoint_url: self.endpoint_url.clone(),
+                region: self.region.clone(),
+                bucket: placement.bucket,
+                fileprefix: placement.fileprefix,
+                key,
+                path_style: self.path_style,
+            }),
+            archive_name: archive.name.clone(),
+            size: archive.digests.size,
+            md5: archive.digests.md5.clone(),
+            sha256: archive.digests.sha256.clone(),
+            annex_key,
+            manifest: hashed
+                .into_iter()
+                .map(|h| pb::ManifestEntry {
+                    path: h.file.rel_path,
+                    size: h.digests.size,
+                    md5: h.digests.md5,
+                    sha256: h.digests.sha256,
+                    sop_instance_uid: h.file.sop_instance_uid.to_string(),
+                    series_instance_uid: h.file.series_instance_uid.to_string(),
+                    sop_class_uid: h.sop_class_uid,
+                })
+                .collect(),
+            reason: c.reason.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_events_are_refused_with_a_reason() {
+        let entry = pb::ManifestEntry { path: "1.2/3.4/5.6.dcm".into(), md5: "0".repeat(32), ..Default::default() };
+        let event = pb::ArchiveStored { manifest: vec![entry; 1000], ..Default::default() };
+        assert!(fits_in_a_message(&event, 1 << 20).is_ok());
+        match fits_in_a_message(&event, 16 * 1024) {
+            Err(HandlerError::Permanent { kind, reason }) => {
+                assert_eq!(kind, pb::FailureKind::Permanent);
+                assert!(reason.contains("max_payload") && reason.contains("1000 files"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
