@@ -1,1 +1,89 @@
+//! The indexer: turns each archived study into a DataLad session dataset in
+//! the forge, without downloading the archive.
+//!
+//! It consumes `ArchiveStored` (durable consumer `indexer` on
+//! `BIDSFLUX_V1_ARCHIVES`, a work queue shared by replicas), builds the
+//! dataset natively with git + git-annex plumbing ([`dataset`],
+//! [`annex_branch`]), pushes it to the forge ([`forge`]) at
+//! `<group>/sourcedata/dicoms/<StudyInstanceUID>` and publishes
+//! `StudyIndexed`. A clone gets any DICOM with `datalad get`: git-annex asks
+//! DataLad's archives remote, which fetches the archive from the S3 special
+//! remote and extracts the file.
+//!
+//! Failures of git, git-annex or the forge are retried; messages whose
+//! values cannot be used (bad UIDs, hostile paths, a group template that does
+//! not render) are dead-lettered as invalid input.
 
+pub mod annex_branch;
+pub mod config;
+pub mod dataset;
+pub mod forge;
+pub mod git;
+pub mod job;
+
+mod handler;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bidsflux_messaging::topology::Requirement;
+use bidsflux_messaging::{Bus, ConsumerOptions, run_consumer, subjects};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ForgeConfig};
+use forge::{Forge, LocalForge};
+use git::{Git, Identity};
+use handler::Indexer;
+
+/// The JetStream objects the indexer needs.
+pub const REQUIRES: &[Requirement] = &[
+    Requirement::Consumer { stream: subjects::STREAM_ARCHIVES, name: subjects::CONSUMER_INDEXER },
+    Requirement::Stream(subjects::STREAM_INDEXED),
+    Requirement::Stream(subjects::STREAM_DEADLETTER),
+];
+
+/// Runs the indexer until `shutdown` is cancelled.
+pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(&config.work_dir)
+        .await
+        .with_context(|| format!("create BIDSFLUX_WORK_DIR {}", config.work_dir.display()))?;
+    let identity = Identity { name: config.bot_username.clone(), email: config.bot_email.clone() };
+    let git = Git::new(&config.git, identity, config.git_timeout);
+    let version = git
+        .run(&config.work_dir, &["annex", "version", "--raw"])
+        .await
+        .context("run git-annex (BIDSFLUX_GIT must be a git with git-annex installed)")?;
+    tracing::info!(git_annex = version.trim(), "git-annex found");
+    match &config.forge {
+        ForgeConfig::Local { dir } => {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .with_context(|| format!("create BIDSFLUX_FORGE_DIR {}", dir.display()))?;
+            let forge = LocalForge::new(dir, git.clone());
+            serve(config, bus, shutdown, git, forge).await
+        }
+    }
+}
+
+async fn serve<F: Forge>(
+    config: Config,
+    bus: Bus,
+    shutdown: CancellationToken,
+    git: Git,
+    forge: F,
+) -> anyhow::Result<()> {
+    let indexer = Arc::new(Indexer {
+        bus: bus.clone(),
+        git,
+        forge,
+        work_dir: config.work_dir.clone(),
+        group_template: config.group_template.clone(),
+    });
+    let mut opts = ConsumerOptions::new(subjects::STREAM_ARCHIVES, subjects::CONSUMER_INDEXER);
+    opts.concurrency = config.concurrency;
+    run_consumer(bus, opts, shutdown, handler::study_of, move |d| {
+        let indexer = Arc::clone(&indexer);
+        async move { indexer.handle(d).await }
+    })
+    .await
+}

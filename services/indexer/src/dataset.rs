@@ -1,0 +1,309 @@
+//! Building a session dataset with git and git-annex plumbing.
+//!
+//! The result is what `datalad create` + `datalad add-archive-content
+//! --strip-leading-dirs` + `datalad save` leave behind, without DataLad and
+//! without the archive's bytes (the manifest has every size and md5):
+//!
+//! 1. a DataLad dataset (`.datalad/config` with a dataset id derived from the
+//!    StudyInstanceUID, DataLad's `.gitattributes`), or the project's existing
+//!    history when it already has one (amendments);
+//! 2. the archive and every DICOM as git-annex symlinks (`git annex fromkey
+//!    --batch`), committed with a `Bidsflux-Archive-Key:` trailer;
+//! 3. on the git-annex branch ([`crate::annex_branch`]): the S3 special remote
+//!    holding the archive (wanted: archives only), DataLad's archives remote,
+//!    and for each DICOM its location and `dl+archive:` URL;
+//! 4. `main` and `git-annex` pushed atomically.
+//!
+//! If the project's `main` already has a commit with the trailer of this
+//! archive, nothing is written and that commit is returned: redelivery
+//! converges.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+use bidsflux_session::Uid;
+use uuid::Uuid;
+
+use crate::annex_branch::{BranchUpdate, DATALAD_ARCHIVES_UUID, Timestamp};
+use crate::forge::Project;
+use crate::git::Git;
+use crate::job::{IndexJob, S3Remote};
+
+/// Trailer naming the archive a commit indexes.
+pub const ARCHIVE_KEY_TRAILER: &str = "Bidsflux-Archive-Key";
+/// Trailer with the generation (0 = study, 1.. = amendments) a commit indexes.
+pub const GENERATION_TRAILER: &str = "Bidsflux-Generation";
+/// Name of the S3 special remote in the dataset (as in the original BIDS-flux).
+pub const S3_REMOTE_NAME: &str = "s3-dicoms";
+/// What the S3 remote wants: archives only (the original's expression).
+pub const ARCHIVES_WANTED: &str = "include=*7z or include=*.tar.gz or include=*zip";
+/// Namespace of the v5 UUIDs the indexer derives (dataset ids, S3 remote UUIDs).
+const NAMESPACE: Uuid = Uuid::from_u128(0x5d0f_6a2e_8c41_4b7e_9a36_1f2b_7c4d_e081);
+/// Description of the throw-away repository the indexer builds in.
+const WORK_REPO_DESCRIPTION: &str = "bidsflux indexer work tree (removed after push)";
+
+/// The result of indexing one archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Indexed {
+    /// DataLad dataset id.
+    pub dataset_id: String,
+    /// Commit on `main` that holds the archive.
+    pub commit: String,
+    /// False when the forge already had it (nothing was pushed).
+    pub pushed: bool,
+}
+
+/// The DataLad dataset id of a study's session dataset: a v5 UUID of the
+/// StudyInstanceUID, so every replica and every retry agrees on it.
+pub fn dataset_id(study: &Uid) -> Uuid {
+    Uuid::new_v5(&NAMESPACE, format!("datalad-dataset:{study}").as_bytes())
+}
+
+/// The UUID of the S3 special remote holding a study's archives.
+pub fn s3_remote_uuid(s3: &S3Remote) -> Uuid {
+    let name = format!("s3:{}://{}:{}/{}/{}", s3.protocol.as_str(), s3.host, s3.port, s3.bucket, s3.fileprefix);
+    Uuid::new_v5(&NAMESPACE, name.as_bytes())
+}
+
+/// Builds the dataset of `job` in the empty directory `work` and pushes it to `project`.
+pub async fn index(git: &Git, work: &Path, job: &IndexJob, project: &Project) -> anyhow::Result<Indexed> {
+    let (dataset_id, newest_generation) = match open(git, work, job, project).await? {
+        Opened::AlreadyIndexed(indexed) => return Ok(indexed),
+        Opened::Ready { dataset_id, newest_generation } => (dataset_id, newest_generation),
+    };
+    // Amendments may be indexed out of order: never replace the archive file
+    // of a newer generation with an older one (its files are added all the same).
+    let with_archive = newest_generation.is_none_or(|newest| newest <= job.generation);
+    add_files(git, work, job, with_archive).await?;
+    let message = format!(
+        "[bidsflux] index study {study} (generation {generation})\n\n\
+         {files} DICOM files from {name}, obtainable with `datalad get`.\n\n\
+         {ARCHIVE_KEY_TRAILER}: {key}\n{GENERATION_TRAILER}: {generation}\n",
+        study = job.study,
+        generation = job.generation,
+        files = job.files.len(),
+        name = job.archive.name,
+        key = job.archive.key,
+    );
+    git.run_input(work, &["commit", "-q", "--allow-empty", "-F", "-"], message.into_bytes())
+        .await
+        .context("commit indexed files")?;
+    // Commits git-annex's journal, so the branch can be written directly.
+    git.run(work, &["annex", "merge", "--quiet"]).await.context("flush the git-annex journal")?;
+    let here = git.run(work, &["config", "annex.uuid"]).await.context("read the work repository's uuid")?;
+    let mut update = branch_update(job);
+    // The work repository is deleted after the push and never held content:
+    // mark it dead so clones do not list it as a place to get files from.
+    update.dead(here.trim());
+    update.apply(git, work, "update (bidsflux indexer)").await.context("write the git-annex branch")?;
+    git.run(
+        work,
+        &[
+            "push",
+            "-q",
+            "--atomic",
+            &project.push_url,
+            "refs/heads/main:refs/heads/main",
+            "refs/heads/git-annex:refs/heads/git-annex",
+        ],
+    )
+    .await
+    .context("push session dataset")?;
+    let commit = git.run(work, &["rev-parse", "HEAD"]).await.context("read the new commit")?.trim().to_owned();
+    Ok(Indexed { dataset_id, commit, pushed: true })
+}
+
+/// The work repository, ready for the archive's files, or the commit that already has them.
+enum Opened {
+    AlreadyIndexed(Indexed),
+    Ready { dataset_id: String, newest_generation: Option<u32> },
+}
+
+/// Creates the work repository: the project's history if it has one, else a new dataset.
+async fn open(git: &Git, work: &Path, job: &IndexJob, project: &Project) -> anyhow::Result<Opened> {
+    git.run(work, &["init", "-q", "-b", "main", "."]).await.context("create work repository")?;
+    let id = git.identity();
+    for (k, v) in [("user.name", id.name.as_str()), ("user.email", id.email.as_str())] {
+        git.run(work, &["config", k, v]).await.context("configure work repository")?;
+    }
+    let remote = remote_heads(git, work, &project.push_url).await?;
+    if !remote.main {
+        let dataset_id = dataset_id(&job.study).to_string();
+        create_dataset(git, work, &dataset_id).await?;
+        annex_init(git, work).await?;
+        return Ok(Opened::Ready { dataset_id, newest_generation: None });
+    }
+    fetch(git, work, &project.push_url, remote.git_annex).await?;
+    if let Some(commit) = commit_with_trailer(git, work, "refs/remotes/origin/main", &job.archive.key).await? {
+        let dataset_id = git
+            .run(work, &["config", "--blob", &format!("{commit}:.datalad/config"), "datalad.dataset.id"])
+            .await
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| dataset_id(&job.study).to_string());
+        return Ok(Opened::AlreadyIndexed(Indexed { dataset_id, commit, pushed: false }));
+    }
+    git.run(work, &["checkout", "-q", "-B", "main", "refs/remotes/origin/main"])
+        .await
+        .context("check out existing dataset")?;
+    annex_init(git, work).await?;
+    let newest_generation = newest_generation_in(git, work).await?;
+    let dataset_id = git
+        .run(work, &["config", "-f", ".datalad/config", "datalad.dataset.id"])
+        .await
+        .context("read the dataset id of the existing dataset")?
+        .trim()
+        .to_owned();
+    Ok(Opened::Ready { dataset_id, newest_generation })
+}
+
+/// Which branches the project already has.
+struct RemoteHeads {
+    main: bool,
+    git_annex: bool,
+}
+
+async fn remote_heads(git: &Git, work: &Path, url: &str) -> anyhow::Result<RemoteHeads> {
+    let out = git
+        .run(work, &["ls-remote", url, "refs/heads/main", "refs/heads/git-annex"])
+        .await
+        .context("list the branches of the forge project")?;
+    let has = |r: &str| out.lines().any(|l| l.split('\t').nth(1) == Some(r));
+    Ok(RemoteHeads { main: has("refs/heads/main"), git_annex: has("refs/heads/git-annex") })
+}
+
+async fn fetch(git: &Git, work: &Path, url: &str, with_annex: bool) -> anyhow::Result<()> {
+    let mut args = vec!["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"];
+    if with_annex {
+        args.push("+refs/heads/git-annex:refs/remotes/origin/git-annex");
+    }
+    git.run(work, &args).await.context("fetch the existing dataset")?;
+    Ok(())
+}
+
+/// The newest commit of `rev` whose trailer names `archive_key`.
+async fn commit_with_trailer(git: &Git, work: &Path, rev: &str, archive_key: &str) -> anyhow::Result<Option<String>> {
+    let grep = format!("--grep={ARCHIVE_KEY_TRAILER}: {archive_key}");
+    let format = format!("--format=%H %(trailers:key={ARCHIVE_KEY_TRAILER},valueonly,separator=%x20)");
+    let out = git
+        .run(work, &["log", "-F", &grep, &format, rev])
+        .await
+        .context("look for the archive in the dataset history")?;
+    Ok(out.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        let commit = words.next()?;
+        words.any(|v| v == archive_key).then(|| commit.to_owned())
+    }))
+}
+
+/// The highest generation indexed on the checked-out `main`.
+async fn newest_generation_in(git: &Git, work: &Path) -> anyhow::Result<Option<u32>> {
+    let format = format!("--format=%(trailers:key={GENERATION_TRAILER},valueonly,separator=%x20)");
+    let out = git.run(work, &["log", &format, "HEAD"]).await.context("read the generations already indexed")?;
+    Ok(out.split_whitespace().filter_map(|g| g.parse::<u32>().ok()).max())
+}
+
+/// `git annex init` without enabling the special remotes an existing dataset
+/// configures (the indexer never needs their content).
+async fn annex_init(git: &Git, work: &Path) -> anyhow::Result<()> {
+    git.run(work, &["annex", "init", "--quiet", "--no-autoenable", WORK_REPO_DESCRIPTION])
+        .await
+        .context("initialise git-annex")?;
+    Ok(())
+}
+
+/// Writes and commits what `datalad create` writes.
+async fn create_dataset(git: &Git, work: &Path, id: &str) -> anyhow::Result<()> {
+    let datalad = work.join(".datalad");
+    tokio::fs::create_dir_all(&datalad).await.context("create .datalad")?;
+    let files = [
+        (datalad.join("config"), format!("[datalad \"dataset\"]\n\tid = {id}\n")),
+        (datalad.join(".gitattributes"), "config annex.largefiles=nothing\n".to_owned()),
+        (work.join(".gitattributes"), "* annex.backend=MD5E\n**/.git* annex.largefiles=nothing\n".to_owned()),
+    ];
+    for (path, content) in files {
+        tokio::fs::write(&path, content).await.with_context(|| format!("write {}", path.display()))?;
+    }
+    git.run(work, &["add", ".datalad/config", ".datalad/.gitattributes", ".gitattributes"])
+        .await
+        .context("stage dataset configuration")?;
+    git.run(work, &["commit", "-q", "-m", "[DATALAD] new dataset"]).await.context("commit new dataset")?;
+    Ok(())
+}
+
+/// Stages every DICOM (and the archive if `with_archive`) as annexed
+/// symlinks, in one `git annex fromkey --batch`.
+async fn add_files(git: &Git, work: &Path, job: &IndexJob, with_archive: bool) -> anyhow::Result<()> {
+    let entries = with_archive
+        .then_some((job.archive.key.as_str(), job.archive.name.as_str()))
+        .into_iter()
+        .chain(job.files.iter().map(|f| (f.key.as_str(), f.dataset_path.as_str())));
+    let mut batch = Vec::new();
+    for (key, path) in entries {
+        // An amendment may replace a file: fromkey refuses to overwrite.
+        let existing = work.join(path);
+        if tokio::fs::symlink_metadata(&existing).await.is_ok() {
+            tokio::fs::remove_file(&existing).await.with_context(|| format!("replace {path}"))?;
+        }
+        batch.extend_from_slice(format!("{key} {path}\n").as_bytes());
+    }
+    git.run_input(work, &["annex", "fromkey", "--force", "--batch", "--quiet"], batch)
+        .await
+        .context("add annexed files")?;
+    Ok(())
+}
+
+/// What the git-annex branch must say about this archive and its files.
+fn branch_update(job: &IndexJob) -> BranchUpdate {
+    let s3 = &job.s3;
+    let s3_uuid = s3_remote_uuid(s3).to_string();
+    let mut update = BranchUpdate::new(Timestamp::now());
+    let mut config = BTreeMap::from([
+        ("autoenable", "true".to_owned()),
+        ("bucket", s3.bucket.clone()),
+        ("chunk", "1GiB".to_owned()),
+        ("datacenter", s3.datacenter.clone()),
+        ("encryption", "none".to_owned()),
+        ("fileprefix", s3.fileprefix.clone()),
+        ("host", s3.host.clone()),
+        ("name", S3_REMOTE_NAME.to_owned()),
+        ("port", s3.port.to_string()),
+        ("protocol", s3.protocol.as_str().to_owned()),
+        ("storageclass", "STANDARD".to_owned()),
+        ("type", "S3".to_owned()),
+    ]);
+    if s3.path_style {
+        config.insert("requeststyle", "path".to_owned());
+    }
+    update.describe(&s3_uuid, S3_REMOTE_NAME);
+    update.remote(&s3_uuid, &config);
+    update.wanted(&s3_uuid, ARCHIVES_WANTED);
+    let archives = BTreeMap::from([
+        ("autoenable", "true".to_owned()),
+        ("encryption", "none".to_owned()),
+        ("externaltype", "datalad-archives".to_owned()),
+        ("name", "datalad-archives".to_owned()),
+        ("type", "external".to_owned()),
+    ]);
+    update.describe(DATALAD_ARCHIVES_UUID, "datalad-archives");
+    update.remote(DATALAD_ARCHIVES_UUID, &archives);
+    update.present(&job.archive.key, &s3_uuid);
+    for f in &job.files {
+        update.present(&f.key, DATALAD_ARCHIVES_UUID);
+        update.url(&f.key, &format!(":dl+archive:{}#path={}&size={}", job.archive.key, f.archive_path, f.size));
+    }
+    update
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable() {
+        let study = Uid::parse("x", "1.2.3.4").unwrap();
+        assert_eq!(dataset_id(&study), dataset_id(&study));
+        assert_eq!(dataset_id(&study).get_version_num(), 5);
+        assert_ne!(dataset_id(&study), dataset_id(&Uid::parse("x", "1.2.3.5").unwrap()));
+    }
+}

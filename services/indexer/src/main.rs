@@ -1,0 +1,33 @@
+//! `bidsflux-indexer`: indexes archived studies as DataLad datasets in the forge.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bidsflux_config::Env;
+use bidsflux_indexer::{Config, REQUIRES, run};
+use bidsflux_messaging::{Bus, shutdown_on_signals};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-indexer") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot initialise telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match start().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "indexer stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
+    let config = Config::from_env(&Env::from_process())?;
+    let bus = Bus::connect(&config.nats_url, "indexer", Duration::from_secs(30)).await?;
+    bus.require(REQUIRES).await?;
+    run(config, bus, shutdown_on_signals()).await
+}
