@@ -12,23 +12,32 @@ pub struct NatsServer {
     pub url: String,
     /// The port (kept across [`NatsServer::restart`]).
     pub port: u16,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts a server in a new temp dir.
     pub async fn start() -> anyhow::Result<Self> {
-        let port = crate::free_port()?;
-        let dir = tempfile::tempdir()?;
-        let mut s = Self { url: format!("nats://127.0.0.1:{port}"), port, dir, child: None };
+        let tmp = tempfile::tempdir()?;
+        let mut s = Self::start_in(tmp.path(), crate::free_port()?).await?;
+        s._tmp = Some(tmp);
+        Ok(s)
+    }
+
+    /// Starts a server keeping its data (and `nats.log`) under `dir`, on `port`.
+    pub async fn start_in(dir: &std::path::Path, port: u16) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut s =
+            Self { url: format!("nats://127.0.0.1:{port}"), port, dir: dir.to_path_buf(), _tmp: None, child: None };
         s.spawn().await?;
         Ok(s)
     }
 
     /// Where JetStream keeps its files.
     pub fn store_dir(&self) -> PathBuf {
-        self.dir.path().join("jetstream")
+        self.dir.join("jetstream")
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -36,7 +45,7 @@ impl NatsServer {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .unwrap_or("nats-server");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nats.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("nats.log"))?;
         let child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir())

@@ -1,0 +1,30 @@
+# The two commands of the README quick start.
+#   make dev    build and run the whole pipeline locally (Ctrl-C stops it)
+#   make test   install test dependencies and run every check and test
+
+CARGO ?= cargo
+
+.PHONY: dev test deps-run deps-test lint build
+
+dev: deps-run
+	$(CARGO) build --bin bidsflux-dev
+	exec "$${CARGO_TARGET_DIR:-target}/debug/bidsflux-dev"
+
+test: deps-test
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	bash stack/check.sh
+	$(CARGO) test --workspace --locked
+
+deps-run:
+	@bash scripts/install-deps.sh run
+
+deps-test:
+	@bash scripts/install-deps.sh test
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --workspace --bins

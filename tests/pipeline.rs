@@ -1,0 +1,204 @@
+//! One real study through the whole pipeline.
+//!
+//! Real `nats-server`, an embedded S3 server (s3s-fs), the five services
+//! in-process through their `run` functions, DCMTK's `storescu` as the
+//! scanner, the local forge, and DataLad (PyPI) as the compatibility oracle:
+//! a fresh `datalad clone` + `datalad get` must give back the data set bytes
+//! that were sent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull};
+use bidsflux_config::Env;
+use bidsflux_messaging::{Bus, subjects as s, trace};
+use bidsflux_proto::v1 as pb;
+use bidsflux_testsupport::dicom::{StudySpec, dataset_bytes, generate_study, sop_instance_uid};
+use bidsflux_testsupport::{NatsServer, S3Server, wait_until};
+use futures::StreamExt as _;
+use prost::Message as _;
+
+/// Every message on a stream, with its headers.
+async fn messages(bus: &Bus, stream: &str) -> Vec<async_nats::jetstream::Message> {
+    let st = bus.js.get_stream(stream).await.unwrap();
+    let c = st
+        .create_consumer(pull::Config { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut batch = c.fetch().max_messages(1000).expires(Duration::from_millis(300)).messages().await.unwrap();
+    while let Some(Ok(m)) = batch.next().await {
+        out.push(m);
+    }
+    out
+}
+
+fn decode<M: prost::Message + Default>(msgs: &[async_nats::jetstream::Message]) -> Vec<M> {
+    msgs.iter().map(|m| M::decode(m.payload.as_ref()).unwrap()).collect()
+}
+
+fn trace_id(m: &async_nats::jetstream::Message) -> String {
+    let tp = m.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    trace::trace_id_of(&tp).unwrap_or_default().to_owned()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn commit_count(bare: &Path) -> usize {
+    run(Command::new("git").arg("-C").arg(bare).args(["rev-list", "--count", "main"])).trim().parse().unwrap()
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    nats: NatsServer,
+    s3: S3Server,
+    forge: PathBuf,
+    env: Env,
+}
+
+async fn world(quiet: &str) -> World {
+    bidsflux_telemetry::init_for_tests();
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start().await.unwrap();
+    let s3 = S3Server::start().await.unwrap();
+    let forge = tmp.path().join("forge");
+    let host = format!("127.0.0.1:{}", s3.addr.port());
+    let env = Env::from_pairs([
+        ("NATS_URL", nats.url.clone()),
+        ("BIDSFLUX_SPOOL_DIR", tmp.path().join("spool").display().to_string()),
+        ("BIDSFLUX_WORK_DIR", tmp.path().join("work").display().to_string()),
+        ("BIDSFLUX_FORGE", "local".into()),
+        ("BIDSFLUX_FORGE_DIR", forge.display().to_string()),
+        ("BIDSFLUX_AE_TITLE", "BIDSFLUX".into()),
+        ("BIDSFLUX_QUIET_PERIOD", quiet.into()),
+        ("S3_URL_PATTERN", format!("s3://{host}/test.{{ReferringPhysicianName}}.{{StudyDescriptionPath[1]}}.dicoms")),
+        ("AWS_ENDPOINT_URL", s3.endpoint.clone()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+        ("GITLAB_INDEXER_GROUP_TEMPLATE", "{ReferringPhysicianName}/{StudyDescriptionPath[1]}".into()),
+        ("BIDSFLUX_GIT_ANNEX_ALLOWED_IPS", "127.0.0.1".into()),
+    ]);
+    World { _tmp: tmp, nats, s3, forge, env }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_study_travels_from_storescu_to_a_datalad_dataset() {
+    let w = world("3s").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut pipeline = bidsflux_dev::Pipeline::start(w.env.clone(), listener).await.unwrap();
+    let bus = Bus::connect(&w.nats.url, "e2e", Duration::from_secs(5)).await.unwrap();
+
+    // A synthetic MR study: 2 series x 20 instances, sent by DCMTK.
+    let sent_dir = w._tmp.path().join("sent");
+    let study =
+        generate_study(&sent_dir, &StudySpec { series: 2, instances_per_series: 20, ..Default::default() }).unwrap();
+    let out = Command::new("/usr/bin/storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-aec", "BIDSFLUX", "127.0.0.1", &port.to_string(), "+sd", "+r"])
+        .arg(&sent_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "storescu failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Restart study-completion during the quiet period: still exactly one completion.
+    let stored = wait_until("40 instances stored", Duration::from_secs(20), || {
+        let bus = bus.clone();
+        async move {
+            let m = messages(&bus, s::STREAM_INSTANCES).await;
+            (m.len() == 40).then_some(m)
+        }
+    })
+    .await
+    .unwrap();
+    pipeline.restart_study_completion().await.unwrap();
+
+    let indexed = wait_until("study indexed", Duration::from_secs(120), || {
+        let bus = bus.clone();
+        async move {
+            let m = messages(&bus, s::STREAM_INDEXED).await;
+            (!m.is_empty()).then_some(m)
+        }
+    })
+    .await
+    .unwrap();
+    let completed: Vec<pb::StudyCompleted> = decode(&messages(&bus, s::STREAM_STUDIES).await);
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    assert_eq!((completed[0].instance_count, completed[0].series_count), (40, 2));
+    let ev = pb::StudyIndexed::decode(indexed[0].payload.as_ref()).unwrap();
+    assert_eq!(ev.study_instance_uid, study.study_instance_uid);
+    assert_eq!(ev.project_path, format!("Investigator/Study1/sourcedata/dicoms/{}", study.study_instance_uid));
+
+    // One trace from the first stored instance to the study indexed.
+    let first_trace = trace_id(&stored[0]);
+    assert_eq!(first_trace.len(), 32, "instance stored carries a traceparent");
+    assert_eq!(trace_id(&indexed[0]), first_trace, "study indexed is in the study's trace");
+
+    // The archive is in the bucket named from the template (lower-cased for S3).
+    let archives: Vec<pb::ArchiveStored> = decode(&messages(&bus, s::STREAM_ARCHIVES).await);
+    let loc = archives[0].location.clone().unwrap();
+    assert_eq!(loc.bucket, "test.investigator.study1.dicoms");
+    assert!(w.s3.root().join(&loc.bucket).join(&loc.key).is_file());
+    assert_eq!(archives[0].manifest.len(), 40);
+
+    // DataLad as the oracle: clone from the forge, get everything, compare bytes.
+    let bare = w.forge.join(format!("{}.git", ev.project_path));
+    assert!(bare.is_dir(), "{} missing", bare.display());
+    let clone = w._tmp.path().join("clone");
+    let datalad_env = [
+        ("AWS_ACCESS_KEY_ID", w.s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", w.s3.secret_key.as_str()),
+        ("GIT_CONFIG_COUNT", "1"),
+        ("GIT_CONFIG_KEY_0", "annex.security.allowed-ip-addresses"),
+        ("GIT_CONFIG_VALUE_0", "127.0.0.1"),
+    ];
+    run(Command::new("datalad").envs(datalad_env).arg("clone").arg(&bare).arg(&clone));
+    run(Command::new("datalad").envs(datalad_env).current_dir(&clone).args(["get", "."]));
+    let mut got: HashMap<String, PathBuf> = HashMap::new();
+    for entry in walkdir::WalkDir::new(&clone).into_iter().filter_entry(|e| e.file_name() != ".git") {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(sop) = name.strip_suffix(".dcm") {
+            got.insert(sop.to_owned(), entry.path().to_path_buf());
+        }
+    }
+    assert_eq!(got.len(), 40, "DICOM files in the dataset: {got:?}");
+    for f in &study.files {
+        let sop = sop_instance_uid(f).unwrap();
+        let mine = got.get(&sop).unwrap_or_else(|| panic!("{sop} not in the dataset"));
+        assert_eq!(dataset_bytes(mine).unwrap(), dataset_bytes(f).unwrap(), "data set bytes differ for {sop}");
+    }
+
+    // A redelivered archive stored: handled (acked), no second commit, nothing dead-lettered.
+    let commits = commit_count(&bare);
+    bus.publish(s::ARCHIVE_STORED, &archives[0], Some("e2e-redelivery")).await.unwrap();
+    wait_until("redelivery handled", Duration::from_secs(60), || {
+        let bus = bus.clone();
+        async move {
+            let st = bus.js.get_stream(s::STREAM_ARCHIVES).await.ok()?;
+            let info = st.consumer_info(s::CONSUMER_INDEXER).await.ok()?;
+            (info.ack_floor.stream_sequence >= 2 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(commit_count(&bare), commits, "redelivery made a new commit");
+    assert_eq!(w.forge.join("Investigator/Study1/sourcedata/dicoms").read_dir().unwrap().count(), 1);
+    assert!(messages(&bus, s::STREAM_DEADLETTER).await.is_empty(), "something was dead-lettered");
+
+    assert!(pipeline.finished().is_empty(), "a service stopped: {:?}", pipeline.finished());
+    pipeline.stop().await.unwrap();
+}
