@@ -89,7 +89,6 @@ async fn world(quiet: &str) -> World {
         ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
         ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
         ("GITLAB_INDEXER_GROUP_TEMPLATE", "{ReferringPhysicianName}/{StudyDescriptionPath[1]}".into()),
-        ("BIDSFLUX_GIT_ANNEX_ALLOWED_IPS", "127.0.0.1".into()),
     ]);
     World { _tmp: tmp, nats, s3, forge, env }
 }

@@ -93,7 +93,6 @@ async fn dev() -> anyhow::Result<()> {
         ("AWS_REGION", "us-east-1".to_owned()),
         ("AWS_ACCESS_KEY_ID", key.clone()),
         ("AWS_SECRET_ACCESS_KEY", secret.clone()),
-        ("BIDSFLUX_GIT_ANNEX_ALLOWED_IPS", "127.0.0.1".to_owned()),
     ];
     for (k, v) in pairs {
         env.set(k, v);
