@@ -89,6 +89,9 @@ async fn world(quiet: &str) -> World {
         ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
         ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
         ("GITLAB_INDEXER_GROUP_TEMPLATE", "{ReferringPhysicianName}/{StudyDescriptionPath[1]}".into()),
+        // Small enough that the 40-entry manifest travels through the object store
+        // (the uploader's own tests cover inline manifests).
+        ("BIDSFLUX_MANIFEST_INLINE_MAX", "1024".into()),
     ]);
     World { _tmp: tmp, nats, s3, forge, env }
 }
@@ -151,7 +154,8 @@ async fn a_study_travels_from_storescu_to_a_datalad_dataset() {
     let loc = archives[0].location.clone().unwrap();
     assert_eq!(loc.bucket, "test.investigator.study1.dicoms");
     assert!(w.s3.root().join(&loc.bucket).join(&loc.key).is_file());
-    assert_eq!(archives[0].manifest.len(), 40);
+    assert!(archives[0].manifest.is_empty(), "manifest should be in the object store");
+    assert_eq!(archives[0].manifest_ref.as_ref().map(|r| r.entries), Some(40));
 
     // DataLad as the oracle: clone from the forge, get everything, compare bytes.
     let bare = w.forge.join(format!("{}.git", ev.project_path));

@@ -48,6 +48,9 @@ pub const CONSUMER_INDEXER: &str = "indexer";
 /// KV bucket holding the study-completion state (`StudyState`, key = StudyInstanceUID).
 pub const KV_STUDIES: &str = "bidsflux_v1_studies";
 
+/// Object store bucket holding manifests too large for an `ArchiveStored` message.
+pub const OBJ_MANIFESTS: &str = "bidsflux_v1_manifests";
+
 /// The de-duplication id of an `InstanceStored` event (`Nats-Msg-Id`).
 pub fn instance_msg_id(sop_instance_uid: &str, dataset_sha256: &str) -> String {
     format!("instance:{sop_instance_uid}:{dataset_sha256}")
@@ -82,5 +85,6 @@ mod tests {
             assert!(s.starts_with("BIDSFLUX_V1_"), "{s}");
         }
         assert!(KV_STUDIES.starts_with("bidsflux_v1_"));
+        assert!(OBJ_MANIFESTS.starts_with("bidsflux_v1_"));
     }
 }

@@ -26,6 +26,8 @@ pub enum Requirement {
     },
     /// A KV bucket.
     KeyValue(&'static str),
+    /// An object store bucket.
+    ObjectStore(&'static str),
 }
 
 /// Missing or unreachable topology.
@@ -113,6 +115,27 @@ pub fn key_values() -> Vec<kv::Config> {
     }]
 }
 
+/// The object store buckets (name, description).
+pub fn object_stores() -> Vec<(&'static str, &'static str)> {
+    vec![(s::OBJ_MANIFESTS, "manifests of archives too large for one ArchiveStored message")]
+}
+
+/// The stream backing an object store bucket, as async-nats lays it out.
+fn object_stream_config(bucket: &str, description: &str) -> stream::Config {
+    stream::Config {
+        name: format!("OBJ_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
+        max_age: EVENT_MAX_AGE,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
 /// The stream backing a KV bucket, as async-nats lays it out (`KV_<bucket>`, `$KV.<bucket>.>`).
 fn kv_stream_config(cfg: &kv::Config) -> stream::Config {
     stream::Config {
@@ -166,6 +189,12 @@ pub async fn declare(js: &jetstream::Context) -> Result<(), TopologyError> {
             .await
             .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
     }
+    for (bucket, description) in object_stores() {
+        let what = format!("object store {bucket}");
+        js.create_or_update_stream(object_stream_config(bucket, description))
+            .await
+            .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+    }
     Ok(())
 }
 
@@ -187,6 +216,11 @@ pub async fn require(js: &jetstream::Context, needs: &[Requirement]) -> Result<(
                     let what = format!("consumer {consumer} on stream {name}");
                     st.consumer_info(consumer).await.map_err(|_| TopologyError::Missing { what })?;
                 }
+            }
+            Requirement::ObjectStore(bucket) => {
+                js.get_object_store(bucket)
+                    .await
+                    .map_err(|_| TopologyError::Missing { what: format!("object store {bucket}") })?;
             }
             Requirement::KeyValue(bucket) => {
                 js.get_key_value(bucket)

@@ -71,7 +71,8 @@ pub fn init_telemetry(service: &str) -> anyhow::Result<TelemetryGuard> {
     if json {
         registry.with(tracing_subscriber::fmt::layer().json().with_target(true)).try_init()?;
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_target(true)).try_init()?;
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry.with(tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi)).try_init()?;
     }
     tracing::info!(service, otlp_export = export, "telemetry initialised");
     Ok(TelemetryGuard { provider: Some(provider) })

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use bidsflux_messaging::manifest::{self, ManifestError};
 use bidsflux_messaging::{Bus, Delivery, HandlerError, now_unix_ms, subjects};
 use bidsflux_proto::v1 as pb;
 use bidsflux_session::{Template, Uid};
@@ -48,7 +49,11 @@ fn forge_error(e: ForgeError) -> HandlerError {
 impl<F: Forge> Indexer<F> {
     /// Handles one delivery.
     pub(crate) async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
-        let msg: pb::ArchiveStored = d.decode()?;
+        let mut msg: pb::ArchiveStored = d.decode()?;
+        manifest::resolve(&self.bus.js, &mut msg).await.map_err(|e| match e {
+            ManifestError::Invalid { .. } => HandlerError::invalid(e.to_string()),
+            ManifestError::Unavailable { .. } => HandlerError::Transient(anyhow::Error::new(e)),
+        })?;
         let job = IndexJob::try_from(&msg).map_err(|e| match e {
             JobError::Malformed(_) => HandlerError::malformed(e.to_string()),
             JobError::Invalid(_) => HandlerError::invalid(e.to_string()),

@@ -289,6 +289,7 @@ pub(crate) mod tests {
                 sop_class_uid: String::new(),
             }],
             reason: None,
+            manifest_ref: None,
         }
     }
 

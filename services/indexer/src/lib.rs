@@ -40,6 +40,7 @@ pub const REQUIRES: &[Requirement] = &[
     Requirement::Consumer { stream: subjects::STREAM_ARCHIVES, name: subjects::CONSUMER_INDEXER },
     Requirement::Stream(subjects::STREAM_INDEXED),
     Requirement::Stream(subjects::STREAM_DEADLETTER),
+    Requirement::ObjectStore(subjects::OBJ_MANIFESTS),
 ];
 
 /// Runs the indexer until `shutdown` is cancelled.

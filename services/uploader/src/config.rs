@@ -49,6 +49,11 @@ pub struct Config {
     /// `BIDSFLUX_UPLOADER_CONCURRENCY`: studies handled at once. Each needs an
     /// archive's worth of work-dir space and one upload's bandwidth.
     pub concurrency: usize,
+    /// `BIDSFLUX_MANIFEST_INLINE_MAX`: largest encoded `ArchiveStored` (bytes)
+    /// that carries its manifest inline; larger manifests go to the JetStream
+    /// object store `bidsflux_v1_manifests`. Unset: three quarters of the NATS
+    /// server's `max_payload`. Tests set it low to exercise the object store.
+    pub manifest_inline_max: Option<usize>,
 }
 
 /// Default spool directory (shared with the receiver).
@@ -106,6 +111,9 @@ impl Config {
             sevenzip: env.path_or("BIDSFLUX_7Z", "7z"),
             sevenzip_level,
             concurrency,
+            manifest_inline_max: env
+                .parse_or::<usize>("BIDSFLUX_MANIFEST_INLINE_MAX", 0)
+                .map(|n| (n > 0).then_some(n))?,
         })
     }
 }

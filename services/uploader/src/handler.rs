@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bidsflux_messaging::{Bus, Delivery, HandlerError, subjects};
+use bidsflux_messaging::{Bus, Delivery, HandlerError, manifest, subjects};
 use bidsflux_proto::v1 as pb;
 use bidsflux_session::SessionMetas;
 use bidsflux_session::annex::md5e_key;
@@ -34,6 +34,8 @@ pub struct Uploader {
     endpoint_url: String,
     region: String,
     path_style: bool,
+    /// Inline manifest limit (`None`: derived from the server's max_payload).
+    manifest_inline_max: Option<usize>,
 }
 
 fn spool_failure(e: SpoolError) -> HandlerError {
@@ -94,6 +96,7 @@ impl Uploader {
             endpoint_url: config.endpoint_url.clone(),
             region: config.region.clone(),
             path_style: config.path_style,
+            manifest_inline_max: config.manifest_inline_max,
         }
     }
 
@@ -173,8 +176,20 @@ impl Uploader {
         let outcome =
             self.store.put_archive(&placement, &key, &archive.path, &archive.digests).await.map_err(s3_failure)?;
 
-        let event = self.event(&c, &input.metas, Stored { placement, key, annex_key }, &archive, hashed);
-        fits_in_a_message(&event, self.bus.client.server_info().max_payload)?;
+        let mut event = self.event(&c, &input.metas, Stored { placement, key, annex_key }, &archive, hashed);
+        let max_payload = self.bus.client.server_info().max_payload;
+        let limit = self.manifest_inline_max.unwrap_or_else(|| manifest::inline_limit(max_payload));
+        let offloaded = manifest::offload(&self.bus.js, &mut event, limit)
+            .await
+            .context("store the manifest in the object store")
+            .map_err(HandlerError::Transient)?;
+        if offloaded {
+            tracing::info!(
+                entries = event.manifest_ref.as_ref().map(|r| r.entries),
+                "manifest kept in the object store"
+            );
+        }
+        fits_in_a_message(&event, max_payload)?;
         let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &archive.digests.md5);
         self.bus
             .publish(subjects::ARCHIVE_STORED, &event, Some(&msg_id))
@@ -230,6 +245,7 @@ impl Uploader {
                 })
                 .collect(),
             reason: c.reason.clone(),
+            manifest_ref: None,
         }
     }
 }

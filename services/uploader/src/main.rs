@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
     bus.require(&[
         Requirement::Consumer { stream: subjects::STREAM_STUDIES, name: subjects::CONSUMER_UPLOADER },
         Requirement::Stream(subjects::STREAM_ARCHIVES),
+        Requirement::ObjectStore(subjects::OBJ_MANIFESTS),
     ])
     .await
     .context("check JetStream topology")?;

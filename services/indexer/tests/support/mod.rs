@@ -169,6 +169,7 @@ pub async fn archive(h: &Harness, study: &StudyFiles, generation: u32) -> Archiv
         annex_key: key,
         manifest,
         reason: None,
+        manifest_ref: None,
     };
     Archived { message, originals }
 }
