@@ -3,6 +3,10 @@
 #   make test   install test dependencies and run every check and test
 
 CARGO ?= cargo
+# Python tools (DataLad and its git-annex special remotes) from ./.venv when
+# scripts/install-deps.sh had to make one (Debian's externally managed Python).
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export BIDSFLUX_VENV_BIN := $(CURDIR)/.venv/bin
 
 .PHONY: dev test deps-run deps-test lint build
 

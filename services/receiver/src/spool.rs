@@ -247,14 +247,19 @@ pub struct Placed {
     pub placement: Placement,
 }
 
-/// `parent/name`, created (and the creation made durable) if missing.
+/// `parent/name`, created if missing, its entry in `parent` made durable.
+///
+/// `parent` is synced even when the directory already exists: another
+/// association may have just created it and not synced yet, and this store
+/// must not answer Success before the path to its file is durable.
 fn ensure_dir(parent: &Path, name: &str) -> io::Result<PathBuf> {
     let dir = parent.join(name);
     match fs::create_dir(&dir) {
-        Ok(()) => sync_dir(parent)?,
+        Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
+    sync_dir(parent)?;
     Ok(dir)
 }
 

@@ -32,6 +32,7 @@ mod handler;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, Delivery, run_consumer, subjects};
 use bidsflux_proto::v1 as pb;
 use prost::Message as _;
@@ -39,6 +40,14 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 pub use handler::Uploader;
+
+/// The JetStream objects the uploader needs.
+pub const REQUIRES: &[Requirement] = &[
+    Requirement::Consumer { stream: subjects::STREAM_STUDIES, name: subjects::CONSUMER_UPLOADER },
+    Requirement::Stream(subjects::STREAM_ARCHIVES),
+    Requirement::Stream(subjects::STREAM_DEADLETTER),
+    Requirement::ObjectStore(subjects::OBJ_MANIFESTS),
+];
 
 /// The study UID of a delivery, for dead letters.
 fn study_of(d: &Delivery) -> Option<String> {

@@ -1,25 +1,33 @@
 //! `bidsflux-uploader`: archives completed studies into S3.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bidsflux_config::Env;
-use bidsflux_messaging::topology::Requirement;
-use bidsflux_messaging::{Bus, shutdown_on_signals, subjects};
-use bidsflux_uploader::{Config, run};
+use bidsflux_messaging::{Bus, shutdown_on_signals};
+use bidsflux_uploader::{Config, REQUIRES, run};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::from_env(&Env::from_process()).context("read configuration")?;
-    let _telemetry = bidsflux_telemetry::init_telemetry("bidsflux-uploader")?;
+async fn main() -> ExitCode {
+    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-uploader") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot initialise telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match start().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "uploader stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
+    let config = Config::from_env(&Env::from_process())?;
     let bus = Bus::connect(&config.nats_url, "uploader", Duration::from_secs(30)).await?;
-    bus.require(&[
-        Requirement::Consumer { stream: subjects::STREAM_STUDIES, name: subjects::CONSUMER_UPLOADER },
-        Requirement::Stream(subjects::STREAM_ARCHIVES),
-        Requirement::ObjectStore(subjects::OBJ_MANIFESTS),
-    ])
-    .await
-    .context("check JetStream topology")?;
-    let shutdown = shutdown_on_signals();
-    run(config, bus, shutdown).await
+    bus.require(REQUIRES).await?;
+    run(config, bus, shutdown_on_signals()).await
 }
