@@ -7,14 +7,17 @@
 //!
 //! - `Ok(())` → acked (and the ack confirmed by the server);
 //! - [`HandlerError::Transient`] → negatively acked with a back-off delay, and
-//!   dead-lettered as `RETRIES_EXHAUSTED` after [`ConsumerOptions::max_attempts`];
+//!   dead-lettered as `RETRIES_EXHAUSTED` once the message is older than
+//!   [`ConsumerOptions::max_retry_age`] (or, if set, after
+//!   [`ConsumerOptions::max_attempts`] deliveries), so an outage shorter than
+//!   that heals by itself;
 //! - [`HandlerError::Permanent`] → dead-lettered, then terminated.
 //!
 //! A message is only acked/terminated after its dead letter is stored, so
 //! nothing is lost if the dead-letter publish fails.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::AckKind;
@@ -97,8 +100,17 @@ pub struct ConsumerOptions {
     pub consumer: &'static str,
     /// Messages handled at once.
     pub concurrency: usize,
-    /// Attempts before a transient failure is dead-lettered.
-    pub max_attempts: i64,
+    /// A transient failure is retried until the message is this old (counted
+    /// from when JetStream stored it), then dead-lettered. Long enough to ride
+    /// out a maintenance window of a downstream service.
+    pub max_retry_age: Duration,
+    /// Optional extra cap: deliveries after which a transient failure is
+    /// dead-lettered even if the message is younger than `max_retry_age`.
+    pub max_attempts: Option<i64>,
+    /// Retries are logged at `warn` for the first `warn_every` attempts, then
+    /// only every `warn_every`-th attempt (the others at `debug`), so a long
+    /// outage does not flood the logs.
+    pub warn_every: i64,
     /// Interval of in-progress acks (keep below the consumer's `ack_wait`).
     pub progress_every: Duration,
     /// First retry delay; doubles per attempt up to `max_backoff`.
@@ -114,7 +126,9 @@ impl ConsumerOptions {
             stream,
             consumer,
             concurrency: 1,
-            max_attempts: 20,
+            max_retry_age: Duration::from_secs(24 * 3600),
+            max_attempts: None,
+            warn_every: 10,
             progress_every: Duration::from_secs(10),
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
@@ -186,9 +200,12 @@ async fn handle_one<F, Fut>(
     F: Fn(Delivery) -> Fut,
     Fut: Future<Output = Result<(), HandlerError>>,
 {
-    let (delivered, stream_sequence) = match msg.info() {
-        Ok(i) => (i.delivered, i.stream_sequence),
-        Err(_) => (1, 0),
+    let (delivered, stream_sequence, published) = match msg.info() {
+        Ok(i) => (i.delivered, i.stream_sequence, Some(SystemTime::from(i.published))),
+        Err(e) => {
+            tracing::warn!(error = %e, "message without JetStream metadata; attempts and age unknown");
+            (1, 0, None)
+        }
     };
     let delivery = Delivery {
         subject: msg.subject.to_string(),
@@ -226,15 +243,26 @@ async fn handle_one<F, Fut>(
                     tracing::warn!(error = %e, "ack not confirmed; the message may be redelivered");
                 }
             }
-            Err(HandlerError::Transient(e)) if delivery.delivered < opts.max_attempts => {
-                let shift = (delivery.delivered - 1).clamp(0, 16) as u32;
-                let delay = opts.backoff.saturating_mul(1 << shift).min(opts.max_backoff);
-                tracing::warn!(error = %format!("{e:#}"), attempt = delivery.delivered, retry_in_ms = delay.as_millis() as u64, "handling failed, will retry");
+            Err(HandlerError::Transient(e))
+                if let Retry::After { delay, warn } = retry_decision(opts, delivery.delivered, age(published)) =>
+            {
+                let attempt = delivery.delivered;
+                let retry_in_ms = delay.as_millis() as u64;
+                if warn {
+                    tracing::warn!(error = %format!("{e:#}"), attempt, retry_in_ms, "handling failed, will retry");
+                } else {
+                    tracing::debug!(error = %format!("{e:#}"), attempt, retry_in_ms, "handling failed, will retry");
+                }
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
             }
             Err(e) => {
                 let (kind, reason) = match e {
-                    HandlerError::Transient(e) => (pb::FailureKind::RetriesExhausted, format!("{e:#}")),
+                    HandlerError::Transient(e) => {
+                        let age_s = age(published).unwrap_or_default().as_secs();
+                        let attempts = delivery.delivered;
+                        let reason = format!("{e:#} (still failing after {attempts} attempts over {age_s} s)");
+                        (pb::FailureKind::RetriesExhausted, reason)
+                    }
                     HandlerError::Permanent { kind, reason } => (kind, reason),
                 };
                 tracing::error!(error = %reason, kind = kind.as_str_name(), "giving up on message, dead-lettering it");
@@ -252,4 +280,66 @@ async fn handle_one<F, Fut>(
     }
     .instrument(span)
     .await;
+}
+
+/// What to do with a transiently failed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Negatively acknowledge it for redelivery after `delay`; `warn` says whether to log at warn level.
+    After { delay: Duration, warn: bool },
+    /// The retry budget is spent: dead-letter it.
+    GiveUp,
+}
+
+/// How long ago JetStream stored the message (zero if the clocks disagree).
+fn age(published: Option<SystemTime>) -> Option<Duration> {
+    published.map(|p| SystemTime::now().duration_since(p).unwrap_or_default())
+}
+
+/// The retry policy: give up once the message is older than `max_retry_age`
+/// (an unknown age never expires) or after `max_attempts` deliveries if set;
+/// otherwise back off exponentially up to `max_backoff`.
+fn retry_decision(opts: &ConsumerOptions, delivered: i64, age: Option<Duration>) -> Retry {
+    let too_old = age.is_some_and(|a| a >= opts.max_retry_age);
+    let too_many = opts.max_attempts.is_some_and(|max| delivered >= max);
+    if too_old || too_many {
+        return Retry::GiveUp;
+    }
+    let shift = (delivered - 1).clamp(0, 16) as u32;
+    let delay = opts.backoff.saturating_mul(1 << shift).min(opts.max_backoff);
+    let every = opts.warn_every.max(1);
+    Retry::After { delay, warn: delivered <= every || delivered % every == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> ConsumerOptions {
+        ConsumerOptions::new("S", "c")
+    }
+
+    #[test]
+    fn transient_failures_are_retried_until_the_message_is_too_old() {
+        let o = opts();
+        let hour = Duration::from_secs(3600);
+        // A long outage: many attempts, still retried while younger than a day, back-off capped.
+        assert_eq!(retry_decision(&o, 1, Some(Duration::ZERO)), Retry::After { delay: o.backoff, warn: true });
+        assert_eq!(retry_decision(&o, 500, Some(8 * hour)), Retry::After { delay: o.max_backoff, warn: true });
+        assert_eq!(retry_decision(&o, 501, Some(8 * hour)), Retry::After { delay: o.max_backoff, warn: false });
+        assert_eq!(retry_decision(&o, 1000, None), Retry::After { delay: o.max_backoff, warn: true });
+        assert_eq!(retry_decision(&o, 2, Some(24 * hour)), Retry::GiveUp);
+    }
+
+    #[test]
+    fn attempts_cap_is_optional_and_warnings_thin_out() {
+        let mut o = opts();
+        o.max_attempts = Some(3);
+        assert!(matches!(retry_decision(&o, 2, Some(Duration::ZERO)), Retry::After { .. }));
+        assert_eq!(retry_decision(&o, 3, Some(Duration::ZERO)), Retry::GiveUp);
+        let o = opts();
+        let warned = (1..=100)
+            .filter(|&n| matches!(retry_decision(&o, n, Some(Duration::ZERO)), Retry::After { warn: true, .. }));
+        assert_eq!(warned.count(), 10 + 9);
+    }
 }

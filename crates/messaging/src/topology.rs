@@ -61,6 +61,13 @@ pub enum TopologyError {
 const EVENT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// De-duplication window: a resend with the same `Nats-Msg-Id` within it is dropped.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+/// Largest value of the studies KV bucket (headers included, as the server counts them).
+///
+/// Equal to NATS's default `max_payload`, so it binds even on a server
+/// configured with a larger payload: a study state that outgrows it (about
+/// 130 000 instances, see `docs/bus.md`) is refused with JetStream error 10054
+/// instead of growing without bound.
+pub const KV_STUDIES_MAX_VALUE_SIZE: i32 = 1024 * 1024;
 
 /// The streams: name, subjects, max age (zero = keep).
 pub fn streams() -> Vec<stream::Config> {
@@ -110,6 +117,7 @@ pub fn key_values() -> Vec<kv::Config> {
         bucket: s::KV_STUDIES.to_owned(),
         description: "study-completion state per StudyInstanceUID".to_owned(),
         history: 5,
+        max_value_size: KV_STUDIES_MAX_VALUE_SIZE,
         storage: stream::StorageType::File,
         ..Default::default()
     }]
@@ -121,12 +129,16 @@ pub fn object_stores() -> Vec<(&'static str, &'static str)> {
 }
 
 /// The stream backing an object store bucket, as async-nats lays it out.
+///
+/// No age limit: a manifest must outlive the event that refers to it, and
+/// dead letters (kept for ever) may be replayed long after the event streams
+/// have dropped them.
 fn object_stream_config(bucket: &str, description: &str) -> stream::Config {
     stream::Config {
         name: format!("OBJ_{bucket}"),
         description: Some(description.to_owned()),
         subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
-        max_age: EVENT_MAX_AGE,
+        max_age: Duration::ZERO,
         storage: stream::StorageType::File,
         num_replicas: 1,
         discard: stream::DiscardPolicy::New,
@@ -230,4 +242,19 @@ pub async fn require(js: &jetstream::Context, needs: &[Requirement]) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn studies_bucket_is_bounded_and_manifests_never_expire() {
+        let kv = key_values().into_iter().find(|c| c.bucket == s::KV_STUDIES).unwrap();
+        assert_eq!(kv.max_value_size, KV_STUDIES_MAX_VALUE_SIZE);
+        assert_eq!(kv_stream_config(&kv).max_message_size, KV_STUDIES_MAX_VALUE_SIZE);
+        for (bucket, description) in object_stores() {
+            assert_eq!(object_stream_config(bucket, description).max_age, Duration::ZERO, "{bucket}");
+        }
+    }
 }

@@ -12,6 +12,7 @@
 
 mod config;
 pub mod state;
+mod store;
 mod timers;
 
 use std::time::Duration;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::state::Applied;
+use crate::store::WriteError;
 use crate::timers::Timers;
 
 /// JetStream objects this service needs.
@@ -35,6 +37,7 @@ pub const REQUIRES: &[Requirement] = &[
     Requirement::Consumer { stream: subjects::STREAM_INSTANCES, name: subjects::CONSUMER_STUDY_COMPLETION },
     Requirement::Stream(subjects::STREAM_STUDIES),
     Requirement::KeyValue(subjects::KV_STUDIES),
+    Requirement::Stream(subjects::STREAM_DEADLETTER),
 ];
 
 /// Runs the service until `shutdown` is cancelled.
@@ -88,29 +91,15 @@ async fn on_instance(kv: &kv::Store, timers: &Timers, quiet_ms: i64, d: Delivery
     span.record("study_uid", study.as_str());
     span.record("sop_uid", ev.sop_instance_uid.as_str());
     let traceparent = trace::current_traceparent();
-    loop {
-        let entry = kv.entry(study.as_str()).await.context("read study state")?;
-        let (current, revision) = match &entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let s = pb::StudyState::decode(e.value.as_ref())
-                    .map_err(|err| HandlerError::Transient(anyhow::anyhow!("undecodable state for study: {err}")))?;
-                (Some(s), Some(e.revision))
-            }
-            Some(e) => (None, Some(e.revision)),
-            None => (None, None),
-        };
-        let (next, applied) = state::apply_instance(current, &ev, now_unix_ms(), quiet_ms, traceparent.clone());
+    for _ in 0..store::MAX_CAS_ATTEMPTS {
+        let current = store::read(kv, study.as_str()).await?;
+        let (next, applied) = state::apply_instance(current.state, &ev, now_unix_ms(), quiet_ms, traceparent.clone());
         if applied == Applied::Duplicate {
             tracing::debug!("duplicate instance event ignored");
             return Ok(());
         }
-        let value = next.encode_to_vec().into();
-        let written = match revision {
-            None => kv.create(study.as_str(), value).await.map(|_| ()).map_err(|e| e.to_string()),
-            Some(rev) => kv.update(study.as_str(), value, rev).await.map(|_| ()).map_err(|e| e.to_string()),
-        };
-        match written {
-            Ok(()) => {
+        match store::write(kv, study.as_str(), &next, current.revision).await {
+            Ok(_) => {
                 if applied == Applied::Amendment {
                     tracing::info!(generation = next.generation, "late instance opened an amendment");
                 } else if applied == Applied::NewStudy {
@@ -119,11 +108,18 @@ async fn on_instance(kv: &kv::Store, timers: &Timers, quiet_ms: i64, d: Delivery
                 timers.schedule(next.study_instance_uid.clone(), next.deadline_unix_ms);
                 return Ok(());
             }
-            Err(e) => {
+            Err(WriteError::Conflict) => {
                 // Another writer got there first: re-read and apply again.
-                tracing::debug!(error = %e, "study state changed concurrently, retrying");
+                tracing::debug!("study state changed concurrently, retrying");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            // Not a conflict: retrying here would not help; the consumer
+            // retries the message later and dead-letters it in the end.
+            Err(e) => return Err(HandlerError::Transient(e.into())),
         }
     }
+    Err(HandlerError::Transient(anyhow::anyhow!(
+        "store study state: it kept changing ({} compare-and-set conflicts in a row)",
+        store::MAX_CAS_ATTEMPTS
+    )))
 }

@@ -1,7 +1,9 @@
 //! Per-study state transitions, kept in the `bidsflux_v1_studies` KV bucket.
 //!
 //! Pure functions over [`pb::StudyState`] so they are testable without a
-//! server; [`crate::store`] applies them with compare-and-set.
+//! server; the callers apply them with compare-and-set ([`crate::store`]).
+
+use std::collections::HashSet;
 
 use bidsflux_proto::v1 as pb;
 use sha2::{Digest, Sha256};
@@ -101,6 +103,57 @@ pub fn complete(
     (s, ev)
 }
 
+/// What to record after *study completed* was published for `published` and
+/// the compare-and-set write of that completion lost to another writer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reconciled {
+    /// Nothing: this generation is recorded already, or the state moved on.
+    Settled,
+    /// Record the completion as published: nothing new arrived.
+    Complete(pb::StudyState),
+    /// Instances arrived after the state was read for publishing; they are
+    /// not in the published event (the uploader may already be archiving
+    /// without them), so the completion is recorded and the next generation
+    /// opened with them. The state is OPEN: schedule its deadline.
+    Reopen(pb::StudyState),
+}
+
+/// Decides what to write given the `current` state and the `published`
+/// (completed) one. Times are Unix ms.
+///
+/// Instances beyond those published start generation `g + 1`: it keeps every
+/// fingerprint (so resends of either generation stay duplicates, as in
+/// [`apply_instance`]), starts at the latest arrival, and keeps the current
+/// deadline (or `now + quiet` if that has passed).
+pub fn reconcile_completion(
+    current: Option<pb::StudyState>,
+    published: &pb::StudyState,
+    now_ms: i64,
+    quiet_ms: i64,
+) -> Reconciled {
+    let Some(cur) = current else { return Reconciled::Settled };
+    if cur.generation != published.generation || cur.status != pb::StudyStatus::Open as i32 {
+        return Reconciled::Settled;
+    }
+    let seen: HashSet<u64> = published.instance_hashes.iter().copied().collect();
+    if cur.instance_hashes.iter().all(|h| seen.contains(h)) {
+        return Reconciled::Complete(published.clone());
+    }
+    let arrived_ms = cur.last_instance_unix_ms;
+    let deadline = if cur.deadline_unix_ms > now_ms { cur.deadline_unix_ms } else { now_ms + quiet_ms };
+    let mut next = cur;
+    let kept: HashSet<u64> = next.instance_hashes.iter().copied().collect();
+    next.instance_hashes.extend(published.instance_hashes.iter().filter(|h| !kept.contains(h)));
+    next.status = pb::StudyStatus::Open as i32;
+    next.generation = published.generation + 1;
+    next.first_instance_unix_ms = arrived_ms;
+    next.last_instance_unix_ms = arrived_ms;
+    next.deadline_unix_ms = deadline;
+    next.last_reason = published.last_reason.clone();
+    next.completed_at_unix_ms = published.completed_at_unix_ms;
+    Reconciled::Reopen(next)
+}
+
 /// Instances counted for the study so far (all generations: the spool holds them all).
 fn instances_in_generation(s: &pb::StudyState) -> u64 {
     s.instance_hashes.len() as u64
@@ -145,5 +198,49 @@ mod tests {
         assert_eq!(a, Applied::Amendment);
         assert_eq!((s3.generation, s3.status), (1, pb::StudyStatus::Open as i32));
         assert_eq!(s3.traceparent, "tp");
+    }
+
+    #[test]
+    fn an_instance_landing_while_completing_opens_the_next_generation() {
+        let (s, _) = apply_instance(None, &ev("1.1", "9.1"), 0, 100, Some("tp".into()));
+        let (s, _) = apply_instance(Some(s), &ev("1.2", "9.1"), 10, 100, None);
+        let (published, event) = complete(s.clone(), pb::CompletionReason::default(), 200);
+        assert_eq!(event.instance_count, 2);
+        // Between reading `s` and recording the completion, 1.3 arrived.
+        let (current, a) = apply_instance(Some(s), &ev("1.3", "9.2"), 150, 100, None);
+        assert_eq!(a, Applied::Added);
+
+        let Reconciled::Reopen(next) = reconcile_completion(Some(current.clone()), &published, 200, 100) else {
+            panic!("expected a new generation");
+        };
+        assert_eq!((next.status, next.generation), (pb::StudyStatus::Open as i32, 1));
+        assert_eq!(next.instance_hashes.len(), 3);
+        assert_eq!((next.first_instance_unix_ms, next.last_instance_unix_ms, next.deadline_unix_ms), (150, 150, 250));
+        assert_eq!((next.completed_at_unix_ms, next.traceparent.as_str()), (200, "tp"));
+        // Resends of either generation stay duplicates; the next completion is generation 1 with all three.
+        for sop in ["1.1", "1.3"] {
+            assert_eq!(apply_instance(Some(next.clone()), &ev(sop, "9.1"), 260, 100, None).1, Applied::Duplicate);
+        }
+        let (_, event) = complete(next, pb::CompletionReason::default(), 300);
+        assert_eq!((event.generation, event.instance_count), (1, 3));
+
+        // A deadline already past is pushed a quiet period ahead.
+        let Reconciled::Reopen(late) = reconcile_completion(Some(current), &published, 400, 100) else {
+            panic!("expected a new generation");
+        };
+        assert_eq!(late.deadline_unix_ms, 500);
+    }
+
+    #[test]
+    fn completion_is_recorded_as_published_or_not_at_all() {
+        let (s, _) = apply_instance(None, &ev("1.1", "9.1"), 0, 100, None);
+        let (published, _) = complete(s.clone(), pb::CompletionReason::default(), 200);
+        // Nothing new: record what was published.
+        assert_eq!(reconcile_completion(Some(s), &published, 200, 100), Reconciled::Complete(published.clone()));
+        // Recorded by someone else, or the study moved on, or the key is gone: nothing to do.
+        assert_eq!(reconcile_completion(Some(published.clone()), &published, 200, 100), Reconciled::Settled);
+        let (amended, _) = apply_instance(Some(published.clone()), &ev("1.2", "9.1"), 210, 100, None);
+        assert_eq!(reconcile_completion(Some(amended), &published, 220, 100), Reconciled::Settled);
+        assert_eq!(reconcile_completion(None, &published, 220, 100), Reconciled::Settled);
     }
 }
