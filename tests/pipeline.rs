@@ -82,9 +82,13 @@ async fn world(quiet: &str) -> World {
         ("BIDSFLUX_FORGE", "local".into()),
         ("BIDSFLUX_FORGE_DIR", forge.display().to_string()),
         ("BIDSFLUX_AE_TITLE", "BIDSFLUX".into()),
+        // The receiver denies unknown callers: storescu's default calling AE title, from loopback.
+        ("BIDSFLUX_DICOM_ALLOWLIST", "STORESCU@127.0.0.1=BIDSFLUX".into()),
         ("BIDSFLUX_QUIET_PERIOD", quiet.into()),
         ("S3_URL_PATTERN", format!("s3://{host}/test.{{ReferringPhysicianName}}.{{StudyDescriptionPath[1]}}.dicoms")),
         ("AWS_ENDPOINT_URL", s3.endpoint.clone()),
+        // Where datalad (git-annex) reaches the server: the datasets' S3 remote.
+        ("BIDSFLUX_S3_PUBLIC_URL", s3.endpoint.clone()),
         ("AWS_REGION", "us-east-1".into()),
         ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
         ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
@@ -153,6 +157,7 @@ async fn a_study_travels_from_storescu_to_a_datalad_dataset() {
     let archives: Vec<pb::ArchiveStored> = decode(&messages(&bus, s::STREAM_ARCHIVES).await);
     let loc = archives[0].location.clone().unwrap();
     assert_eq!(loc.bucket, "test.investigator.study1.dicoms");
+    assert_eq!(loc.public_url, w.s3.endpoint);
     assert!(w.s3.root().join(&loc.bucket).join(&loc.key).is_file());
     assert!(archives[0].manifest.is_empty(), "manifest should be in the object store");
     assert_eq!(archives[0].manifest_ref.as_ref().map(|r| r.entries), Some(40));

@@ -10,6 +10,15 @@ use bidsflux_proto::v1 as pb;
 
 use crate::uid::{Uid, UidError};
 
+/// Template variables whose values identify the patient (names, IDs, dates).
+///
+/// A template that uses one renders patient data: its result (a bucket, a key
+/// prefix, a forge project path) must never reach logs, spans, metric labels or
+/// error messages, which show the template and the rule broken instead.
+/// ReferringPhysicianName (the PI), StudyDescription and StudyInstanceUID are
+/// not patient values.
+pub const PATIENT_VARIABLES: &[&str] = &["PatientID", "PatientName", "StudyDate"];
+
 /// Study-level attributes of a session, with DICOM `^` already turned into `/`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionMetas {
@@ -93,6 +102,11 @@ impl SessionMetas {
         }
     }
 
+    /// Whether `name` is a patient variable (see [`PATIENT_VARIABLES`]).
+    pub fn is_patient_variable(name: &str) -> bool {
+        PATIENT_VARIABLES.contains(&name)
+    }
+
     /// Wire form. The raw `^` form is not kept: values are sent converted.
     pub fn to_proto(&self) -> pb::SessionMetas {
         pb::SessionMetas {
@@ -138,6 +152,16 @@ mod tests {
         assert_eq!(m.lookup("StudyDescriptionPath", Some(1)), Some("Study1"));
         assert_eq!(m.lookup("StudyDescriptionPath", Some(2)), None);
         assert_eq!(m.lookup("Nope", None), None);
+    }
+
+    #[test]
+    fn patient_variables_are_known_variables() {
+        for v in PATIENT_VARIABLES {
+            assert!(SessionMetas::is_known(v, false) && SessionMetas::is_patient_variable(v), "{v}");
+        }
+        for v in ["StudyInstanceUID", "ReferringPhysicianName", "StudyDescription", "StudyDescriptionPath"] {
+            assert!(!SessionMetas::is_patient_variable(v), "{v}");
+        }
     }
 
     #[test]

@@ -10,11 +10,19 @@
 //! S3 refuses most bucket names a template renders from DICOM values
 //! (capitals, spaces, underscores). [`bucket_name`] defines the mapping; see
 //! `docs/s3-placement.md`.
+//!
+//! When the bucket or prefix template uses a patient variable (PatientID,
+//! PatientName, StudyDate), the rendered bucket or prefix is patient data:
+//! errors then name the template and the rule broken only, and [`Placement`]
+//! says what callers may show ([`Placement::bucket_shown`],
+//! [`Placement::redact`]).
 
+use std::fmt;
 use std::net::Ipv4Addr;
 
 use crate::metas::SessionMetas;
 use crate::template::{RenderError, Template, TemplateError};
+use crate::{REDACTED, redact};
 
 /// A parsed `S3_URL_PATTERN`.
 #[derive(Debug, Clone)]
@@ -53,26 +61,96 @@ pub enum PlacementError {
     Bucket {
         /// The bucket template.
         template: String,
-        /// The normalised bucket name.
+        /// The normalised bucket name (the template uses no patient variable).
         bucket: String,
         /// The rule it breaks.
+        why: &'static str,
+    },
+    /// Like [`PlacementError::Bucket`], for a bucket template that uses a
+    /// patient variable: the name is patient data and is not kept.
+    #[error(
+        "S3_URL_PATTERN bucket template {template:?} renders, from patient values (not shown), a name S3 refuses \
+         as a bucket name: {why}"
+    )]
+    PatientBucket {
+        /// The bucket template.
+        template: String,
+        /// The rule the normalised name breaks.
         why: &'static str,
     },
 }
 
 /// Bucket and key prefix of one study.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Placement {
     /// Valid S3 bucket name.
     pub bucket: String,
     /// Key prefix, ending with `/<StudyInstanceUID>/`.
     pub fileprefix: String,
+    /// The bucket was rendered from a patient variable: never show it.
+    bucket_is_patient_data: bool,
+    /// The prefix (before `/<StudyInstanceUID>/`) was rendered from a patient variable.
+    prefix_is_patient_data: bool,
+}
+
+impl fmt::Debug for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Placement")
+            .field("bucket", &self.bucket_shown())
+            .field("fileprefix", &self.fileprefix_shown())
+            .finish()
+    }
 }
 
 impl Placement {
     /// The object key of a file (e.g. a git-annex key) under the prefix.
     pub fn key(&self, name: &str) -> String {
         format!("{}{}", self.fileprefix, name)
+    }
+
+    /// Whether the bucket is patient data (its template uses a patient variable).
+    pub fn bucket_is_patient_data(&self) -> bool {
+        self.bucket_is_patient_data
+    }
+
+    /// Whether the key prefix is patient data (its template uses a patient variable).
+    pub fn prefix_is_patient_data(&self) -> bool {
+        self.prefix_is_patient_data
+    }
+
+    /// The bucket as logs, spans and errors may show it: the name, or
+    /// `[redacted]` when it is patient data.
+    pub fn bucket_shown(&self) -> &str {
+        if self.bucket_is_patient_data { REDACTED } else { &self.bucket }
+    }
+
+    /// The key prefix as logs may show it: `[redacted]/<StudyInstanceUID>/`
+    /// when the rendered part is patient data.
+    pub fn fileprefix_shown(&self) -> String {
+        match self.rendered_prefix() {
+            Some(p) if self.prefix_is_patient_data => format!("{REDACTED}{}", &self.fileprefix[p.len()..]),
+            _ => self.fileprefix.clone(),
+        }
+    }
+
+    /// `text` (e.g. an S3 server's error) with the bucket and the rendered
+    /// prefix replaced by `[redacted]` where they are patient data.
+    pub fn redact(&self, text: &str) -> String {
+        let mut hidden = Vec::new();
+        if self.bucket_is_patient_data {
+            hidden.push(self.bucket.as_str());
+        }
+        if self.prefix_is_patient_data
+            && let Some(p) = self.rendered_prefix()
+        {
+            hidden.push(p);
+        }
+        redact(text, &hidden)
+    }
+
+    /// The rendered part of the prefix, before `/<StudyInstanceUID>/`.
+    fn rendered_prefix(&self) -> Option<&str> {
+        self.fileprefix.trim_end_matches('/').rsplit_once('/').map(|(p, _)| p).filter(|p| !p.is_empty())
     }
 }
 
@@ -106,20 +184,41 @@ impl S3UrlPattern {
         &self.source
     }
 
+    /// Whether the bucket template uses a patient variable (PatientID,
+    /// PatientName, StudyDate): then bucket names are patient data.
+    pub fn bucket_uses_patient_values(&self) -> bool {
+        self.bucket.uses_patient_values()
+    }
+
+    /// Whether the prefix template uses a patient variable: then key
+    /// prefixes (and object keys) are patient data.
+    pub fn prefix_uses_patient_values(&self) -> bool {
+        self.prefix.as_ref().is_some_and(Template::uses_patient_values)
+    }
+
     /// Bucket and key prefix of a study.
     pub fn place(&self, metas: &SessionMetas) -> Result<Placement, PlacementError> {
         let rendered = self.bucket.render(metas)?;
-        let bucket = bucket_name(&rendered).map_err(|(bucket, why)| PlacementError::Bucket {
-            template: self.bucket.as_str().to_owned(),
-            bucket,
-            why,
+        let bucket_is_patient_data = self.bucket_uses_patient_values();
+        let bucket = bucket_name(&rendered).map_err(|(bucket, why)| {
+            let template = self.bucket.as_str().to_owned();
+            if bucket_is_patient_data {
+                PlacementError::PatientBucket { template, why }
+            } else {
+                PlacementError::Bucket { template, bucket, why }
+            }
         })?;
         let uid = metas.study_instance_uid.as_str();
         let fileprefix = match &self.prefix {
             Some(p) => format!("{}/{uid}/", p.render(metas)?),
             None => format!("{uid}/"),
         };
-        Ok(Placement { bucket, fileprefix })
+        Ok(Placement {
+            bucket,
+            fileprefix,
+            bucket_is_patient_data,
+            prefix_is_patient_data: self.prefix_uses_patient_values(),
+        })
     }
 }
 
@@ -220,9 +319,65 @@ mod tests {
 
     #[test]
     fn unplaceable_studies_are_errors() {
-        let p = S3UrlPattern::parse("s3://h/{PatientID}").unwrap();
-        let m = SessionMetas::from_raw("1.2", "__", "x", "y", "z", "a^b").unwrap();
-        let e = p.place(&m).unwrap_err().to_string();
-        assert!(e.contains("{PatientID}") && e.contains("shorter than 3"), "{e}");
+        let p = S3UrlPattern::parse("s3://h/x{StudyDescriptionPath[1]}").unwrap();
+        let m = SessionMetas::from_raw("1.2", "P001", "x", "y", "z", "a^_").unwrap();
+        let e = p.place(&m).unwrap_err();
+        assert!(matches!(e, PlacementError::Bucket { .. }), "{e:?}");
+        let e = e.to_string();
+        // No patient variable: the normalised name is shown, as before.
+        assert!(e.contains("{StudyDescriptionPath[1]}") && e.contains("\"x\"") && e.contains("shorter than 3"), "{e}");
+    }
+
+    #[test]
+    fn bucket_errors_from_patient_values_do_not_show_them() {
+        let cases = [
+            // Too short: "P1" normalises to "p1".
+            ("s3://h/{PatientID}", "P1", "shorter than 3"),
+            // Too long.
+            ("s3://h/{PatientID}{PatientID}", "PATIENT-0123456789-0123456789-0123", "longer than 63"),
+            // An IP address.
+            ("s3://h/{PatientID}", "10.1.2.3", "IP address"),
+        ];
+        for (pattern, patient_id, rule) in cases {
+            let p = S3UrlPattern::parse(pattern).unwrap();
+            assert!(p.bucket_uses_patient_values() && !p.prefix_uses_patient_values());
+            let m = SessionMetas::from_raw("1.2", patient_id, "Doe^Jane", "Inv", "20260101", "a^b").unwrap();
+            let e = p.place(&m).unwrap_err();
+            assert!(matches!(e, PlacementError::PatientBucket { .. }), "{e:?}");
+            let e = e.to_string();
+            assert!(e.contains(p.bucket.as_str()) && e.contains(rule), "{e}");
+            for shown in [patient_id.to_owned(), patient_id.to_ascii_lowercase()] {
+                assert!(!e.contains(&shown), "patient value in: {e}");
+            }
+        }
+        for pattern in ["s3://h/b-{PatientName}", "s3://h/{StudyDate}.x"] {
+            let p = S3UrlPattern::parse(pattern).unwrap();
+            assert!(p.bucket_uses_patient_values(), "{pattern}");
+        }
+    }
+
+    #[test]
+    fn placements_from_patient_values_are_shown_redacted() {
+        let p = S3UrlPattern::parse("s3://h/b-{PatientID}/{ReferringPhysicianName}/{StudyDate}").unwrap();
+        assert!(p.bucket_uses_patient_values() && p.prefix_uses_patient_values());
+        let pl = p.place(&example()).unwrap();
+        assert_eq!((pl.bucket.as_str(), pl.fileprefix.as_str()), ("b-p001", "Investigator/20261127/1.2.3.4/"));
+        assert!(pl.bucket_is_patient_data() && pl.prefix_is_patient_data());
+        assert_eq!(pl.bucket_shown(), REDACTED);
+        assert_eq!(pl.fileprefix_shown(), "[redacted]/1.2.3.4/");
+        let text = format!("PUT http://h/b-p001/{}: denied", pl.key("K.7z"));
+        assert_eq!(pl.redact(&text), "PUT http://h/[redacted]/[redacted]/1.2.3.4/K.7z: denied");
+        let debug = format!("{pl:?}");
+        assert!(!debug.contains("p001") && !debug.contains("20261127"), "{debug}");
+
+        let pl = S3UrlPattern::parse("s3://h/b.{ReferringPhysicianName}/{StudyDescriptionPath[1]}")
+            .unwrap()
+            .place(&example())
+            .unwrap();
+        assert!(!pl.bucket_is_patient_data() && !pl.prefix_is_patient_data());
+        assert_eq!((pl.bucket_shown(), pl.fileprefix_shown().as_str()), ("b.investigator", "Study1/1.2.3.4/"));
+        assert_eq!(pl.redact("b.investigator/Study1"), "b.investigator/Study1");
+        let pl = S3UrlPattern::parse("s3://h/{PatientID}").unwrap().place(&example()).unwrap();
+        assert_eq!(pl.fileprefix_shown(), "1.2.3.4/");
     }
 }

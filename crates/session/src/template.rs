@@ -8,7 +8,8 @@
 //! value that is missing, empty, contains `/` or `\`, a control character, or
 //! is `.`/`..` is rejected, and so is a result with an empty, `.` or `..`
 //! segment. Errors name the template and the variable, never the value (values
-//! are patient data).
+//! are patient data). [`Template::uses_patient_values`] tells callers whether
+//! the rendered result itself is patient data (and so must not be logged).
 
 use std::fmt;
 
@@ -147,6 +148,13 @@ impl Template {
         &self.source
     }
 
+    /// Whether the template uses a patient variable (`PatientID`,
+    /// `PatientName`, `StudyDate`): then what it renders is patient data and
+    /// must never be logged or shown in an error.
+    pub fn uses_patient_values(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Var { name, .. } if SessionMetas::is_patient_variable(name)))
+    }
+
     /// Renders the template for a study.
     pub fn render(&self, metas: &SessionMetas) -> Result<String, RenderError> {
         let mut out = String::new();
@@ -263,6 +271,18 @@ mod tests {
             if refphys.len() > 2 {
                 assert!(!msg.contains(refphys), "value leaked: {msg}");
             }
+        }
+    }
+
+    #[test]
+    fn patient_variables_are_detected() {
+        for t in ["{PatientID}", "x/{PatientName}", "{StudyDate}.{ReferringPhysicianName}"] {
+            assert!(Template::parse(t).unwrap().uses_patient_values(), "{t}");
+        }
+        for t in
+            ["{ReferringPhysicianName}/{StudyDescriptionPath[1]}", "{StudyInstanceUID}", "PatientID", "{{PatientID}}"]
+        {
+            assert!(!Template::parse(t).unwrap().uses_patient_values(), "{t}");
         }
     }
 

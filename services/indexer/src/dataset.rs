@@ -61,8 +61,13 @@ pub fn dataset_id(study: &Uid) -> Uuid {
 }
 
 /// The UUID of the S3 special remote holding a study's archives.
+///
+/// Derived from where the objects are (bucket and key prefix), not from how
+/// they are reached: when the endpoint changes (a new public host, port or
+/// scheme), the next indexing of the study rewrites the configuration of the
+/// same `s3-dicoms` remote instead of adding a second one.
 pub fn s3_remote_uuid(s3: &S3Remote) -> Uuid {
-    let name = format!("s3:{}://{}:{}/{}/{}", s3.protocol.as_str(), s3.host, s3.port, s3.bucket, s3.fileprefix);
+    let name = format!("s3:{}/{}", s3.bucket, s3.fileprefix);
     Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 
@@ -298,6 +303,7 @@ fn branch_update(job: &IndexJob) -> BranchUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::Protocol;
 
     #[test]
     fn ids_are_stable() {
@@ -305,5 +311,24 @@ mod tests {
         assert_eq!(dataset_id(&study), dataset_id(&study));
         assert_eq!(dataset_id(&study).get_version_num(), 5);
         assert_ne!(dataset_id(&study), dataset_id(&Uid::parse("x", "1.2.3.5").unwrap()));
+    }
+
+    #[test]
+    fn the_s3_remote_uuid_ignores_the_endpoint() {
+        let remote = |host: &str, port, protocol, fileprefix: &str| S3Remote {
+            host: host.into(),
+            port,
+            protocol,
+            bucket: "dicoms".into(),
+            fileprefix: fileprefix.into(),
+            path_style: true,
+            datacenter: "US".into(),
+        };
+        let a = s3_remote_uuid(&remote("127.0.0.1", 9000, Protocol::Http, "PI/1.2.3/"));
+        assert_eq!(a, s3_remote_uuid(&remote("s3.example.org", 443, Protocol::Https, "PI/1.2.3/")));
+        assert_ne!(a, s3_remote_uuid(&remote("127.0.0.1", 9000, Protocol::Http, "PI/1.2.4/")));
+        let mut other_bucket = remote("127.0.0.1", 9000, Protocol::Http, "PI/1.2.3/");
+        other_bucket.bucket = "dicoms2".into();
+        assert_ne!(a, s3_remote_uuid(&other_bucket));
     }
 }

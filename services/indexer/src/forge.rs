@@ -4,8 +4,11 @@
 //! directory (development, tests, sites without GitLab); a GitLab forge will
 //! implement the same trait (nested groups get-or-create, project, bot access).
 
+use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+
+use bidsflux_session::{REDACTED, redact};
 
 use crate::git::{Git, GitError};
 
@@ -13,33 +16,84 @@ use crate::git::{Git, GitError};
 ///
 /// Relative, `/`-separated, no empty, `.` or `..` segment, no backslash or
 /// control character: it cannot escape the forge's namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProjectPath(String);
+///
+/// When its group was rendered from patient values (a group template using
+/// PatientID, PatientName or StudyDate), logs and errors show it as
+/// `[redacted]/sourcedata/dicoms/<uid>` ([`ProjectPath::shown`]), and
+/// [`ProjectPath::redact`] scrubs the group from other text (git's errors
+/// quote the push URL).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProjectPath {
+    path: String,
+    /// The leading part (the group) that is patient data, if any.
+    hidden: Option<String>,
+}
+
+impl fmt::Debug for ProjectPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ProjectPath").field(&self.shown()).finish()
+    }
+}
+
+/// Which rule `path` breaks, if any.
+fn path_problem(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        Some("it is empty")
+    } else if path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        Some("it has an empty, '.' or '..' segment")
+    } else if path.contains('\\') || path.chars().any(char::is_control) {
+        Some("it contains a backslash or a control character")
+    } else if path.split('/').any(|s| s.starts_with('.') || s.ends_with(".git")) {
+        Some("a segment starts with '.' or ends with '.git'")
+    } else {
+        None
+    }
+}
 
 impl ProjectPath {
-    /// Validates `path`.
+    /// Validates `path` (no part of it is patient data).
     pub fn new(path: impl Into<String>) -> Result<Self, ForgeError> {
         let path = path.into();
-        let why = if path.is_empty() {
-            Some("it is empty")
-        } else if path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
-            Some("it has an empty, '.' or '..' segment")
-        } else if path.contains('\\') || path.chars().any(char::is_control) {
-            Some("it contains a backslash or a control character")
-        } else if path.split('/').any(|s| s.starts_with('.') || s.ends_with(".git")) {
-            Some("a segment starts with '.' or ends with '.git'")
-        } else {
-            None
-        };
-        match why {
+        match path_problem(&path) {
             Some(why) => Err(ForgeError::InvalidPath { path, why }),
-            None => Ok(Self(path)),
+            None => Ok(Self { path, hidden: None }),
+        }
+    }
+
+    /// Validates `<group>/<rest>`; when `group_is_patient_data`, the group is
+    /// never shown, not even in the error.
+    pub fn in_group(group: &str, rest: &str, group_is_patient_data: bool) -> Result<Self, ForgeError> {
+        let path = Self { path: format!("{group}/{rest}"), hidden: group_is_patient_data.then(|| group.to_owned()) };
+        match path_problem(&path.path) {
+            Some(why) => Err(ForgeError::InvalidPath { path: path.shown(), why }),
+            None => Ok(path),
         }
     }
 
     /// The path.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.path
+    }
+
+    /// Whether part of the path is patient data.
+    pub fn has_patient_data(&self) -> bool {
+        self.hidden.is_some()
+    }
+
+    /// The path as logs, spans and errors may show it.
+    pub fn shown(&self) -> String {
+        match &self.hidden {
+            Some(group) => format!("{REDACTED}{}", &self.path[group.len()..]),
+            None => self.path.clone(),
+        }
+    }
+
+    /// `text` with the patient part of the path (if any) replaced by `[redacted]`.
+    pub fn redact(&self, text: &str) -> String {
+        match &self.hidden {
+            Some(group) => redact(text, &[group]),
+            None => text.to_owned(),
+        }
     }
 }
 
@@ -58,7 +112,7 @@ pub enum ForgeError {
     /// The path cannot be used (the message is dead-lettered as invalid input).
     #[error("forge project path {path:?} cannot be used: {why}")]
     InvalidPath {
-        /// The path (UIDs and group names, no patient values).
+        /// The path as it may be shown ([`ProjectPath::shown`]).
         path: String,
         /// Which rule it breaks.
         why: &'static str,
@@ -102,6 +156,17 @@ fn unavailable(what: &str, dir: &Path, e: impl std::fmt::Display) -> ForgeError 
 
 impl Forge for LocalForge {
     async fn ensure_project(&self, path: &ProjectPath) -> Result<Project, ForgeError> {
+        // Errors quote directories, which contain the project path.
+        self.create_project(path).await.map_err(|e| match e {
+            ForgeError::Unavailable(m) => ForgeError::Unavailable(path.redact(&m)),
+            ForgeError::Refused(m) => ForgeError::Refused(path.redact(&m)),
+            e @ ForgeError::InvalidPath { .. } => e,
+        })
+    }
+}
+
+impl LocalForge {
+    async fn create_project(&self, path: &ProjectPath) -> Result<Project, ForgeError> {
         let dir = self.repo_dir(path);
         let url = dir.to_string_lossy().into_owned();
         let project = Project { push_url: url.clone(), clone_url: url };
@@ -124,7 +189,7 @@ impl Forge for LocalForge {
         {
             return Err(unavailable("move new repository to", &dir, e));
         }
-        tracing::info!(project = path.as_str(), "created forge project");
+        tracing::info!(project = path.shown(), "created forge project");
         Ok(project)
     }
 }
@@ -139,5 +204,25 @@ mod tests {
         for bad in ["", "/abs", "a//b", "a/./b", "../x", "a/..", "a\\b", "a/\u{1}", "a/.git/b", "a/x.git/b", "a/"] {
             assert!(ProjectPath::new(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn patient_groups_are_never_shown() {
+        let p = ProjectPath::in_group("PI/P001", "sourcedata/dicoms/1.2.3", true).unwrap();
+        assert_eq!(p.as_str(), "PI/P001/sourcedata/dicoms/1.2.3");
+        assert_eq!(p.shown(), "[redacted]/sourcedata/dicoms/1.2.3");
+        assert_eq!(format!("{p:?}"), "ProjectPath(\"[redacted]/sourcedata/dicoms/1.2.3\")");
+        assert_eq!(
+            p.redact("`git push /forge/PI/P001/sourcedata/dicoms/1.2.3.git` failed"),
+            "`git push /forge/[redacted]/sourcedata/dicoms/1.2.3.git` failed"
+        );
+        let e = ProjectPath::in_group("PI/.P001", "sourcedata/dicoms/1.2.3", true).unwrap_err().to_string();
+        assert!(!e.contains("P001") && e.contains("[redacted]") && e.contains("starts with '.'"), "{e}");
+
+        let p = ProjectPath::in_group("PI/Study1", "sourcedata/dicoms/1.2.3", false).unwrap();
+        assert_eq!(p.shown(), p.as_str());
+        assert_eq!(p.redact("PI/Study1"), "PI/Study1");
+        let e = ProjectPath::in_group("PI/.x", "sourcedata/dicoms/1.2.3", false).unwrap_err().to_string();
+        assert!(e.contains("PI/.x"), "{e}");
     }
 }

@@ -31,11 +31,27 @@ pub(crate) fn study_of(d: &Delivery) -> Option<String> {
 }
 
 /// The project path of a study: `<group>/sourcedata/dicoms/<StudyInstanceUID>`.
+///
+/// When the template uses a patient variable the group is patient data: the
+/// path is then shown as `[redacted]/sourcedata/dicoms/<uid>` everywhere.
 pub(crate) fn project_path(template: &Template, job: &IndexJob) -> Result<ProjectPath, HandlerError> {
     let group = template
         .render(&job.metas)
         .map_err(|e| HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE: {e}")))?;
-    ProjectPath::new(format!("{group}/sourcedata/dicoms/{}", job.study)).map_err(forge_error)
+    ProjectPath::in_group(&group, &format!("sourcedata/dicoms/{}", job.study), template.uses_patient_values())
+        .map_err(|e| HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE {:?}: {e}", template.as_str())))
+}
+
+/// `e` with the patient part of `path` scrubbed from its text (git errors
+/// quote push URLs and directories, which contain the project path).
+fn redacted(path: &ProjectPath, e: HandlerError) -> HandlerError {
+    if !path.has_patient_data() {
+        return e;
+    }
+    match e {
+        HandlerError::Transient(e) => HandlerError::Transient(anyhow::anyhow!(path.redact(&format!("{e:#}")))),
+        HandlerError::Permanent { kind, reason } => HandlerError::Permanent { kind, reason: path.redact(&reason) },
+    }
 }
 
 fn forge_error(e: ForgeError) -> HandlerError {
@@ -70,7 +86,11 @@ impl<F: Forge> Indexer<F> {
 
     async fn index(&self, job: &IndexJob) -> Result<(), HandlerError> {
         let path = project_path(&self.group_template, job)?;
-        let project = self.forge.ensure_project(&path).await.map_err(forge_error)?;
+        self.index_at(job, &path).await.map_err(|e| redacted(&path, e))
+    }
+
+    async fn index_at(&self, job: &IndexJob, path: &ProjectPath) -> Result<(), HandlerError> {
+        let project = self.forge.ensure_project(path).await.map_err(forge_error)?;
         let work = tempfile::Builder::new()
             .prefix(&format!("{}-", job.study))
             .tempdir_in(&self.work_dir)
@@ -79,10 +99,12 @@ impl<F: Forge> Indexer<F> {
         // Thousands of small git files: remove them off the async threads.
         let _ = tokio::task::spawn_blocking(move || drop(work)).await;
         let indexed = result?;
+        // "[redacted]/sourcedata/dicoms/<uid>" when the group is patient data.
+        let shown = path.shown();
         if indexed.pushed {
-            tracing::info!(project = path.as_str(), commit = %indexed.commit, "study indexed and pushed");
+            tracing::info!(project = shown, commit = %indexed.commit, "study indexed and pushed");
         } else {
-            tracing::info!(project = path.as_str(), commit = %indexed.commit, "study already indexed, announcing it again");
+            tracing::info!(project = shown, commit = %indexed.commit, "study already indexed, announcing it again");
         }
         let event = pb::StudyIndexed {
             study_instance_uid: job.study.to_string(),

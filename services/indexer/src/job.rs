@@ -56,9 +56,12 @@ impl Protocol {
 }
 
 /// Where the archive is in S3, in git-annex's S3 special remote terms.
+///
+/// The endpoint is the location's `public_url` (where users reach the
+/// bucket), or its `endpoint_url` in messages older than that field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Remote {
-    /// Host name or IP address of the endpoint.
+    /// Host name or IP address of the public endpoint.
     pub host: String,
     /// TCP port (explicit, or 80/443 from the scheme).
     pub port: u16,
@@ -199,15 +202,21 @@ fn dicom_file(study: &Uid, e: &pb::ManifestEntry) -> Result<DicomFile, JobError>
 }
 
 fn s3_remote(l: &pb::S3Location, archive_key: &str) -> Result<S3Remote, JobError> {
-    let (protocol, rest) = if let Some(r) = l.endpoint_url.strip_prefix("http://") {
+    // Uploaders older than `public_url` sent only the endpoint they used.
+    let (field, url) = if l.public_url.is_empty() {
+        ("location.endpoint_url", l.endpoint_url.as_str())
+    } else {
+        ("location.public_url", l.public_url.as_str())
+    };
+    let (protocol, rest) = if let Some(r) = url.strip_prefix("http://") {
         (Protocol::Http, r)
-    } else if let Some(r) = l.endpoint_url.strip_prefix("https://") {
+    } else if let Some(r) = url.strip_prefix("https://") {
         (Protocol::Https, r)
     } else {
-        return Err(invalid("location.endpoint_url is not an http(s) URL"));
+        return Err(invalid(format!("{field} is not an http(s) URL")));
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
-    let bad_endpoint = || invalid("location.endpoint_url must be scheme://host[:port] without a path");
+    let bad_endpoint = || invalid(format!("{field} must be scheme://host[:port] without a path"));
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => {
             (h, p.parse::<u16>().map_err(|_| bad_endpoint())?)
@@ -273,6 +282,7 @@ pub(crate) mod tests {
                 fileprefix: "Investigator/1.2.3.4/".into(),
                 key: format!("Investigator/1.2.3.4/{key}"),
                 path_style: true,
+                public_url: "https://s3.example.org".into(),
             }),
             archive_name: "1.2.3.4.7z".into(),
             size: 10,
@@ -297,9 +307,8 @@ pub(crate) mod tests {
     fn a_good_message_becomes_a_job() {
         let job = IndexJob::try_from(&message()).unwrap();
         assert_eq!(job.archive.key, "MD5E-s10--0123456789abcdef0123456789abcdef.4.7z");
-        assert_eq!(job.s3.host, "127.0.0.1");
-        assert_eq!(job.s3.port, 9000);
-        assert_eq!(job.s3.protocol, Protocol::Http);
+        // The public URL, not the endpoint the uploader used.
+        assert_eq!((job.s3.host.as_str(), job.s3.port, job.s3.protocol), ("s3.example.org", 443, Protocol::Https));
         assert_eq!(job.s3.datacenter, "US");
         assert_eq!(job.files[0].dataset_path, "1.2.5/1.2.5.1.dcm");
         assert_eq!(job.files[0].key, "MD5E-s5--ffffffffffffffffffffffffffffffff.1.dcm");
@@ -309,9 +318,20 @@ pub(crate) mod tests {
     fn default_ports_follow_the_scheme() {
         let mut m = message();
         let l = m.location.as_mut().unwrap();
-        l.endpoint_url = "https://s3.example.org/".into();
+        l.public_url = "http://s3.example.org/".into();
         let job = IndexJob::try_from(&m).unwrap();
-        assert_eq!((job.s3.host.as_str(), job.s3.port, job.s3.protocol), ("s3.example.org", 443, Protocol::Https));
+        assert_eq!((job.s3.host.as_str(), job.s3.port, job.s3.protocol), ("s3.example.org", 80, Protocol::Http));
+    }
+
+    #[test]
+    fn messages_without_a_public_url_use_the_endpoint() {
+        let mut m = message();
+        m.location.as_mut().unwrap().public_url.clear();
+        let job = IndexJob::try_from(&m).unwrap();
+        assert_eq!((job.s3.host.as_str(), job.s3.port, job.s3.protocol), ("127.0.0.1", 9000, Protocol::Http));
+        m.location.as_mut().unwrap().endpoint_url = "ftp://x".into();
+        let e = IndexJob::try_from(&m).unwrap_err().to_string();
+        assert!(e.contains("location.endpoint_url"), "{e}");
     }
 
     #[test]
@@ -343,8 +363,9 @@ pub(crate) mod tests {
             ("annex key", |m| m.annex_key = "MD5E-s11--x.7z".into()),
             ("md5", |m| m.md5 = "zz".into()),
             ("location key", |m| m.location.as_mut().unwrap().key = "elsewhere".into()),
-            ("endpoint", |m| m.location.as_mut().unwrap().endpoint_url = "ftp://x".into()),
-            ("endpoint path", |m| m.location.as_mut().unwrap().endpoint_url = "http://x/y".into()),
+            ("public url", |m| m.location.as_mut().unwrap().public_url = "ftp://x".into()),
+            ("public url path", |m| m.location.as_mut().unwrap().public_url = "http://x/y".into()),
+            ("public url port", |m| m.location.as_mut().unwrap().public_url = "http://x:0".into()),
             ("bucket", |m| m.location.as_mut().unwrap().bucket = "a b".into()),
             ("metas study", |m| m.metas.as_mut().unwrap().study_instance_uid = "1.2.3.9".into()),
             ("series", |m| m.manifest[0].series_instance_uid = "1.2.6".into()),

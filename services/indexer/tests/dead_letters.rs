@@ -13,6 +13,9 @@ use futures::{FutureExt as _, StreamExt as _};
 use prost::Message as _;
 use support::{Harness, archive_study, publish};
 
+/// A PatientID used in the group template: it must never be in a dead letter's reason.
+const PATIENT_ID: &str = ".SECRET-ID-4711";
+
 async fn next_dead_letter(sub: &mut async_nats::Subscriber) -> pb::DeadLetter {
     let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
         .await
@@ -63,5 +66,23 @@ async fn hostile_values_are_dead_lettered_and_nothing_reaches_the_forge() {
     };
     assert_eq!(forge_entries, 0, "something was created in the forge dir");
     assert!(indexed.next().now_or_never().flatten().is_none(), "a StudyIndexed was published");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_group_from_patient_values_is_not_shown_when_refused() {
+    let h = Harness::start_with(&[("GITLAB_INDEXER_GROUP_TEMPLATE", "{ReferringPhysicianName}/{PatientID}")]).await;
+    let mut dead = h.bus.client.subscribe(subjects::deadletter("indexer")).await.unwrap();
+    // A value the renderer accepts but the forge refuses (a segment starting with '.').
+    let spec = StudySpec { series: 1, instances_per_series: 1, patient_id: PATIENT_ID.into(), ..StudySpec::default() };
+    let msg = archive_study(&h, spec).await.message;
+    publish(&h, &msg).await;
+    let letter = next_dead_letter(&mut dead).await;
+    assert_eq!(letter.kind(), pb::FailureKind::InvalidInput, "{}", letter.reason);
+    assert!(letter.reason.contains("{ReferringPhysicianName}/{PatientID}"), "{}", letter.reason);
+    assert!(letter.reason.contains("starts with '.'"), "{}", letter.reason);
+    assert!(letter.reason.contains(&format!("[redacted]/sourcedata/dicoms/{}", msg.study_instance_uid)));
+    assert!(!letter.reason.contains("SECRET-ID"), "patient value in reason: {}", letter.reason);
+    assert!(!letter.reason.contains("Investigator"), "group shown: {}", letter.reason);
     h.shutdown().await;
 }

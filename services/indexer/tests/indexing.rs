@@ -112,7 +112,9 @@ async fn an_amendment_builds_on_the_existing_dataset() {
     let mut indexed_sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
     let spec = StudySpec { series: 1, instances_per_series: 3, ..StudySpec::default() };
     let first_files = StudyFiles::generate(&h, spec.clone());
-    let first = archive(&h, &first_files, 0).await;
+    let mut first = archive(&h, &first_files, 0).await;
+    // The public S3 endpoint has moved since the study was first indexed.
+    first.message.location.as_mut().unwrap().public_url = "http://127.0.0.1:1".into();
     publish(&h, &first.message).await;
     let gen0 = next_indexed(&mut indexed_sub).await;
 
@@ -134,6 +136,11 @@ async fn an_amendment_builds_on_the_existing_dataset() {
     let bare = Path::new(&gen1.clone_url);
     assert_eq!(git(bare, &["rev-parse", "main^"]).await, gen0.commit, "the amendment commit follows the first");
     assert_eq!(git(bare, &["rev-list", "--count", "main"]).await, "3");
+    // Still one S3 remote, now at the new endpoint.
+    let remotes = git(bare, &["cat-file", "-p", "git-annex:remote.log"]).await;
+    let s3: Vec<&str> = remotes.lines().filter(|l| l.contains(" name=s3-dicoms ")).collect();
+    assert_eq!(s3.len(), 1, "{remotes}");
+    assert!(s3[0].contains(&format!(" port={} ", h.s3.addr.port())), "{remotes}");
 
     let clone = h.tmp.path().join("clone");
     run_datalad(&h, h.tmp.path(), &["clone", gen1.clone_url.as_str(), clone.to_str().unwrap()]).await;

@@ -23,6 +23,13 @@ pub struct Config {
     /// `AWS_ENDPOINT_URL`: the S3 API endpoint. Defaults to `https://<host of
     /// the pattern>` as the original did; set it for plain-http MinIO or tests.
     pub endpoint_url: String,
+    /// `BIDSFLUX_S3_PUBLIC_URL`: `scheme://host[:port]` where users and
+    /// git-annex reach the same S3 server, recorded in `ArchiveStored` for the
+    /// datasets' S3 special remote. Differs from `AWS_ENDPOINT_URL` when the
+    /// uploader talks to an internal name (`http://minio:9000` in the swarm)
+    /// that does not resolve outside. Defaults to `https://<host of the
+    /// pattern>`, what the original BIDS-flux gave git-annex.
+    pub public_url: String,
     /// `AWS_REGION`: signing region (MinIO accepts any; AWS needs the bucket's).
     pub region: String,
     /// `AWS_ACCESS_KEY_ID` (or `/run/secrets/s3_id`): S3 credentials.
@@ -77,6 +84,11 @@ impl Config {
             }
             None => format!("https://{}", s3_url_pattern.host),
         };
+        let public_url = match env.get("BIDSFLUX_S3_PUBLIC_URL") {
+            Some(url) => public_url(url).map_err(|why| ConfigError::invalid("BIDSFLUX_S3_PUBLIC_URL", why))?,
+            None => public_url(&format!("https://{}", s3_url_pattern.host))
+                .map_err(|why| ConfigError::invalid("S3_URL_PATTERN", format!("its host as a public URL: {why}")))?,
+        };
         let access_key_id = env
             .secret("AWS_ACCESS_KEY_ID", Some(Path::new("/run/secrets/s3_id")))?
             .ok_or_else(|| ConfigError::Missing { var: "AWS_ACCESS_KEY_ID (or /run/secrets/s3_id)".to_owned() })?;
@@ -102,6 +114,7 @@ impl Config {
             work_dir: env.path_or("BIDSFLUX_WORK_DIR", DEFAULT_WORK_DIR),
             s3_url_pattern,
             endpoint_url,
+            public_url,
             region: env.get_or("AWS_REGION", "us-east-1").to_owned(),
             access_key_id,
             secret_access_key,
@@ -116,6 +129,39 @@ impl Config {
                 .map(|n| (n > 0).then_some(n))?,
         })
     }
+}
+
+/// Checks a public S3 URL: `http(s)://host[:port]`, no path, query or
+/// credentials (git-annex's S3 remote knows only host, port and protocol).
+/// Returns it without a trailing `/`.
+fn public_url(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let authority = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
+    let bad = || format!("{url:?} must be http(s)://HOST[:PORT] without a path");
+    if authority.contains(['/', '?', '#', '@']) || authority.chars().any(char::is_whitespace) {
+        return Err(bad());
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+            match after {
+                "" => (host, None),
+                _ => (host, Some(after.strip_prefix(':').ok_or_else(bad)?)),
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if host.is_empty() || !port_ok {
+        return Err(bad());
+    }
+    Ok(url.to_owned())
 }
 
 #[cfg(test)]
@@ -134,6 +180,7 @@ mod tests {
     fn defaults() {
         let c = Config::from_env(&base()).unwrap();
         assert_eq!(c.endpoint_url, "https://s3.example.org");
+        assert_eq!(c.public_url, "https://s3.example.org");
         assert_eq!(c.region, "us-east-1");
         assert_eq!(c.spool_dir, PathBuf::from(DEFAULT_SPOOL_DIR));
         assert_eq!(c.work_dir, PathBuf::from(DEFAULT_WORK_DIR));
@@ -145,10 +192,39 @@ mod tests {
     }
 
     #[test]
+    fn public_url_is_separate_from_the_endpoint() {
+        let env = base()
+            .with("S3_URL_PATTERN", "s3://minio:9000/dicoms")
+            .with("AWS_ENDPOINT_URL", "http://minio:9000")
+            .with("BIDSFLUX_S3_PUBLIC_URL", "https://s3.example.org/");
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!((c.endpoint_url.as_str(), c.public_url.as_str()), ("http://minio:9000", "https://s3.example.org"));
+        let c = Config::from_env(&base().with("S3_URL_PATTERN", "s3://minio:9000/dicoms")).unwrap();
+        assert_eq!(c.public_url, "https://minio:9000", "default: https://<host of the pattern>");
+        for ok in ["http://127.0.0.1:9000", "https://[::1]:9000", "https://s3.example.org"] {
+            assert_eq!(public_url(ok).unwrap(), ok);
+        }
+        for bad in [
+            "s3.example.org",
+            "ftp://x",
+            "https://",
+            "https://x/path",
+            "https://u:p@x",
+            "https://x:0",
+            "https://x:y",
+            "https://[::1]x",
+        ] {
+            assert!(public_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         for (var, value) in [
             ("S3_URL_PATTERN", "http://nope"),
             ("AWS_ENDPOINT_URL", "s3.example.org"),
+            ("BIDSFLUX_S3_PUBLIC_URL", "s3.example.org"),
+            ("BIDSFLUX_S3_PUBLIC_URL", "https://s3.example.org/bucket"),
             ("BIDSFLUX_7Z_LEVEL", "12"),
             ("BIDSFLUX_S3_PATH_STYLE", "sometimes"),
             ("BIDSFLUX_S3_MAX_ATTEMPTS", "0"),

@@ -32,6 +32,8 @@ pub struct Uploader {
     spool_dir: PathBuf,
     work_dir: PathBuf,
     endpoint_url: String,
+    /// Where users and git-annex reach the bucket (`BIDSFLUX_S3_PUBLIC_URL`).
+    public_url: String,
     region: String,
     path_style: bool,
     /// Inline manifest limit (`None`: derived from the server's max_payload).
@@ -94,6 +96,7 @@ impl Uploader {
             spool_dir: config.spool_dir.clone(),
             work_dir: config.work_dir.clone(),
             endpoint_url: config.endpoint_url.clone(),
+            public_url: config.public_url.clone(),
             region: config.region.clone(),
             path_style: config.path_style,
             manifest_inline_max: config.manifest_inline_max,
@@ -164,7 +167,8 @@ impl Uploader {
             tracing::warn!(ignored = input.listing.ignored, "spool entries outside the layout were left out");
         }
         let placement = self.place(&input.metas)?;
-        span.record("bucket", placement.bucket.as_str());
+        // "[redacted]" when the bucket template uses a patient variable.
+        span.record("bucket", placement.bucket_shown());
 
         // Hash the files while 7z reads them too: the second read hits the page cache.
         let (hashed, archive) =
@@ -226,6 +230,7 @@ impl Uploader {
                 fileprefix: placement.fileprefix,
                 key,
                 path_style: self.path_style,
+                public_url: self.public_url.clone(),
             }),
             archive_name: archive.name.clone(),
             size: archive.digests.size,

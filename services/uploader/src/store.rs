@@ -12,6 +12,10 @@
 //! Errors are sorted once, in [`classify`]: network trouble, timeouts, 5xx and
 //! throttling are worth retrying; refused credentials or permissions (403),
 //! and other client errors, are not.
+//!
+//! Errors and logs name the bucket as [`Placement::bucket_shown`] gives it:
+//! `[redacted]` when `S3_URL_PATTERN` renders it from patient values, and the
+//! SDK's own error text is scrubbed with [`Placement::redact`].
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -42,7 +46,7 @@ pub enum S3Error {
     Retryable {
         /// The S3 operation.
         op: &'static str,
-        /// The bucket.
+        /// The bucket as it may be shown (`[redacted]` if patient data).
         bucket: String,
         /// What happened.
         detail: String,
@@ -52,7 +56,7 @@ pub enum S3Error {
     Refused {
         /// The S3 operation.
         op: &'static str,
-        /// The bucket.
+        /// The bucket as it may be shown (`[redacted]` if patient data).
         bucket: String,
         /// What happened and what to check.
         detail: String,
@@ -109,13 +113,13 @@ fn class_of(status: u16, code: &str) -> Class {
     }
 }
 
-/// Turns an SDK error into an [`S3Error`].
-fn classify<E>(op: &'static str, bucket: &str, err: &SdkError<E>) -> S3Error
+/// Turns an SDK error about `placement` into an [`S3Error`].
+fn classify<E>(op: &'static str, placement: &Placement, err: &SdkError<E>) -> S3Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let bucket = bucket.to_owned();
-    let detail = format!("{}", DisplayErrorContext(err));
+    let bucket = placement.bucket_shown().to_owned();
+    let detail = placement.redact(&format!("{}", DisplayErrorContext(err)));
     match err {
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => {
             let status = err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
@@ -224,8 +228,9 @@ impl Store {
         }
     }
 
-    /// Makes sure `bucket` exists, creating it when allowed.
-    pub async fn ensure_bucket(&self, bucket: &str) -> Result<(), S3Error> {
+    /// Makes sure the bucket of `placement` exists, creating it when allowed.
+    pub async fn ensure_bucket(&self, placement: &Placement) -> Result<(), S3Error> {
+        let bucket = placement.bucket.as_str();
         if self.is_known(bucket) {
             return Ok(());
         }
@@ -235,20 +240,20 @@ impl Store {
                 if !self.create_bucket {
                     return Err(S3Error::Refused {
                         op: "HeadBucket",
-                        bucket: bucket.to_owned(),
+                        bucket: placement.bucket_shown().to_owned(),
                         detail: "the bucket does not exist and BIDSFLUX_S3_CREATE_BUCKET is off".to_owned(),
                     });
                 }
-                self.create(bucket).await?;
+                self.create(placement).await?;
             }
-            Err(e) => return Err(classify("HeadBucket", bucket, &e)),
+            Err(e) => return Err(classify("HeadBucket", placement, &e)),
         }
         self.set_known(bucket, true);
         Ok(())
     }
 
-    async fn create(&self, bucket: &str) -> Result<(), S3Error> {
-        let mut req = self.client.create_bucket().bucket(bucket);
+    async fn create(&self, placement: &Placement) -> Result<(), S3Error> {
+        let mut req = self.client.create_bucket().bucket(&placement.bucket);
         if self.region != "us-east-1" {
             let constraint = BucketLocationConstraint::from(self.region.as_str());
             req = req.create_bucket_configuration(
@@ -257,7 +262,7 @@ impl Store {
         }
         match req.send().await {
             Ok(_) => {
-                tracing::info!(bucket, "created bucket");
+                tracing::info!(bucket = placement.bucket_shown(), "created bucket");
                 Ok(())
             }
             Err(e)
@@ -266,15 +271,15 @@ impl Store {
             {
                 Ok(())
             }
-            Err(e) => Err(classify("CreateBucket", bucket, &e)),
+            Err(e) => Err(classify("CreateBucket", placement, &e)),
         }
     }
 
-    async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectHead>, S3Error> {
-        match self.client.head_object().bucket(bucket).key(key).send().await {
+    async fn head(&self, placement: &Placement, key: &str) -> Result<Option<ObjectHead>, S3Error> {
+        match self.client.head_object().bucket(&placement.bucket).key(key).send().await {
             Ok(h) => Ok(Some(ObjectHead { size: h.content_length(), etag: h.e_tag().map(str::to_owned) })),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
-            Err(e) => Err(classify("HeadObject", bucket, &e)),
+            Err(e) => Err(classify("HeadObject", placement, &e)),
         }
     }
 
@@ -288,10 +293,11 @@ impl Store {
         digests: &Digests,
     ) -> Result<PutOutcome, S3Error> {
         let bucket = placement.bucket.as_str();
+        let shown = placement.bucket_shown();
         if digests.size > MAX_SINGLE_PUT {
             return Err(S3Error::Refused {
                 op: "PutObject",
-                bucket: bucket.to_owned(),
+                bucket: shown.to_owned(),
                 detail: format!(
                     "the archive has {} bytes, more than a single PutObject can store (5 GiB); \
                      multipart upload is not implemented yet",
@@ -299,21 +305,21 @@ impl Store {
                 ),
             });
         }
-        self.ensure_bucket(bucket).await?;
-        match self.head(bucket, key).await? {
+        self.ensure_bucket(placement).await?;
+        match self.head(placement, key).await? {
             Some(h) if h.matches(digests) => return Ok(PutOutcome::AlreadyThere),
             // The key is not logged: a prefix template may render patient values into it.
-            Some(_) => tracing::warn!(bucket, "archive object exists with other content, replacing it"),
+            Some(_) => tracing::warn!(bucket = shown, "archive object exists with other content, replacing it"),
             None => {}
         }
         let body = ByteStream::from_path(path).await.map_err(|e| S3Error::Retryable {
             op: "PutObject",
-            bucket: bucket.to_owned(),
+            bucket: shown.to_owned(),
             detail: format!("open {}: {e}", path.display()),
         })?;
         let md5 = hex::decode(&digests.md5).map_err(|e| S3Error::Refused {
             op: "PutObject",
-            bucket: bucket.to_owned(),
+            bucket: shown.to_owned(),
             detail: format!("archive md5 is not hex: {e}"),
         })?;
         let size = i64::try_from(digests.size).unwrap_or(i64::MAX);
@@ -329,17 +335,17 @@ impl Store {
             .send()
             .await;
         if let Err(e) = put {
-            let err = classify("PutObject", bucket, &e);
+            let err = classify("PutObject", placement, &e);
             if e.code() == Some("NoSuchBucket") {
                 self.set_known(bucket, false);
             }
             return Err(err);
         }
-        match self.head(bucket, key).await? {
+        match self.head(placement, key).await? {
             Some(h) if h.matches(digests) => Ok(PutOutcome::Uploaded),
             found => Err(S3Error::Retryable {
                 op: "HeadObject",
-                bucket: bucket.to_owned(),
+                bucket: shown.to_owned(),
                 detail: format!(
                     "verify upload: expected {} bytes with md5 {}, found {found:?}",
                     digests.size, digests.md5

@@ -56,6 +56,8 @@ async fn archives_a_study_to_s3_and_announces_it_once() {
     assert_eq!(ev.annex_key, format!("MD5E-s{}--{}.7z", ev.size, ev.md5));
     assert_eq!(loc.key, format!("{}{}", loc.fileprefix, ev.annex_key));
     assert_eq!(loc.endpoint_url, h.s3.endpoint);
+    // Not set in the harness: https://<host of S3_URL_PATTERN>, like the original.
+    assert_eq!(loc.public_url, format!("https://{}", h.s3.addr));
     assert!(loc.path_style);
     assert_eq!(loc.region, "us-east-1");
 
@@ -148,6 +150,45 @@ async fn an_unplaceable_study_is_invalid_input_naming_the_template() {
     h.wait_handled(1).await;
     assert_eq!(h.count(subjects::STREAM_ARCHIVES).await, 0);
     assert!(std::fs::read_dir(h.s3.root()).unwrap().next().is_none(), "nothing stored in S3");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_bucket_from_patient_values_is_not_shown_when_refused() {
+    let mut h = Harness::start().await;
+    // Twice this PatientID is 68 characters: longer than a bucket name may be.
+    let patient_id = "SUBJECT-0123456789-0123456789-0123";
+    let spec = StudySpec { patient_id: patient_id.into(), ..StudySpec::default() };
+    let study = spool_study(h.spool.path(), spec);
+    h.run_uploader(&h.env("s3://{host}/{PatientID}{PatientID}")).await;
+    h.complete(&study, 10, "completed:test:patient-bucket").await;
+
+    let dl: pb::DeadLetter = h.read(subjects::STREAM_DEADLETTER, &subjects::deadletter("uploader"), 1).await.remove(0);
+    assert_eq!(dl.kind(), pb::FailureKind::InvalidInput);
+    assert!(dl.reason.contains("{PatientID}{PatientID}"), "{}", dl.reason);
+    assert!(dl.reason.contains("longer than 63 characters"), "{}", dl.reason);
+    for phi in ["SUBJECT", "subject", "0123456789", "Doe", "Jane"] {
+        assert!(!dl.reason.contains(phi), "patient value in reason: {}", dl.reason);
+    }
+    h.wait_handled(1).await;
+    assert_eq!(h.count(subjects::STREAM_ARCHIVES).await, 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn refused_credentials_on_a_patient_bucket_do_not_show_it() {
+    let mut h = Harness::start().await;
+    let spec = StudySpec { patient_id: "SUB4711".into(), ..StudySpec::default() };
+    let study = spool_study(h.spool.path(), spec);
+    let env = h.env("s3://{host}/b-{PatientID}").with("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    h.run_uploader(&env).await;
+    h.complete(&study, 10, "completed:test:patient-creds").await;
+
+    let dl: pb::DeadLetter = h.read(subjects::STREAM_DEADLETTER, &subjects::deadletter("uploader"), 1).await.remove(0);
+    assert_eq!(dl.kind(), pb::FailureKind::Permanent);
+    assert!(dl.reason.contains("on bucket [redacted]") && dl.reason.contains("403"), "{}", dl.reason);
+    assert!(!dl.reason.to_ascii_lowercase().contains("sub4711"), "patient value in reason: {}", dl.reason);
+    h.wait_handled(1).await;
     h.stop().await;
 }
 

@@ -1,11 +1,17 @@
 //! `bidsflux-dev` (`make dev`): runs the whole pipeline locally on embedded defaults.
 //!
-//! Starts Debian's `nats-server` and an embedded S3 server on free loopback
-//! ports, provisions the bus, runs the five services with the local forge,
-//! listens for DICOM on `127.0.0.1:${BIDSFLUX_DICOM_PORT:-11112}` (AE title
+//! Starts Debian's `nats-server` and an embedded S3 server on loopback ports,
+//! provisions the bus, runs the five services with the local forge, listens
+//! for DICOM on `127.0.0.1:${BIDSFLUX_DICOM_PORT:-11112}` (AE title
 //! `BIDSFLUX`), writes `<data dir>/dev.env`, and stays in the foreground
-//! until Ctrl-C or SIGTERM, then stops everything it started. Data lives under
-//! `${BIDSFLUX_DEV_DIR:-./.bidsflux-dev}` and survives restarts.
+//! until Ctrl-C, SIGTERM or SIGHUP (the terminal closed), then stops
+//! everything it started. Data lives under `${BIDSFLUX_DEV_DIR:-./.bidsflux-dev}`
+//! and survives restarts.
+//!
+//! The S3 port is kept in `<data dir>/s3-port` and reused on the next start:
+//! every dataset's git-annex S3 remote names it, so a new port would leave the
+//! earlier datasets pointing at a dead one. NATS takes any free port (clients
+//! read it from `dev.env`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +20,8 @@ use anyhow::Context as _;
 use bidsflux_config::Env;
 use bidsflux_testsupport::{NatsServer, S3Server, free_port};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -47,7 +55,66 @@ fn dev_credentials(dir: &Path) -> anyhow::Result<(String, String)> {
     Ok((id, secret))
 }
 
+/// Where the S3 port of the previous run is kept.
+const S3_PORT_FILE: &str = "s3-port";
+
+/// The S3 port of the previous run, if one was recorded.
+fn saved_s3_port(dir: &Path) -> Option<u16> {
+    std::fs::read_to_string(dir.join(S3_PORT_FILE)).ok()?.trim().parse().ok().filter(|p| *p != 0)
+}
+
+/// Starts the embedded S3 server on the port of the previous run, or on a new
+/// free port (remembered for the next run) when there is none or it is taken.
+async fn start_s3(dir: &Path, key: &str, secret: &str) -> anyhow::Result<S3Server> {
+    let root = dir.join("s3");
+    let saved = saved_s3_port(dir);
+    let s3 = match saved {
+        Some(port) => match S3Server::start_at(&root, &format!("127.0.0.1:{port}"), key, secret).await {
+            Ok(s3) => s3,
+            Err(e) => {
+                let s3 = S3Server::start_at(&root, "127.0.0.1:0", key, secret).await.context("start the S3 server")?;
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    old_port = port,
+                    new_port = s3.addr.port(),
+                    "the S3 port of the previous run is taken, using a new one from now on: datasets indexed \
+                     before keep their S3 remote at the old port, so `datalad get` fails in them"
+                );
+                s3
+            }
+        },
+        None => S3Server::start_at(&root, "127.0.0.1:0", key, secret).await.context("start the S3 server")?,
+    };
+    if saved != Some(s3.addr.port()) {
+        let file = dir.join(S3_PORT_FILE);
+        std::fs::write(&file, format!("{}\n", s3.addr.port())).with_context(|| format!("write {}", file.display()))?;
+    }
+    Ok(s3)
+}
+
+/// Cancelled on Ctrl-C, SIGTERM or SIGHUP. SIGHUP comes when the terminal is
+/// closed: without a handler the process would die on it and leave
+/// nats-server (which takes SIGHUP as "reload") running.
+fn stop_on_signals() -> anyhow::Result<CancellationToken> {
+    let stop = bidsflux_messaging::shutdown_on_signals();
+    let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
+    let token = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = hangup.recv() => {
+                tracing::info!("hangup (terminal closed), shutting down");
+                token.cancel();
+            }
+        }
+    });
+    Ok(stop)
+}
+
 async fn dev() -> anyhow::Result<()> {
+    // First, so a signal during start-up stops cleanly instead of killing the
+    // process and orphaning nats-server.
+    let stop = stop_on_signals()?;
     let user = Env::from_process();
     let dir = user.path_or("BIDSFLUX_DEV_DIR", ".bidsflux-dev");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -64,7 +131,7 @@ async fn dev() -> anyhow::Result<()> {
 
     let nats = NatsServer::start_in(&sub("nats")?, free_port()?).await.context("start nats-server")?;
     let (key, secret) = dev_credentials(&dir)?;
-    let s3 = S3Server::start_at(&sub("s3")?, "127.0.0.1:0", &key, &secret).await.context("start the S3 server")?;
+    let s3 = start_s3(&dir, &key, &secret).await?;
     let s3_host = format!("127.0.0.1:{}", s3.addr.port());
 
     let mut env = user.clone();
@@ -78,6 +145,12 @@ async fn dev() -> anyhow::Result<()> {
             env.set(k, v);
         }
     }
+    // The receiver denies unknown callers by default. Here it listens on
+    // loopback only: accept any local sender unless the user gave a list.
+    let access = ["BIDSFLUX_DICOM_ALLOWLIST", "BIDSFLUX_DICOM_ALLOWLIST_FILE", "BIDSFLUX_DICOM_ACCEPT_ANY"];
+    if access.iter().all(|k| user.get(k).is_none()) {
+        env.set("BIDSFLUX_DICOM_ACCEPT_ANY", "true");
+    }
     let pattern = user.get("S3_URL_PATTERN").map(str::to_owned).unwrap_or_else(|| {
         format!("s3://{s3_host}/test.{{ReferringPhysicianName}}.{{StudyDescriptionPath[1]}}.dicoms")
     });
@@ -90,6 +163,8 @@ async fn dev() -> anyhow::Result<()> {
         ("BIDSFLUX_FORGE_DIR", forge.display().to_string()),
         ("S3_URL_PATTERN", pattern),
         ("AWS_ENDPOINT_URL", s3.endpoint.clone()),
+        // Users reach the embedded server where the services do.
+        ("BIDSFLUX_S3_PUBLIC_URL", s3.endpoint.clone()),
         ("AWS_REGION", "us-east-1".to_owned()),
         ("AWS_ACCESS_KEY_ID", key.clone()),
         ("AWS_SECRET_ACCESS_KEY", secret.clone()),
@@ -110,7 +185,13 @@ async fn dev() -> anyhow::Result<()> {
     );
     std::fs::write(dir.join("dev.env"), dev_env).context("write dev.env")?;
 
-    let pipeline = bidsflux_dev::Pipeline::start(env, dicom).await?;
+    let pipeline = tokio::select! {
+        p = bidsflux_dev::Pipeline::start(env, dicom) => p?,
+        _ = stop.cancelled() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+    };
     println!(
         "\nbidsflux is running (Ctrl-C to stop)\n  DICOM      127.0.0.1:{dicom_port}  AE title BIDSFLUX\n  NATS       {}\n  S3         {}\n  forge      {}\n  settings   {}\n\n\
          Send a study:   TCP_NODELAY=1 /usr/bin/storescu -aec BIDSFLUX 127.0.0.1 {dicom_port} +sd +r DIR\n\
@@ -122,7 +203,6 @@ async fn dev() -> anyhow::Result<()> {
         dir.join("dev.env").display(),
         forge.display(),
     );
-    let stop = bidsflux_messaging::shutdown_on_signals();
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = watch(&pipeline) => {}

@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 /// The bucket archives are put in.
 pub const BUCKET: &str = "dicoms";
 
+/// The uploader's S3 endpoint in the messages: a name that resolves nowhere
+/// (`.invalid`), as `http://minio:9000` does not outside a swarm.
+pub const INTERNAL_ENDPOINT: &str = "http://minio.invalid:9000";
+
 /// A running indexer with its servers and directories.
 pub struct Harness {
     pub nats: NatsServer,
@@ -35,6 +39,11 @@ pub struct Harness {
 impl Harness {
     /// Starts NATS (with the topology), S3 and the indexer.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Harness::start`], with more indexer settings (e.g. a group template).
+    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
         bidsflux_telemetry::init_for_tests();
         let nats = NatsServer::start().await.unwrap();
         let s3 = S3Server::start().await.unwrap();
@@ -44,13 +53,16 @@ impl Harness {
         let tmp = tempfile::tempdir().unwrap();
         let forge_dir = tmp.path().join("forge");
         let work_dir = tmp.path().join("work");
-        let config = Config::from_env(&Env::from_pairs([
+        let mut env = Env::from_pairs([
             ("NATS_URL", nats.url.as_str()),
             ("BIDSFLUX_WORK_DIR", work_dir.to_str().unwrap()),
             ("BIDSFLUX_FORGE", "local"),
             ("BIDSFLUX_FORGE_DIR", forge_dir.to_str().unwrap()),
-        ]))
-        .unwrap();
+        ]);
+        for &(k, v) in settings {
+            env = env.with(k, v);
+        }
+        let config = Config::from_env(&env).unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(config, bus.clone(), stop.clone()));
         Self { nats, s3, bus, tmp, forge_dir, stop, task }
@@ -155,7 +167,10 @@ pub async fn archive(h: &Harness, study: &StudyFiles, generation: u32) -> Archiv
         generation,
         metas: Some(metas),
         location: Some(pb::S3Location {
-            endpoint_url: h.s3.endpoint.clone(),
+            // What the uploader uses inside a swarm: resolvable only there. The
+            // dataset must point at the public URL instead.
+            endpoint_url: INTERNAL_ENDPOINT.into(),
+            public_url: h.s3.endpoint.clone(),
             region: "us-east-1".into(),
             bucket: BUCKET.into(),
             fileprefix: fileprefix.clone(),
