@@ -183,6 +183,13 @@ async fn dev() -> anyhow::Result<()> {
         s3 = s3.endpoint,
         forge = forge.display(),
     );
+    // DataLad (and its git-annex special remotes) from the repository's .venv,
+    // when scripts/install-deps.sh had to make one (see the Makefile).
+    let venv_bin = user.get("BIDSFLUX_VENV_BIN").map(PathBuf::from).filter(|p| p.is_dir());
+    let dev_env = match venv_bin {
+        Some(bin) => format!("{dev_env}PATH={}:$PATH\n", bin.display()),
+        None => dev_env,
+    };
     std::fs::write(dir.join("dev.env"), dev_env).context("write dev.env")?;
 
     let pipeline = tokio::select! {
