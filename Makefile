@@ -1,6 +1,7 @@
 # The two commands of the README quick start.
 #   make dev    build and run the whole pipeline locally (Ctrl-C stops it)
 #   make test   install test dependencies and run every check and test
+#   make bench  receiver throughput against DCMTK storescp and Orthanc (docs/benchmarks.md)
 
 CARGO ?= cargo
 # Python tools (DataLad and its git-annex special remotes) from ./.venv when
@@ -8,7 +9,7 @@ CARGO ?= cargo
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export BIDSFLUX_VENV_BIN := $(CURDIR)/.venv/bin
 
-.PHONY: dev test deps-run deps-test lint build
+.PHONY: dev test deps-run deps-test lint build bench
 
 dev: deps-run
 	$(CARGO) build --bin bidsflux-dev
@@ -32,3 +33,6 @@ lint:
 
 build:
 	$(CARGO) build --workspace --bins
+
+bench:
+	bash bench/receiver.sh

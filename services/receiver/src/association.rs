@@ -1,88 +1,81 @@
-//! One association: negotiation, then the DIMSE loop (C-ECHO, C-STORE) until
-//! release, abort, a protocol error, or the end of the shutdown grace period.
+//! One association: negotiation (access policy, SOP classes, transfer
+//! syntaxes, TLS), then the DIMSE loop (C-ECHO, C-STORE) until release, abort,
+//! a protocol error, or the end of the shutdown grace period.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dicom_dictionary_std::uids;
 use dicom_ul::Pdu;
-use dicom_ul::association::server::{AcceptCalledAeTitle, DefaultNegotiation};
+use dicom_ul::association::server::DefaultNegotiation;
 use dicom_ul::association::{Association as _, AsyncServerAssociation, Error as UlError, ServerAssociationOptions};
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextNegotiated, PresentationContextResultReason};
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, PDataValue, PDataValueType, PresentationContextNegotiated, PresentationContextResultReason,
+};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::Config;
+use crate::access::{Gate, Policy};
+use crate::conformance;
 use crate::dimse::{self, Command, Response};
 use crate::store::{IncomingStore, StoreContext, StoreRequest};
 
-/// Siemens CSA Non-Image Storage: private SOP class in which Siemens MR scanners send
-/// spectroscopy raw data and protocol reports; research sites need it archived.
-pub const SIEMENS_CSA_NON_IMAGE_STORAGE: &str = "1.3.12.2.1107.5.9.1";
+/// Negotiation options of the service (the gate is set per connection: it needs the peer's address).
+pub type Options = ServerAssociationOptions<'static, Gate, DefaultNegotiation>;
 
-/// The SOP classes we accept: Verification and the storage classes seen at imaging sites.
-pub const ABSTRACT_SYNTAXES: &[&str] = &[
-    uids::VERIFICATION,
-    uids::MR_IMAGE_STORAGE,
-    uids::ENHANCED_MR_IMAGE_STORAGE,
-    uids::ENHANCED_MR_COLOR_IMAGE_STORAGE,
-    uids::LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE,
-    uids::MR_SPECTROSCOPY_STORAGE,
-    uids::CT_IMAGE_STORAGE,
-    uids::ENHANCED_CT_IMAGE_STORAGE,
-    uids::LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
-    uids::POSITRON_EMISSION_TOMOGRAPHY_IMAGE_STORAGE,
-    uids::ENHANCED_PET_IMAGE_STORAGE,
-    uids::LEGACY_CONVERTED_ENHANCED_PET_IMAGE_STORAGE,
-    uids::NUCLEAR_MEDICINE_IMAGE_STORAGE,
-    uids::SECONDARY_CAPTURE_IMAGE_STORAGE,
-    uids::MULTI_FRAME_SINGLE_BIT_SECONDARY_CAPTURE_IMAGE_STORAGE,
-    uids::MULTI_FRAME_GRAYSCALE_BYTE_SECONDARY_CAPTURE_IMAGE_STORAGE,
-    uids::MULTI_FRAME_GRAYSCALE_WORD_SECONDARY_CAPTURE_IMAGE_STORAGE,
-    uids::MULTI_FRAME_TRUE_COLOR_SECONDARY_CAPTURE_IMAGE_STORAGE,
-    uids::RAW_DATA_STORAGE,
-    uids::ENCAPSULATED_PDF_STORAGE,
-    uids::GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE,
-    uids::ULTRASOUND_IMAGE_STORAGE,
-    uids::ULTRASOUND_MULTI_FRAME_IMAGE_STORAGE,
-    uids::X_RAY_ANGIOGRAPHIC_IMAGE_STORAGE,
-    uids::ENHANCED_XA_IMAGE_STORAGE,
-    SIEMENS_CSA_NON_IMAGE_STORAGE,
-];
+/// What every connection shares to negotiate: options, access policy, TLS.
+#[derive(Debug)]
+pub struct Acceptor {
+    /// Options with a placeholder gate; [`Acceptor::options_for`] puts the peer's in.
+    options: Options,
+    /// The access policy every gate consults.
+    policy: Arc<Policy>,
+    /// TLS configuration, when the listener speaks TLS.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Bound on negotiation (TLS handshake included) and on answering a rejected connection.
+    timeout: Duration,
+    /// `BIDSFLUX_MAX_ASSOCIATIONS`, for the log of a rejection.
+    max_associations: usize,
+}
 
-/// Explicit VR Big Endian: retired by the standard, still sent by old equipment.
-pub const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
-
-/// Transfer syntaxes we accept (dicom-ul takes the first one the peer proposes that is listed
-/// here). Data sets are stored as received
-/// (never transcoded), so these are the ones whose header we can read to file the instance.
-pub const TRANSFER_SYNTAXES: &[&str] =
-    &[uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN];
-
-/// Negotiation options of the service.
-pub type Options = ServerAssociationOptions<'static, AcceptCalledAeTitle, DefaultNegotiation>;
-
-/// Builds the negotiation options from the configuration.
-pub fn options(config: &Config) -> Options {
-    let mut opts = ServerAssociationOptions::new()
-        .accept_called_ae_title()
-        .ae_title(config.ae_title.clone())
-        .max_pdu_length(config.max_pdu)
-        .read_timeout(config.dicom_timeout)
-        .write_timeout(config.dicom_timeout);
-    for uid in ABSTRACT_SYNTAXES {
-        opts = opts.with_abstract_syntax(*uid);
+impl Acceptor {
+    /// Builds the negotiation options from the configuration.
+    pub fn new(config: &Config) -> Self {
+        let policy = Arc::new(config.access.clone());
+        let mut options = ServerAssociationOptions::new()
+            .ae_access_control(Gate::new(policy.clone(), IpAddr::from([0, 0, 0, 0])))
+            .ae_title(config.ae_title.clone())
+            .max_pdu_length(config.max_pdu)
+            .read_timeout(config.dicom_timeout)
+            .write_timeout(config.dicom_timeout);
+        for uid in conformance::abstract_syntaxes() {
+            options = options.with_abstract_syntax(uid);
+        }
+        for (uid, _) in conformance::TRANSFER_SYNTAXES {
+            options = options.with_transfer_syntax(*uid);
+        }
+        let tls = config.tls.as_ref().map(|t| t.server_config.clone());
+        if let Some(tls) = &tls {
+            options = options.tls_config(tls.clone());
+        }
+        Self { options, policy, tls, timeout: config.dicom_timeout, max_associations: config.max_associations }
     }
-    for uid in TRANSFER_SYNTAXES {
-        opts = opts.with_transfer_syntax(*uid);
+
+    /// The options for a connection from `peer`.
+    fn options_for(&self, peer: IpAddr) -> Options {
+        self.options.clone().ae_access_control(Gate::new(self.policy.clone(), peer))
     }
-    opts
 }
 
 /// Serves one connection until it ends. Never fails: problems end this association only.
 pub async fn serve(
-    options: Arc<Options>,
+    acceptor: Arc<Acceptor>,
     ctx: Arc<StoreContext>,
     socket: TcpStream,
     peer: SocketAddr,
@@ -91,104 +84,213 @@ pub async fn serve(
     let span = info_span!(
         "association",
         peer = %peer,
+        tls = acceptor.tls.is_some(),
         calling_ae = tracing::field::Empty,
         called_ae = tracing::field::Empty
     );
     async move {
-        let established = tokio::select! {
-            _ = abort.cancelled() => return,
-            r = options.establish_async(socket) => r,
-        };
-        let mut assoc = match established {
-            Ok(a) => a,
-            Err(UlError::Rejected { association_rj, .. }) => {
-                warn!(reason = %association_rj.source, "association rejected");
-                return;
+        let options = acceptor.options_for(peer.ip());
+        if acceptor.tls.is_some() {
+            if let Some(assoc) = establish(options.establish_tls_async(socket), acceptor.timeout, &abort).await {
+                dimse_loop(assoc, &ctx, &abort).await;
             }
-            Err(e) => {
-                warn!(error = %chain(e), "association negotiation failed");
-                return;
-            }
-        };
-        let span = tracing::Span::current();
-        span.record("calling_ae", assoc.peer_ae_title());
-        span.record("called_ae", assoc.called_ae_title());
-        info!(max_pdu = assoc.requestor_max_pdu_length(), "association established");
-        let mut dimse = Dimse {
-            ctx: &ctx,
-            contexts: assoc
-                .presentation_contexts()
-                .iter()
-                .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-                .cloned()
-                .collect(),
-            calling_ae: assoc.peer_ae_title().to_owned(),
-            called_ae: assoc.called_ae_title().to_owned(),
-            state: State::Idle,
-        };
-        loop {
-            let received = tokio::select! {
-                biased;
-                _ = abort.cancelled() => {
-                    warn!("shutdown grace period over, aborting association");
-                    let _ = assoc.abort().await;
-                    return;
-                }
-                r = assoc.receive() => r,
-            };
-            match received {
-                Ok(Pdu::PData { data }) => {
-                    for pdv in data {
-                        match dimse.handle(pdv).await {
-                            Ok(None) => {}
-                            Ok(Some(reply)) => {
-                                if let Err(e) = send_command(&mut assoc, reply).await {
-                                    warn!(error = %chain(e), "cannot send response, closing association");
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                warn!(error = %e, "dimse protocol error, aborting association");
-                                let _ = assoc.abort().await;
-                                return;
-                            }
-                        }
-                    }
-                }
-                Ok(Pdu::ReleaseRQ) => {
-                    if dimse.busy() {
-                        warn!("release requested in the middle of a message, partial instance discarded");
-                    }
-                    drop(dimse);
-                    if let Err(e) = assoc.send(&Pdu::ReleaseRP).await {
-                        warn!(error = %chain(e), "cannot confirm release");
-                    }
-                    info!("association released");
-                    return;
-                }
-                Ok(Pdu::AbortRQ { source }) => {
-                    info!(source = ?source, "association aborted by peer");
-                    return;
-                }
-                Ok(other) => {
-                    warn!(pdu = %other.short_description(), "unexpected pdu, aborting association");
-                    let _ = assoc.abort().await;
-                    return;
-                }
-                Err(e @ UlError::ConnectionClosed { .. }) => {
-                    warn!(error = %chain(e), "peer closed the connection without release");
-                    return;
-                }
-                Err(e) => {
-                    warn!(error = %chain(e), "cannot receive pdu, aborting association");
-                    let _ = assoc.abort().await;
-                    return;
-                }
-            }
+        } else if let Some(assoc) = establish(options.establish_async(socket), acceptor.timeout, &abort).await {
+            dimse_loop(assoc, &ctx, &abort).await;
         }
     }
     .instrument(span)
     .await;
+}
+
+/// Waits for the negotiation (bounded by `timeout`, TLS handshake included) and logs its failure.
+async fn establish<S>(
+    negotiation: impl Future<Output = Result<AsyncServerAssociation<S>, UlError>>,
+    timeout: Duration,
+    abort: &CancellationToken,
+) -> Option<AsyncServerAssociation<S>> {
+    let established = tokio::select! {
+        _ = abort.cancelled() => return None,
+        r = tokio::time::timeout(timeout, negotiation) => r,
+    };
+    match established {
+        Ok(Ok(a)) => Some(a),
+        Ok(Err(UlError::Rejected { association_rj, .. })) => {
+            match association_rj.source {
+                // Logged with the AE titles by the gate.
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized
+                    | AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+                ) => debug!(reason = %association_rj.source, "association rejected"),
+                reason => warn!(reason = %reason, "association rejected"),
+            }
+            None
+        }
+        Ok(Err(e)) => {
+            warn!(error = %chain(e), "association negotiation failed");
+            None
+        }
+        Err(_) => {
+            warn!(timeout = ?timeout, "association negotiation timed out");
+            None
+        }
+    }
+}
+
+/// Largest A-ASSOCIATE-RQ read from a connection that is rejected for the limit (real ones
+/// are a few KiB; one proposing 128 contexts with many transfer syntaxes stays far below).
+const MAX_REJECTED_RQ: usize = 256 * 1024;
+
+/// Answers a connection beyond `BIDSFLUX_MAX_ASSOCIATIONS`: reads its A-ASSOCIATE-RQ (after the
+/// TLS handshake, if any) and sends A-ASSOCIATE-RJ rejected-transient, service-provider
+/// (presentation), local-limit-exceeded, so that the sender retries later.
+pub async fn reject_busy(acceptor: Arc<Acceptor>, socket: TcpStream, peer: SocketAddr) {
+    let span = info_span!("association", peer = %peer, tls = acceptor.tls.is_some());
+    async move {
+        let max = acceptor.max_associations;
+        let work = async {
+            match &acceptor.tls {
+                None => reject_with_limit(socket, max).await,
+                Some(config) => {
+                    let stream = tokio_rustls::TlsAcceptor::from(config.clone()).accept(socket).await?;
+                    reject_with_limit(stream, max).await
+                }
+            }
+        };
+        match tokio::time::timeout(acceptor.timeout.min(Duration::from_secs(10)), work).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, max_associations = max, "too many associations, connection closed"),
+            Err(_) => warn!(max_associations = max, "too many associations, connection closed (no request in time)"),
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn reject_with_limit<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max: usize) -> std::io::Result<()> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut header = [0_u8; 6];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    if header[0] != 0x01 || len > MAX_REJECTED_RQ {
+        return Err(invalid(format!("expected an A-ASSOCIATE-RQ, got pdu type 0x{:02X} of {len} bytes", header[0])));
+    }
+    let mut pdu = header.to_vec();
+    pdu.resize(6 + len, 0);
+    stream.read_exact(&mut pdu[6..]).await?;
+    let (calling_ae, called_ae) = match dicom_ul::read_pdu(&pdu[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false) {
+        Ok(Some(Pdu::AssociationRQ(rq))) => (rq.calling_ae_title, rq.called_ae_title),
+        _ => return Err(invalid("malformed A-ASSOCIATE-RQ".to_owned())),
+    };
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut out = Vec::with_capacity(10);
+    dicom_ul::write_pdu(&mut out, &rj).map_err(|e| invalid(e.to_string()))?;
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    warn!(
+        calling_ae = %calling_ae,
+        called_ae = %called_ae,
+        max_associations = max,
+        "association rejected: too many associations (local limit exceeded)"
+    );
+    // Best effort: the peer closes on the RJ anyway.
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// The DIMSE loop of an established association.
+async fn dimse_loop<S>(mut assoc: AsyncServerAssociation<S>, ctx: &StoreContext, abort: &CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let span = tracing::Span::current();
+    span.record("calling_ae", assoc.peer_ae_title());
+    span.record("called_ae", assoc.called_ae_title());
+    let refused: Vec<_> = assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason != PresentationContextResultReason::Acceptance)
+        .collect();
+    for pc in &refused {
+        debug!(context = pc.id, abstract_syntax = %pc.abstract_syntax, reason = ?pc.reason, "presentation context refused");
+    }
+    info!(max_pdu = assoc.requestor_max_pdu_length(), refused_contexts = refused.len(), "association established");
+    let mut dimse = Dimse {
+        ctx,
+        contexts: assoc
+            .presentation_contexts()
+            .iter()
+            .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+            .cloned()
+            .collect(),
+        calling_ae: assoc.peer_ae_title().to_owned(),
+        called_ae: assoc.called_ae_title().to_owned(),
+        state: State::Idle,
+    };
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = abort.cancelled() => {
+                warn!("shutdown grace period over, aborting association");
+                let _ = assoc.abort().await;
+                return;
+            }
+            r = assoc.receive() => r,
+        };
+        match received {
+            Ok(Pdu::PData { data }) => {
+                for pdv in data {
+                    match dimse.handle(pdv).await {
+                        Ok(None) => {}
+                        Ok(Some(reply)) => {
+                            if let Err(e) = send_command(&mut assoc, reply).await {
+                                warn!(error = %chain(e), "cannot send response, closing association");
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "dimse protocol error, aborting association");
+                            let _ = assoc.abort().await;
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(Pdu::ReleaseRQ) => {
+                if dimse.busy() {
+                    warn!("release requested in the middle of a message, partial instance discarded");
+                }
+                drop(dimse);
+                if let Err(e) = assoc.send(&Pdu::ReleaseRP).await {
+                    warn!(error = %chain(e), "cannot confirm release");
+                }
+                info!("association released");
+                return;
+            }
+            Ok(Pdu::AbortRQ { source }) => {
+                info!(source = ?source, "association aborted by peer");
+                return;
+            }
+            Ok(other) => {
+                warn!(pdu = %other.short_description(), "unexpected pdu, aborting association");
+                let _ = assoc.abort().await;
+                return;
+            }
+            Err(e @ UlError::ConnectionClosed { .. }) => {
+                warn!(error = %chain(e), "peer closed the connection without release");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %chain(e), "cannot receive pdu, aborting association");
+                let _ = assoc.abort().await;
+                return;
+            }
+        }
+    }
 }
 
 /// A response command to send on a presentation context.
@@ -198,7 +300,10 @@ pub struct Reply {
     command: Vec<u8>,
 }
 
-async fn send_command(assoc: &mut AsyncServerAssociation<TcpStream>, reply: Reply) -> Result<(), UlError> {
+async fn send_command<S>(assoc: &mut AsyncServerAssociation<S>, reply: Reply) -> Result<(), UlError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let pdu = Pdu::PData {
         data: vec![PDataValue {
             presentation_context_id: reply.pc_id,

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use bidsflux_config::{ConfigError, Env};
 
+use crate::access::{self, Policy};
+use crate::tls::TlsSettings;
+
 /// Smallest maximum PDU length we advertise (dicom-ul refuses less than 1 KiB; 4 KiB keeps the
 /// per-PDU overhead reasonable).
 const MIN_PDU: u32 = 4096;
@@ -24,9 +27,10 @@ pub struct Config {
     /// Address the DICOM listener binds (`BIDSFLUX_DICOM_BIND`, default `0.0.0.0:11112`); sites used
     /// port 2100 with storescp.
     pub dicom_bind: SocketAddr,
-    /// Our AE title (`BIDSFLUX_AE_TITLE`, default `BIDSFLUX`, 1–16 characters): associations whose
-    /// called AE title differs are rejected, so a scanner misconfigured for another node fails loudly
-    /// instead of sending data to the wrong place.
+    /// Our AE title (`BIDSFLUX_AE_TITLE`, default `BIDSFLUX`, 1–16 characters): the called AE title
+    /// allow-list entries may use when they name none (and the only one with accept-any);
+    /// associations calling another are rejected, so a scanner misconfigured for another node
+    /// fails loudly instead of sending data to the wrong place.
     pub ae_title: String,
     /// Maximum PDU length we accept (`BIDSFLUX_MAX_PDU`, default 65536 bytes, 4096..=4194304). Bigger
     /// PDUs mean fewer reads per instance; each open association holds about one PDU in memory, so
@@ -35,12 +39,60 @@ pub struct Config {
     /// How long a peer may stay silent, during negotiation or between PDUs, before its association
     /// is aborted (`BIDSFLUX_DICOM_TIMEOUT`, default 120 s): frees what vanished peers hold.
     pub dicom_timeout: Duration,
-    /// Most associations served at once (`BIDSFLUX_MAX_ASSOCIATIONS`, default 64); further
-    /// connections wait in the listen backlog. Bounds open files and memory.
+    /// Most associations served at once (`BIDSFLUX_MAX_ASSOCIATIONS`, default 64); further ones
+    /// are rejected at once with A-ASSOCIATE-RJ (rejected-transient, local-limit-exceeded) so the
+    /// sender retries later instead of hanging in the listen backlog. Bounds open files and memory.
     pub max_associations: usize,
     /// On shutdown, how long open associations may go on before they are aborted
     /// (`BIDSFLUX_SHUTDOWN_GRACE`, default 10 s). Stores being acknowledged still finish.
     pub shutdown_grace: Duration,
+    /// Who may associate ([`crate::access`]), deny by default: the allow-list of
+    /// `BIDSFLUX_DICOM_ALLOWLIST` (entries separated by `;`) and `BIDSFLUX_DICOM_ALLOWLIST_FILE` (one
+    /// a line), or any caller with `BIDSFLUX_DICOM_ACCEPT_ANY=true` (development only). With
+    /// neither, the receiver refuses to start: a scanner network is no place for an open door.
+    pub access: Policy,
+    /// DICOM TLS (`BIDSFLUX_DICOM_TLS_CERT_FILE` + `BIDSFLUX_DICOM_TLS_KEY_FILE`, optionally
+    /// `BIDSFLUX_DICOM_TLS_CLIENT_CA_FILE` for mutual TLS); `None`: plain TCP.
+    pub tls: Option<TlsSettings>,
+}
+
+/// Variable of the inline allow-list.
+pub const ALLOWLIST_VAR: &str = "BIDSFLUX_DICOM_ALLOWLIST";
+/// Variable naming the allow-list file.
+pub const ALLOWLIST_FILE_VAR: &str = "BIDSFLUX_DICOM_ALLOWLIST_FILE";
+/// Variable of the development switch that lets any caller in.
+pub const ACCEPT_ANY_VAR: &str = "BIDSFLUX_DICOM_ACCEPT_ANY";
+
+/// Reads the access policy; errors name the variable and the entry.
+fn access_policy(env: &Env, our_ae: &str) -> Result<Policy, ConfigError> {
+    let accept_any = env.bool_or(ACCEPT_ANY_VAR, false)?;
+    let mut entries = Vec::new();
+    if let Some(inline) = env.get(ALLOWLIST_VAR) {
+        entries.extend(access::parse_list(inline, ';', our_ae).map_err(|e| ConfigError::invalid(ALLOWLIST_VAR, e))?);
+    }
+    if let Some(path) = env.get(ALLOWLIST_FILE_VAR) {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::invalid(ALLOWLIST_FILE_VAR, format!("cannot read {path}: {e}")))?;
+        entries.extend(
+            access::parse_list(&text, '\n', our_ae)
+                .map_err(|e| ConfigError::invalid(ALLOWLIST_FILE_VAR, format!("{path}: {e}")))?,
+        );
+    }
+    match (accept_any, entries.is_empty()) {
+        (true, true) => Ok(Policy::AcceptAny { our_ae: our_ae.to_owned() }),
+        (true, false) => Err(ConfigError::invalid(
+            ACCEPT_ANY_VAR,
+            format!("cannot be combined with an allow-list ({ALLOWLIST_VAR}, {ALLOWLIST_FILE_VAR}): choose one"),
+        )),
+        (false, false) => Ok(Policy::AllowList(entries)),
+        (false, true) => Err(ConfigError::invalid(
+            ALLOWLIST_VAR,
+            format!(
+                "no scanner may send: set {ALLOWLIST_VAR} (e.g. SCANNER1@10.0.0.0/24=BIDSFLUX;MRI2) or \
+                 {ALLOWLIST_FILE_VAR} (the receiver denies by default), or {ACCEPT_ANY_VAR}=true for development"
+            ),
+        )),
+    }
 }
 
 impl Config {
@@ -66,6 +118,8 @@ impl Config {
         if max_associations == 0 {
             return Err(ConfigError::invalid("BIDSFLUX_MAX_ASSOCIATIONS", "must be at least 1"));
         }
+        let access = access_policy(env, &ae_title)?;
+        let tls = TlsSettings::from_env(env)?;
         Ok(Self {
             nats_url: env.get_or("NATS_URL", "nats://127.0.0.1:4222").to_owned(),
             spool_dir: env.path_or("BIDSFLUX_SPOOL_DIR", "/var/lib/bidsflux/spool"),
@@ -75,6 +129,8 @@ impl Config {
             dicom_timeout,
             max_associations,
             shutdown_grace: env.duration_or("BIDSFLUX_SHUTDOWN_GRACE", Duration::from_secs(10))?,
+            access,
+            tls,
         })
     }
 }
@@ -83,14 +139,51 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn dev() -> Env {
+        Env::from_pairs([(ACCEPT_ANY_VAR, "true")])
+    }
+
     #[test]
     fn defaults() {
-        let c = Config::from_env(&Env::default()).unwrap();
+        let c = Config::from_env(&dev()).unwrap();
         assert_eq!(c.ae_title, "BIDSFLUX");
         assert_eq!(c.dicom_bind.port(), 11112);
         assert_eq!(c.max_pdu, 65536);
         assert_eq!(c.spool_dir, PathBuf::from("/var/lib/bidsflux/spool"));
         assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.access, Policy::AcceptAny { our_ae: "BIDSFLUX".into() });
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn denies_by_default() {
+        let e = Config::from_env(&Env::default()).unwrap_err().to_string();
+        assert!(e.contains(ALLOWLIST_VAR) && e.contains(ACCEPT_ANY_VAR), "{e}");
+        let e = Config::from_env(&Env::from_pairs([(ACCEPT_ANY_VAR, "false")])).unwrap_err().to_string();
+        assert!(e.contains("denies by default"), "{e}");
+    }
+
+    #[test]
+    fn allow_lists_from_the_variable_and_the_file_are_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("allow.txt");
+        std::fs::write(&file, "# site scanners\nCT1@10.1.0.0/16=ARCHIVE\n").unwrap();
+        let env = Env::from_pairs([
+            (ALLOWLIST_VAR, "SCANNER1@10.0.0.0/24=BIDSFLUX,BIDSFLUX2;MRI2=BIDSFLUX"),
+            (ALLOWLIST_FILE_VAR, file.to_str().unwrap()),
+        ]);
+        let Policy::AllowList(entries) = Config::from_env(&env).unwrap().access else { panic!("not an allow-list") };
+        let callers: Vec<&str> = entries.iter().map(|e| e.calling_ae.as_str()).collect();
+        assert_eq!(callers, ["SCANNER1", "MRI2", "CT1"]);
+
+        std::fs::write(&file, "CT1\nCT2@nowhere\n").unwrap();
+        let e =
+            Config::from_env(&Env::from_pairs([(ALLOWLIST_FILE_VAR, file.to_str().unwrap())])).unwrap_err().to_string();
+        assert!(e.contains(ALLOWLIST_FILE_VAR) && e.contains("line 2 \"CT2@nowhere\""), "{e}");
+        let e = Config::from_env(&Env::from_pairs([(ALLOWLIST_VAR, "MRI2"), (ACCEPT_ANY_VAR, "true")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(ACCEPT_ANY_VAR), "{e}");
     }
 
     #[test]
@@ -103,8 +196,12 @@ mod tests {
             ("BIDSFLUX_DICOM_TIMEOUT", "0"),
             ("BIDSFLUX_MAX_ASSOCIATIONS", "0"),
             ("BIDSFLUX_SHUTDOWN_GRACE", "soon"),
+            (ALLOWLIST_VAR, "MRI2@10.0.0.0/33"),
+            (ALLOWLIST_FILE_VAR, "/nonexistent/allow-list"),
+            (ACCEPT_ANY_VAR, "maybe"),
+            ("BIDSFLUX_DICOM_TLS_CERT_FILE", "/nonexistent/cert.pem"),
         ] {
-            let e = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err().to_string();
+            let e = Config::from_env(&dev().with(var, value)).unwrap_err().to_string();
             assert!(e.contains(var), "{var}={value}: {e}");
         }
     }

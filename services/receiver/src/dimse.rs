@@ -73,8 +73,36 @@ fn trimmed(value: &str) -> String {
     value.trim_end_matches(['\0', ' ']).trim_start().to_owned()
 }
 
+/// Checks that a command set is a flat list of implicit VR LE elements whose
+/// declared lengths stay inside `bytes`.
+///
+/// The DICOM parser allocates a buffer of the declared length before reading
+/// the value, so a hostile 8-byte command set declaring a 3.5 GB element
+/// would make it commit gigabytes (found by `fuzz/fuzz_targets/dimse_command`).
+/// Command sets (group 0000) have no sequences and no undefined lengths, so a
+/// flat walk is exact.
+fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let header = bytes
+            .get(at..at + 8)
+            .ok_or_else(|| CommandError::Parse(format!("truncated element header at byte {at}")))?;
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == u32::MAX {
+            return Err(CommandError::Parse(format!("undefined length at byte {at} (not allowed in a command set)")));
+        }
+        let end =
+            at.checked_add(8).and_then(|v| v.checked_add(len as usize)).filter(|end| *end <= bytes.len()).ok_or_else(
+                || CommandError::Parse(format!("element at byte {at} declares {len} bytes, past the end")),
+            )?;
+        at = end;
+    }
+    Ok(())
+}
+
 /// Parses a complete command set.
 pub fn parse_command(bytes: &[u8]) -> Result<Command, CommandError> {
+    check_lengths(bytes)?;
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, &implicit_le())
         .map_err(|e| CommandError::Parse(e.to_string()))?;
     let int = |tag, name| -> Result<u16, CommandError> {
@@ -140,6 +168,21 @@ impl Response<'_> {
         length.write_dataset_with_ts(&mut out, &ts).map_err(|e| CommandError::Encode(e.to_string()))?;
         out.extend_from_slice(&rest);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod length_tests {
+    use super::*;
+
+    #[test]
+    fn hostile_lengths_are_refused_before_parsing() {
+        // The minimized fuzz input: one element declaring ~3.5 GB.
+        let hostile = [0u8, 0, 0, 0, 4, 0, 0, 0xd4];
+        assert!(matches!(parse_command(&hostile), Err(CommandError::Parse(_))));
+        let undefined = [0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(parse_command(&undefined), Err(CommandError::Parse(_))));
+        assert!(matches!(parse_command(&[0u8, 0, 0]), Err(CommandError::Parse(_))));
     }
 }
 

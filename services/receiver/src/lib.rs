@@ -6,6 +6,9 @@
 //! `InstanceStored` and waits for JetStream's ack before answering Success.
 //!
 //! - [`config`]: settings from the environment;
+//! - [`access`]: the scanner allow-list (deny by default);
+//! - [`conformance`]: the SOP classes and transfer syntaxes we accept;
+//! - [`tls`]: DICOM TLS from PEM files;
 //! - [`association`]: negotiation and the DIMSE loop of one association;
 //! - [`dimse`]: command sets;
 //! - [`store`]: one C-STORE, from fragments to the published event;
@@ -14,11 +17,16 @@
 //! Patient values never reach logs, spans or error messages: only UIDs,
 //! sizes, AE titles and peer addresses do.
 
+pub mod access;
 pub mod association;
 pub mod config;
+pub mod conformance;
 pub mod dimse;
+pub mod header;
+mod sop_classes;
 pub mod spool;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,13 +42,21 @@ use tracing::{error, info, warn};
 
 pub use config::Config;
 
+use crate::access::Policy;
 use crate::spool::Spool;
 use crate::store::StoreContext;
 
 /// What must exist on the bus before the receiver starts.
 pub const REQUIRES: &[Requirement] = &[Requirement::Stream(subjects::STREAM_INSTANCES)];
 
+/// Connections beyond `BIDSFLUX_MAX_ASSOCIATIONS` answered with an A-ASSOCIATE-RJ at once;
+/// past this many more, they are closed without an answer (a flood must not cost tasks).
+const MAX_REJECTING: usize = 16;
+
 /// Serves DICOM associations on `listener` until `shutdown` is cancelled.
+///
+/// At most [`Config::max_associations`] are served at once; a connection beyond that is
+/// rejected (A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded), not left waiting.
 ///
 /// Then it stops accepting, lets open associations go on for
 /// [`Config::shutdown_grace`], aborts those still open (a store being
@@ -50,21 +66,28 @@ pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: Canc
         .await
         .with_context(|| format!("prepare spool directory {}", config.spool_dir.display()))?;
     let ctx = Arc::new(StoreContext { spool, bus });
-    let options = Arc::new(association::options(&config));
+    let acceptor = Arc::new(association::Acceptor::new(&config));
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(config.max_associations));
+    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+    match &config.access {
+        Policy::AcceptAny { .. } => warn!(
+            "{} is on: any calling AE title is accepted from any address; for development only",
+            config::ACCEPT_ANY_VAR
+        ),
+        Policy::AllowList(entries) => info!(entries = entries.len(), "scanner allow-list loaded"),
+    }
     info!(
         addr = %listener.local_addr().context("read listener address")?,
         ae_title = %config.ae_title,
         spool = %config.spool_dir.display(),
+        tls = config.tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+        max_associations = config.max_associations,
         "receiver listening"
     );
     loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.context("acquire association slot")?,
-        };
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -80,11 +103,25 @@ pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: Canc
         if let Err(e) = socket.set_nodelay(true) {
             warn!(error = %e, "cannot set TCP_NODELAY");
         }
-        let fut = association::serve(options.clone(), ctx.clone(), socket, peer, abort.clone());
-        tracker.spawn(async move {
-            fut.await;
-            drop(slot);
-        });
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let fut = association::serve(acceptor.clone(), ctx.clone(), socket, peer, abort.clone());
+                tracker.spawn(async move {
+                    fut.await;
+                    drop(slot);
+                });
+            }
+            Err(_) => match rejecting.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let fut = association::reject_busy(acceptor.clone(), socket, peer);
+                    tracker.spawn(async move {
+                        fut.await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => warn!(peer = %peer, "too many associations and rejections at once, connection closed"),
+            },
+        }
     }
     drop(listener);
     tracker.close();

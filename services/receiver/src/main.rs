@@ -10,6 +10,11 @@ use bidsflux_receiver::{Config, REQUIRES, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if std::env::args().skip(1).any(|a| a == "--list-sop-classes") {
+        // The conformance lists (docs/conformance.md), without starting anything.
+        print!("{}", bidsflux_receiver::conformance::listing());
+        return ExitCode::SUCCESS;
+    }
     let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-receiver") {
         Ok(g) => g,
         Err(e) => {

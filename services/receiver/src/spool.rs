@@ -2,21 +2,33 @@
 //!
 //! Layout (shared with the uploader): `<root>/<study>/<series>/<sop>.dcm`,
 //! DICOM Part 10 files whose data set is the received bytes, unchanged.
-//! An instance is first streamed to `<root>/.tmp/<random>.part` (a
-//! [`PartFile`]), synced, then hard-linked to its final name (atomic and
-//! never overwriting: two associations storing the same SOP instance cannot
-//! clobber each other), and the directory is synced. Nothing half-written is
-//! ever visible outside `.tmp`; temp files are removed on every failure path
-//! (their guard removes them on drop) and at start.
+//!
+//! An instance is gathered in memory (a [`PartFile`]; past [`IN_MEMORY_LIMIT`]
+//! it spills to `<root>/.tmp/<random>.part`, so memory stays bounded whatever
+//! the instance size), then written to that temp file. Durability is a group
+//! commit ([`Spool::sync`], see [`commit`]): one `syncfs` for all the stores
+//! waiting at that moment. A store syncs twice:
+//! 1. after writing its temp file: the data is durable *before* any name points at it;
+//! 2. after hard-linking it to its final name (atomic, never overwriting: two
+//!    associations storing the same SOP instance cannot clobber each other):
+//!    the name and its directories are durable.
+//!
+//! So after a crash a spool name always points at a complete file, and nothing
+//! half-written is ever visible outside `.tmp`; temp files are removed on every
+//! failure path (their guard removes them on drop) and at start.
+
+mod commit;
 
 use std::fs;
-use std::io::{self, Read as _, Seek as _};
+use std::io::{self, Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bidsflux_session::Uid;
 use dicom_object::FileMetaTableBuilder;
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncWriteExt as _, BufWriter};
+
+pub use commit::GroupCommit;
 
 /// Implementation Class UID written in the file meta of spooled files (a `2.25` UUID UID, fixed for bidsflux).
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.199122094469766935734398429342961536314";
@@ -25,19 +37,23 @@ pub const IMPLEMENTATION_VERSION_NAME: &str = "BIDSFLUX_0_1";
 
 /// Name of the temp directory under the spool root.
 const TMP_DIR: &str = ".tmp";
-/// Buffer between received fragments and the temp file.
-const WRITE_BUFFER: usize = 256 * 1024;
+/// An instance is kept in memory up to this size (most single-frame images fit), then written to
+/// its temp file in chunks of about this size: each open association holds at most this much.
+pub const IN_MEMORY_LIMIT: usize = 256 * 1024;
 
 /// The spool directory.
 #[derive(Debug, Clone)]
 pub struct Spool {
     root: PathBuf,
     tmp: PathBuf,
+    /// Durability for every store of the service (one sync thread).
+    commit: Arc<GroupCommit>,
 }
 
 impl Spool {
-    /// Creates the spool root and its temp directory, and removes temp files
-    /// left by an earlier run (they were never acknowledged to anyone).
+    /// Creates the spool root and its temp directory, removes temp files
+    /// left by an earlier run (they were never acknowledged to anyone), and
+    /// starts the group commit thread.
     pub async fn open(root: &Path) -> io::Result<Self> {
         let tmp = root.join(TMP_DIR);
         tokio::fs::create_dir_all(&tmp).await?;
@@ -52,7 +68,8 @@ impl Spool {
         if removed > 0 {
             tracing::info!(removed, "removed stale temp files from the spool");
         }
-        Ok(Self { root: root.to_path_buf(), tmp })
+        let commit = Arc::new(GroupCommit::start(root)?);
+        Ok(Self { root: root.to_path_buf(), tmp, commit })
     }
 
     /// The spool root.
@@ -60,18 +77,30 @@ impl Spool {
         &self.root
     }
 
-    /// Starts a temp file for one instance: writes the Part 10 header (preamble, `DICM`, file meta).
-    pub async fn create_part(&self, meta: &PartMeta<'_>) -> io::Result<PartFile> {
-        let header = part10_header(meta)?;
-        let path = self.tmp.join(format!("{}.part", uuid::Uuid::new_v4().simple()));
-        let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
-        let guard = TempGuard { path };
-        let mut file = BufWriter::with_capacity(WRITE_BUFFER, file);
-        file.write_all(&header).await?;
-        Ok(PartFile { guard, file, hasher: Sha256::new(), header_len: header.len() as u64, dataset_len: 0 })
+    /// Waits until everything written to the spool before this call is durable (group commit).
+    pub async fn sync(&self) -> io::Result<()> {
+        self.commit.sync().await
     }
 
-    /// Moves a finished temp file to `<study>/<series>/<sop>.dcm` (blocking: call from a blocking task).
+    /// Starts an instance: the Part 10 header (preamble, `DICM`, file meta), in memory.
+    pub fn create_part(&self, meta: &PartMeta<'_>) -> io::Result<PartFile> {
+        let mut pending = Vec::with_capacity(64 * 1024);
+        pending.extend_from_slice(&part10_header(meta)?);
+        Ok(PartFile {
+            tmp: self.tmp.clone(),
+            header_len: pending.len() as u64,
+            pending,
+            spilled: None,
+            hasher: Sha256::new(),
+            dataset_len: 0,
+        })
+    }
+
+    /// Links a finished temp file to `<study>/<series>/<sop>.dcm` (blocking: call from a blocking task).
+    ///
+    /// The temp file must be durable ([`Spool::sync`] after [`PartFile::finish`]) so that the
+    /// name never points at a partial file after a crash; the new name is durable after the
+    /// next [`Spool::sync`].
     ///
     /// - no such file yet: the temp file takes that name;
     /// - a file with the same data set is there: it is kept ([`Placement::Duplicate`]);
@@ -88,7 +117,6 @@ impl Spool {
             let target = series_dir.join(&file_name);
             match fs::hard_link(part.path(), &target) {
                 Ok(()) => {
-                    sync_dir(&series_dir)?;
                     return Ok(Placed { relative_path: relative(&file_name), file_size: part.file_size, placement });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -158,14 +186,25 @@ impl Drop for TempGuard {
     }
 }
 
-/// A temp file being written: the Part 10 header, then the data set fragments as they arrive.
+/// An instance being received: the Part 10 header, then the data set fragments as they arrive,
+/// in memory up to [`IN_MEMORY_LIMIT`], in a temp file beyond.
 #[derive(Debug)]
 pub struct PartFile {
-    guard: TempGuard,
-    file: BufWriter<tokio::fs::File>,
+    tmp: PathBuf,
+    /// Bytes not written to the temp file yet (all of them while the instance fits in memory).
+    pending: Vec<u8>,
+    /// The temp file, once the instance outgrew memory.
+    spilled: Option<Spilled>,
     hasher: Sha256,
     header_len: u64,
     dataset_len: u64,
+}
+
+/// A temp file and its open handle (`None` while a blocking write holds it).
+#[derive(Debug)]
+struct Spilled {
+    guard: TempGuard,
+    file: Option<fs::File>,
 }
 
 impl PartFile {
@@ -173,7 +212,13 @@ impl PartFile {
     pub async fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.hasher.update(bytes);
         self.dataset_len += bytes.len() as u64;
-        self.file.write_all(bytes).await
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= IN_MEMORY_LIMIT {
+            let mut written = self.write_pending().await?;
+            written.clear();
+            self.pending = written;
+        }
+        Ok(())
     }
 
     /// Bytes of data set received so far.
@@ -181,13 +226,40 @@ impl PartFile {
         self.dataset_len
     }
 
-    /// Flushes and syncs the file.
+    /// Writes the pending bytes to the temp file (created on first use) in a blocking task;
+    /// returns the buffer, still holding them.
+    async fn write_pending(&mut self) -> io::Result<Vec<u8>> {
+        let tmp = &self.tmp;
+        let spilled = self.spilled.get_or_insert_with(|| Spilled {
+            guard: TempGuard { path: tmp.join(format!("{}.part", uuid::Uuid::new_v4().simple())) },
+            file: None,
+        });
+        let file = spilled.file.take();
+        let path = spilled.guard.path.clone();
+        let buf = std::mem::take(&mut self.pending);
+        let (file, buf) = tokio::task::spawn_blocking(move || -> io::Result<(fs::File, Vec<u8>)> {
+            let mut file = match file {
+                Some(f) => f,
+                None => fs::OpenOptions::new().write(true).create_new(true).open(&path)?,
+            };
+            file.write_all(&buf)?;
+            Ok((file, buf))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        spilled.file = Some(file);
+        Ok(buf)
+    }
+
+    /// Writes what is left to the temp file (not synced: see [`Spool::sync`]).
     pub async fn finish(mut self) -> io::Result<FinishedPart> {
-        self.file.flush().await?;
-        self.file.get_mut().sync_all().await?;
-        let Self { guard, hasher, header_len, dataset_len, .. } = self;
+        let fitted = self.spilled.is_none();
+        let written = self.write_pending().await?;
+        let Self { spilled, hasher, header_len, dataset_len, .. } = self;
+        let guard = spilled.map(|s| s.guard).ok_or_else(|| io::Error::other("temp file missing after write"))?;
         Ok(FinishedPart {
             guard,
+            memory: fitted.then_some(written),
             dataset_sha256: hex::encode(hasher.finalize()),
             file_size: header_len + dataset_len,
             dataset_len,
@@ -195,10 +267,12 @@ impl PartFile {
     }
 }
 
-/// A complete, synced temp file (removed when dropped).
+/// A complete temp file (removed when dropped).
 #[derive(Debug)]
 pub struct FinishedPart {
     guard: TempGuard,
+    /// The whole file's bytes when the instance fitted in memory.
+    memory: Option<Vec<u8>>,
     /// SHA-256 (lowercase hex) of the data set bytes.
     pub dataset_sha256: String,
     /// Size of the whole Part 10 file.
@@ -211,6 +285,16 @@ impl FinishedPart {
     /// Where the temp file is.
     pub fn path(&self) -> &Path {
         &self.guard.path
+    }
+
+    /// The file's bytes, when the instance fitted in memory (to read its header without I/O).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        self.memory.as_deref()
+    }
+
+    /// Frees the in-memory copy.
+    pub fn release_memory(&mut self) {
+        self.memory = None;
     }
 }
 
@@ -247,11 +331,7 @@ pub struct Placed {
     pub placement: Placement,
 }
 
-/// `parent/name`, created if missing, its entry in `parent` made durable.
-///
-/// `parent` is synced even when the directory already exists: another
-/// association may have just created it and not synced yet, and this store
-/// must not answer Success before the path to its file is durable.
+/// `parent/name`, created if missing (made durable by the next [`Spool::sync`]).
 fn ensure_dir(parent: &Path, name: &str) -> io::Result<PathBuf> {
     let dir = parent.join(name);
     match fs::create_dir(&dir) {
@@ -259,12 +339,7 @@ fn ensure_dir(parent: &Path, name: &str) -> io::Result<PathBuf> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    sync_dir(parent)?;
     Ok(dir)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }
 
 /// SHA-256 of the data set of a Part 10 file (everything after the file meta group), streamed.
@@ -276,7 +351,7 @@ pub fn dataset_sha256_of_file(path: &Path) -> io::Result<String> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a Part 10 file with a meta group length"))?;
     file.seek(io::SeekFrom::Start(offset))?;
     let mut hasher = Sha256::new();
-    io::copy(&mut io::BufReader::with_capacity(WRITE_BUFFER, file), &mut hasher)?;
+    io::copy(&mut io::BufReader::with_capacity(IN_MEMORY_LIMIT, file), &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
 }
 
@@ -309,7 +384,7 @@ mod tests {
     };
 
     async fn part(spool: &Spool, body: &[u8]) -> FinishedPart {
-        let mut p = spool.create_part(&META).await.unwrap();
+        let mut p = spool.create_part(&META).unwrap();
         for chunk in body.chunks(3) {
             p.append(chunk).await.unwrap();
         }
@@ -329,6 +404,7 @@ mod tests {
         assert_eq!(bytes.len() as u64, p.file_size);
         assert_eq!(p.dataset_sha256, hex::encode(Sha256::digest(body)));
         assert_eq!(dataset_sha256_of_file(p.path()).unwrap(), p.dataset_sha256);
+        assert_eq!(p.bytes(), Some(&bytes[..]), "a small instance keeps its bytes in memory");
         let meta = dicom_object::FileMetaTable::from_reader(&bytes[128..]).unwrap();
         assert_eq!(meta.media_storage_sop_instance_uid().trim_end_matches('\0'), "1.2.3.4.5");
         assert_eq!(meta.transfer_syntax().trim_end_matches('\0'), "1.2.840.10008.1.2.1");
@@ -336,11 +412,32 @@ mod tests {
         assert_eq!(meta.implementation_class_uid().trim_end_matches('\0'), IMPLEMENTATION_CLASS_UID);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_instance_spills_to_its_temp_file_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).await.unwrap();
+        let body: Vec<u8> = (0..3 * IN_MEMORY_LIMIT + 12_345).map(|i| (i % 251) as u8).collect();
+        let mut p = spool.create_part(&META).unwrap();
+        for chunk in body.chunks(16 * 1024) {
+            p.append(chunk).await.unwrap();
+            assert!(p.pending.len() < IN_MEMORY_LIMIT, "pending bytes are bounded");
+        }
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 1);
+        let done = p.finish().await.unwrap();
+        assert!(done.bytes().is_none());
+        let bytes = fs::read(done.path()).unwrap();
+        assert_eq!(bytes.len() as u64, done.file_size);
+        assert_eq!(&bytes[bytes.len() - body.len()..], &body[..]);
+        assert_eq!(dataset_sha256_of_file(done.path()).unwrap(), done.dataset_sha256);
+        drop(done);
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+    }
+
     #[tokio::test]
     async fn temp_files_are_removed_on_drop_and_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).await.unwrap();
-        let p = spool.create_part(&META).await.unwrap();
+        let p = spool.create_part(&META).unwrap();
         drop(p);
         assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
         fs::write(dir.path().join(TMP_DIR).join("stale.part"), b"x").unwrap();

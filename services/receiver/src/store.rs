@@ -2,24 +2,30 @@
 //! the spool, publish `InstanceStored`, and decide the response status.
 //!
 //! Success is answered only after the file is durable and JetStream has
-//! acknowledged the event. Failures never answer Success:
+//! acknowledged the event. Durability is a group commit shared with the
+//! stores of other associations ([`Spool::sync`]): the data set is written
+//! to its temp file and synced, linked to its spool name and synced again,
+//! then the event is published. Failures never answer Success:
 //! - the data set cannot be parsed, UIDs are missing or invalid → 0xC000, temp file removed;
 //! - disk errors → 0xA700, temp file removed;
 //! - the bus does not acknowledge → 0xA700, the spool file is KEPT: it is
 //!   durable, and a resend of the same bytes publishes the same message id,
 //!   which JetStream de-duplicates.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, now_unix_ms, subjects};
 use bidsflux_proto::v1 as pb;
 use bidsflux_session::Uid;
-use dicom_dictionary_std::tags;
-use dicom_object::OpenFileOptions;
+use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex as _;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use tracing::{Instrument as _, Span, error, info, info_span, warn};
 
 use crate::dimse::status;
+use crate::header;
 use crate::spool::{InstanceIds, PartFile, PartMeta, Placement, Spool};
 
 /// What every store of the service shares.
@@ -113,7 +119,7 @@ impl IncomingStore {
                 transfer_syntax_uid: &request.transfer_syntax_uid,
                 calling_ae_title: &request.calling_ae_title,
             };
-            ctx.spool.create_part(&meta).await.context("create spool temp file").map_err(Failure::OutOfResources)
+            ctx.spool.create_part(&meta).context("start spool file").map_err(Failure::OutOfResources)
         }
         .instrument(span.clone())
         .await;
@@ -162,7 +168,7 @@ impl IncomingStore {
 
 /// Attributes read from the received data set.
 #[derive(Debug)]
-struct Attributes {
+pub struct Attributes {
     study: Uid,
     series: Uid,
     sop: Uid,
@@ -177,14 +183,21 @@ async fn finish(
     part: PartFile,
     received_at_unix_ms: i64,
 ) -> Result<Placement, Failure> {
-    let part = part.finish().await.context("sync spool temp file").map_err(Failure::OutOfResources)?;
+    let mut part = part.finish().await.context("write spool temp file").map_err(Failure::OutOfResources)?;
     Span::current().record("size", part.dataset_len);
-    let path = part.path().to_path_buf();
-    let attrs = tokio::task::spawn_blocking(move || inspect(path))
-        .await
-        .context("join data set inspection")
-        .map_err(Failure::OutOfResources)?
-        .map_err(Failure::CannotUnderstand)?;
+    let attrs = match part.bytes() {
+        // Fitted in memory: the header is a few kilobytes in front of the pixels, read it here.
+        Some(bytes) => inspect_bytes(bytes),
+        None => {
+            let path = part.path().to_path_buf();
+            tokio::task::spawn_blocking(move || inspect_file(&path))
+                .await
+                .context("join data set inspection")
+                .map_err(Failure::OutOfResources)?
+        }
+    }
+    .map_err(Failure::CannotUnderstand)?;
+    part.release_memory();
     Span::current().record("study_instance_uid", tracing::field::display(&attrs.study));
     Span::current().record("series_instance_uid", tracing::field::display(&attrs.series));
     if attrs.sop.as_str() != request.sop_instance_uid {
@@ -193,6 +206,9 @@ async fn finish(
         )));
     }
     let ids = InstanceIds { study: attrs.study.clone(), series: attrs.series.clone(), sop: attrs.sop.clone() };
+    // The data must be durable before a spool name points at it: after a crash, a name always
+    // means a complete file.
+    ctx.spool.sync().await.context("sync spool temp file").map_err(Failure::OutOfResources)?;
     let spool = ctx.spool.clone();
     let (part, placed) = tokio::task::spawn_blocking(move || {
         let placed = spool.place(&part, &ids);
@@ -202,6 +218,9 @@ async fn finish(
     .context("join spool placement")
     .map_err(Failure::OutOfResources)?;
     let placed = placed.context("place instance in the spool").map_err(Failure::OutOfResources)?;
+    // The name (or the identical file another store just placed) is durable before the event
+    // announces it.
+    ctx.spool.sync().await.context("sync spool placement").map_err(Failure::OutOfResources)?;
     if placed.placement == Placement::Conflict {
         warn!(spool_path = %placed.relative_path, "a different data set with this SOPInstanceUID is spooled, kept both");
     }
@@ -232,10 +251,92 @@ async fn finish(
     Ok(placed.placement)
 }
 
-/// Reads the header of the spooled data set (up to Pixel Data) and validates its UIDs.
-fn inspect(path: PathBuf) -> anyhow::Result<Attributes> {
-    let obj =
-        OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&path).context("parse received data set")?;
+/// Reads the header of a spooled Part 10 temp file: at most [`header::MAX_HEADER`] bytes of its
+/// data set, walked and checked by [`header::header_len`] before anything is parsed.
+fn inspect_file(path: &Path) -> anyhow::Result<Attributes> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = std::fs::File::open(path).context("open spool temp file")?;
+    let mut head = vec![0u8; 144];
+    file.read_exact(&mut head).context("read file meta header")?;
+    let (offset, _) = meta_group(&head).context("parse our own file meta group")?;
+    let mut meta = vec![0u8; offset];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut meta).context("read file meta group")?;
+    let (_, ts) = meta_group(&meta).context("parse our own file meta group")?;
+    let (enc, deflated) = header::Encoding::of(&ts);
+    if deflated {
+        // Inflated in a bounded stream; the walk sees at most MAX_HEADER bytes.
+        return inspect_dataset_prefix(&[], &ts, false, &mut file);
+    }
+    // Read a small prefix first and grow it only for unusually large headers: memory stays
+    // bounded by MAX_HEADER whatever the instance size.
+    let mut limit = header::FIRST_READ;
+    loop {
+        file.seek(SeekFrom::Start(offset as u64))?;
+        let mut prefix = Vec::new();
+        (&mut file).take(limit as u64 + 1).read_to_end(&mut prefix).context("read data set header")?;
+        let complete = prefix.len() <= limit;
+        prefix.truncate(limit);
+        match header::header_len(&prefix, enc, complete) {
+            Err(header::HeaderError::TooLarge) if limit < header::MAX_HEADER => limit = header::MAX_HEADER,
+            _ => return inspect_dataset_prefix(&prefix, &ts, complete, &mut std::io::empty()),
+        }
+    }
+}
+
+/// Reads the header of a Part 10 file held in memory. Public for `fuzz/`.
+pub fn inspect_bytes(bytes: &[u8]) -> anyhow::Result<Attributes> {
+    let (offset, ts) = meta_group(bytes).context("parse file meta group")?;
+    let dataset = bytes.get(offset..).unwrap_or_default();
+    inspect_dataset_prefix(dataset, &ts, true, &mut std::io::empty())
+}
+
+/// Offset of the data set and transfer syntax UID of Part 10 bytes (our own meta group).
+fn meta_group(bytes: &[u8]) -> anyhow::Result<(usize, String)> {
+    if bytes.get(128..132) != Some(b"DICM".as_slice()) || bytes.get(132..138) != Some(b"\x02\x00\x00\x00UL".as_slice())
+    {
+        anyhow::bail!("not a Part 10 header");
+    }
+    let len = bytes.get(140..144).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).unwrap_or_default();
+    let offset = 144usize.checked_add(len as usize).context("meta group length overflows")?;
+    if bytes.len() < offset {
+        // Only the offset was asked for (a 144-byte head).
+        return Ok((offset, String::new()));
+    }
+    let meta = dicom_object::FileMetaTable::from_reader(&bytes[128..offset]).context("parse file meta group")?;
+    Ok((offset, meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_owned()))
+}
+
+/// Parses the attributes from the start of a data set (`complete` when it is all of it;
+/// `rest` continues a deflated stream).
+fn inspect_dataset_prefix(
+    dataset: &[u8],
+    ts_uid: &str,
+    complete: bool,
+    rest: &mut dyn std::io::Read,
+) -> anyhow::Result<Attributes> {
+    let (enc, deflated) = header::Encoding::of(ts_uid);
+    let inflated;
+    let (bytes, complete) = if deflated {
+        let (out, all) = header::inflate_prefix(std::io::Read::chain(dataset, rest)).context("inflate data set")?;
+        inflated = out;
+        (inflated.as_slice(), all)
+    } else {
+        (dataset, complete)
+    };
+    let len = header::header_len(bytes, enc, complete)?;
+    let ts = match enc {
+        header::Encoding::ImplicitLe => uids::IMPLICIT_VR_LITTLE_ENDIAN,
+        header::Encoding::ExplicitLe => uids::EXPLICIT_VR_LITTLE_ENDIAN,
+        header::Encoding::ExplicitBe => "1.2.840.10008.1.2.2",
+    };
+    let ts = TransferSyntaxRegistry.get(ts).context("transfer syntax registry")?;
+    let obj = InMemDicomObject::read_dataset_with_ts(&bytes[..len], ts).context("parse received data set")?;
+    attributes(&obj)
+}
+
+/// The attributes we file and announce an instance by, its UIDs validated.
+fn attributes(obj: &InMemDicomObject) -> anyhow::Result<Attributes> {
     let text = |tag| -> Option<String> {
         obj.element_opt(tag)
             .ok()

@@ -61,6 +61,13 @@ async fn abort_in_the_middle_of_a_store_removes_the_temp_file() {
         pdv(pc, PDataValueType::Data, false, vec![0x08, 0x00, 0x16, 0x00, b'U', b'I', 2, 0, b'1', 0]),
     ];
     assoc.send(&Pdu::PData { data }).await.unwrap();
+    // Small instances stay in memory: send more than that, so that a temp file exists.
+    let mut sent = 0;
+    while sent <= bidsflux_receiver::spool::IN_MEMORY_LIMIT {
+        let chunk = vec![0_u8; 16 * 1024];
+        sent += chunk.len();
+        assoc.send(&Pdu::PData { data: vec![pdv(pc, PDataValueType::Data, false, chunk)] }).await.unwrap();
+    }
     wait_until("a temp file", Duration::from_secs(10), || async { (h.temp_files().len() == 1).then_some(()) })
         .await
         .unwrap();

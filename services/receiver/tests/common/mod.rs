@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 /// Our AE title in tests.
 pub const AE: &str = "BIDSFLUX";
 
+/// The allow-list of the tests' peers (the receiver denies by default): DCMTK's `storescu -aet
+/// SCANNER` from loopback only, pynetdicom (`PYSCU`) from 127.0.0.0/8, `echoscu` (its default
+/// `ECHOSCU`) and hand-driven associations (`RAW`) from anywhere; all call [`AE`].
+pub const ALLOWLIST: &str = "SCANNER@127.0.0.1=BIDSFLUX;PYSCU@127.0.0.0/8;ECHOSCU;RAW";
+
 /// The receiver and what it talks to.
 pub struct Harness {
     pub nats: NatsServer,
@@ -47,6 +52,7 @@ impl Harness {
             ("BIDSFLUX_SPOOL_DIR", spool.path().to_str().unwrap()),
             ("BIDSFLUX_AE_TITLE", AE),
             ("BIDSFLUX_SHUTDOWN_GRACE", "5s"),
+            ("BIDSFLUX_DICOM_ALLOWLIST", ALLOWLIST),
         ])
         .with("BIDSFLUX_DICOM_TIMEOUT", "20s");
         let env = extra.iter().fold(env, |env, (k, v)| env.with(*k, *v));
@@ -125,23 +131,58 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Runs DCMTK's `echoscu` against the receiver.
 pub async fn echoscu(port: u16, called_ae: &str) -> Output {
+    echoscu_with(port, &["-aec", called_ae]).await
+}
+
+/// Runs DCMTK's `echoscu` with these options against the receiver.
+pub async fn echoscu_with(port: u16, args: &[&str]) -> Output {
     tokio::process::Command::new("/usr/bin/echoscu")
-        .args(["-aec", called_ae, "127.0.0.1", &port.to_string()])
+        .args(args)
+        .args(["127.0.0.1", &port.to_string()])
         .env("TCP_NODELAY", "1")
         .output()
         .await
         .unwrap()
 }
 
-/// Runs DCMTK's `storescu -v` on every file of `dir` (one association).
-pub async fn storescu(port: u16, called_ae: &str, dir: &Path) -> Output {
+/// Runs DCMTK's `storescu -v` with these options on every file of `dir` (one association).
+pub async fn storescu_with(port: u16, args: &[&str], dir: &Path) -> Output {
     tokio::process::Command::new("/usr/bin/storescu")
-        .args(["-v", "-aet", "SCANNER", "-aec", called_ae, "127.0.0.1", &port.to_string(), "+sd"])
+        .arg("-v")
+        .args(args)
+        .args(["127.0.0.1", &port.to_string(), "+sd"])
         .arg(dir)
         .env("TCP_NODELAY", "1")
         .output()
         .await
         .unwrap()
+}
+
+/// stdout and stderr of a peer, for assertions and messages.
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// pydicom's directory of test files (real files in many transfer syntaxes).
+pub fn pydicom_test_files() -> PathBuf {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import pydicom, os; print(os.path.dirname(pydicom.__file__))"])
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("data/test_files")
+}
+
+/// Runs a Python (pynetdicom) script with arguments; returns its stdout, panicking if it fails.
+pub async fn python(script: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("python3").arg("-c").arg(script).args(args).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "python script failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// Runs DCMTK's `storescu -v` on every file of `dir` (one association).
+pub async fn storescu(port: u16, called_ae: &str, dir: &Path) -> Output {
+    storescu_with(port, &["-aet", "SCANNER", "-aec", called_ae], dir).await
 }
 
 /// How many C-STORE responses storescu reported as Success.

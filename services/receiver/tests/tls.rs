@@ -1,0 +1,178 @@
+//! DICOM TLS with DCMTK as the peer: a store over TLS succeeds, a plain
+//! association to the TLS port fails, and with a client CA only peers holding
+//! a certificate it signed get in. Certificates are made here with `openssl`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use bidsflux_testsupport::dicom::{StudySpec, generate_study};
+use common::{AE, Harness, echoscu, storescu_with, successes, text};
+
+/// A test CA, and a server and a client certificate it signed (RSA: DCMTK's default BCP 195
+/// profile wants ECDHE-RSA with AES-GCM, which rustls offers).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bidsflux test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        for (name, ext) in [
+            ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.path().join(format!("{name}.ext")), ext).unwrap();
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+async fn harness(pki: &Pki, mutual: bool) -> Harness {
+    let (cert, key, ca) = (pki.p("server.crt"), pki.p("server.key"), pki.p("ca.crt"));
+    let mut vars = vec![("BIDSFLUX_DICOM_TLS_CERT_FILE", cert.as_str()), ("BIDSFLUX_DICOM_TLS_KEY_FILE", key.as_str())];
+    if mutual {
+        vars.push(("BIDSFLUX_DICOM_TLS_CLIENT_CA_FILE", ca.as_str()));
+    }
+    Harness::start_with(&vars).await
+}
+
+fn one_instance(dir: &Path) {
+    generate_study(dir, &StudySpec { series: 1, instances_per_series: 2, ..Default::default() }).unwrap();
+}
+
+#[tokio::test]
+async fn stores_over_tls_and_refuses_plain_associations() {
+    let pki = Pki::new();
+    let h = harness(&pki, false).await;
+    let src = tempfile::tempdir().unwrap();
+    one_instance(src.path());
+    // Server authentication only: storescu checks our certificate against the CA.
+    let tls = ["-aet", "SCANNER", "-aec", AE, "+tla", "+cf", &pki.p("ca.crt")];
+    let out = storescu_with(h.port, &tls, src.path()).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(successes(&out), 2, "{}", text(&out));
+    assert_eq!(h.spool_files().len(), 2);
+    assert_eq!(h.stream_count().await, 2);
+
+    // Plain DICOM to the TLS port: no association.
+    let out = echoscu(h.port, AE).await;
+    assert!(!out.status.success(), "plain echo succeeded over the TLS port: {}", text(&out));
+    // The allow-list still applies over TLS.
+    let out = storescu_with(h.port, &["-aet", "OTHER", "-aec", AE, "+tla", "+cf", &pki.p("ca.crt")], src.path()).await;
+    assert!(text(&out).contains("Calling AE Title Not Recognized"), "{}", text(&out));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let pki = Pki::new();
+    let h = harness(&pki, true).await;
+    let src = tempfile::tempdir().unwrap();
+    one_instance(src.path());
+    let anonymous = ["-aet", "SCANNER", "-aec", AE, "+tla", "+cf", &pki.p("ca.crt")];
+    let out = storescu_with(h.port, &anonymous, src.path()).await;
+    assert!(!out.status.success() && successes(&out) == 0, "no client certificate, yet: {}", text(&out));
+    assert!(h.spool_files().is_empty());
+
+    let (key, cert, ca) = (pki.p("client.key"), pki.p("client.crt"), pki.p("ca.crt"));
+    let with_cert = ["-aet", "SCANNER", "-aec", AE, "+tls", &key, &cert, "+cf", &ca];
+    let out = storescu_with(h.port, &with_cert, src.path()).await;
+    assert_eq!(successes(&out), 2, "{}", text(&out));
+    h.stop().await;
+}
+
+const TWO_TLS_ASSOCIATIONS: &str = r#"
+import logging, ssl, sys
+from pynetdicom import AE
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+port, called, ca = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+ae = AE(ae_title="PYSCU")
+ae.acse_timeout = 10
+ae.add_requested_context("1.2.840.10008.1.1")
+first = ae.associate("127.0.0.1", port, ae_title=called, tls_args=(ctx, "localhost"))
+second = ae.associate("127.0.0.1", port, ae_title=called, tls_args=(ctx, "localhost"))
+print("FIRST", first.is_established, "SECOND", second.is_established, second.is_rejected)
+first.release()
+"#;
+
+/// Beyond the limit, a TLS caller gets the A-ASSOCIATE-RJ too (over TLS: the handshake is made
+/// to tell it so).
+#[tokio::test]
+async fn limit_rejection_is_sent_over_tls() {
+    let pki = Pki::new();
+    let (cert, key) = (pki.p("server.crt"), pki.p("server.key"));
+    let h = Harness::start_with(&[
+        ("BIDSFLUX_DICOM_TLS_CERT_FILE", cert.as_str()),
+        ("BIDSFLUX_DICOM_TLS_KEY_FILE", key.as_str()),
+        ("BIDSFLUX_MAX_ASSOCIATIONS", "1"),
+    ])
+    .await;
+    let out = common::python(TWO_TLS_ASSOCIATIONS, &[&h.port.to_string(), AE, &pki.p("ca.crt")]).await;
+    assert!(out.contains("FIRST True SECOND False True"), "{out}");
+    assert!(out.to_lowercase().contains("local limit exceeded"), "{out}");
+    h.stop().await;
+}
