@@ -87,7 +87,34 @@ fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
         let header = bytes
             .get(at..at + 8)
             .ok_or_else(|| CommandError::Parse(format!("truncated element header at byte {at}")))?;
+        let group = u16::from_le_bytes([header[0], header[1]]);
+        if group != 0x0000 {
+            // A command set is group 0000 only (PS3.7 §6.3). Anything else could be looked up as a
+            // sequence by the parser, with nested lengths this walk does not see.
+            return Err(CommandError::Parse(format!("element of group {group:04X} at byte {at} in a command set")));
+        }
+        let element = u16::from_le_bytes([header[2], header[3]]);
         let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        // Only the command elements of PS3.7 table E.1-1, binary ones with their exact size: the
+        // parser misbehaves badly (seconds of CPU, gigabytes of memory) on a UL or US value of
+        // another length, and retired elements such as (0000,0001) are binary too.
+        let size = match element {
+            0x0000 => Some(4),
+            0x0100 | 0x0110 | 0x0120 | 0x0700 | 0x0800 | 0x0900 | 0x0903 | 0x1002 | 0x1008 | 0x1020 | 0x1021
+            | 0x1022 | 0x1023 | 0x1031 => Some(2),
+            0x0002 | 0x0003 | 0x0600 | 0x0902 | 0x1000 | 0x1001 | 0x1030 => None,
+            0x0901 | 0x1005 if len % 4 == 0 => None,
+            _ => {
+                return Err(CommandError::Parse(format!(
+                    "element (0000,{element:04X}) with length {len} is not a command element"
+                )));
+            }
+        };
+        if let Some(size) = size
+            && len != size
+        {
+            return Err(CommandError::Parse(format!("element (0000,{element:04X}) has length {len}, not {size}")));
+        }
         if len == u32::MAX {
             return Err(CommandError::Parse(format!("undefined length at byte {at} (not allowed in a command set)")));
         }
@@ -183,6 +210,14 @@ mod length_tests {
         let undefined = [0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(parse_command(&undefined), Err(CommandError::Parse(_))));
         assert!(matches!(parse_command(&[0u8, 0, 0]), Err(CommandError::Parse(_))));
+        // CommandGroupLength (UL) of 26 bytes made the parser spin for seconds and gigabytes.
+        let mut odd = vec![0u8, 0, 0, 0, 26, 0, 0, 0];
+        odd.extend(b"1.2.".iter().chain([0u8; 22].iter()));
+        assert!(matches!(parse_command(&odd), Err(CommandError::Parse(_))));
+        let retired = [0u8, 0, 1, 0, 2, 0, 0, 0, 1, 0x20];
+        assert!(matches!(parse_command(&retired), Err(CommandError::Parse(_))));
+        let other_group = [0x10u8, 0, 2, 0, 0, 0, 0, 0];
+        assert!(matches!(parse_command(&other_group), Err(CommandError::Parse(_))));
     }
 }
 

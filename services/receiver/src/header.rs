@@ -84,6 +84,18 @@ struct Walker<'a> {
     complete: bool,
 }
 
+/// An element header.
+struct Head {
+    group: u16,
+    element: u16,
+    /// Bytes of the header itself.
+    size: usize,
+    /// Declared value length, `None` when undefined.
+    len: Option<u32>,
+    /// Explicit VR, when the encoding has one.
+    vr: Option<[u8; 2]>,
+}
+
 impl Walker<'_> {
     fn u16_at(&self, at: usize) -> Option<u16> {
         let b = self.bytes.get(at..at + 2)?;
@@ -109,76 +121,133 @@ impl Walker<'_> {
         }
     }
 
-    /// Reads an element header at `at`: (group, element, header size, length or None if undefined).
-    fn element(&self, at: usize) -> Result<(u16, u16, usize, Option<u32>), HeaderError> {
+    fn head(&self, at: usize) -> Result<Head, HeaderError> {
         let group = self.u16_at(at).ok_or_else(|| self.short(at))?;
         let element = self.u16_at(at + 2).ok_or_else(|| self.short(at))?;
-        let (hdr, len) = if group == 0xFFFE || self.enc == Encoding::ImplicitLe {
-            (8, self.u32_at(at + 4).ok_or_else(|| self.short(at))?)
+        let (size, len, vr) = if group == 0xFFFE || self.enc == Encoding::ImplicitLe {
+            (8, self.u32_at(at + 4).ok_or_else(|| self.short(at))?, None)
         } else {
             let vr = self.bytes.get(at + 4..at + 6).ok_or_else(|| self.short(at))?;
-            match vr {
+            let vr = [vr[0], vr[1]];
+            match &vr {
                 b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT"
-                | b"UV" => (12, self.u32_at(at + 8).ok_or_else(|| self.short(at))?),
+                | b"UV" => (12, self.u32_at(at + 8).ok_or_else(|| self.short(at))?, Some(vr)),
                 _ if vr.iter().all(u8::is_ascii_uppercase) => {
-                    (8, u32::from(self.u16_at(at + 6).ok_or_else(|| self.short(at))?))
+                    (8, u32::from(self.u16_at(at + 6).ok_or_else(|| self.short(at))?), Some(vr))
                 }
                 _ => return Err(HeaderError::Malformed { at, why: "invalid VR" }),
             }
         };
-        Ok((group, element, hdr, (len != u32::MAX).then_some(len)))
+        Ok(Head { group, element, size, len: (len != u32::MAX).then_some(len), vr })
     }
 
-    /// Skips a value of defined length starting at `at`, checking it is there.
-    fn skip(&self, at: usize, len: u32, tag: (u16, u16), start: usize) -> Result<usize, HeaderError> {
-        let end = at + len as usize;
-        if end > self.bytes.len() {
-            if !self.complete && self.bytes.len() >= MAX_HEADER {
+    /// End of a value of `len` bytes at `at`, which must lie within `bound`.
+    fn end_of(&self, at: usize, len: u32, bound: usize, h: &Head, start: usize) -> Result<usize, HeaderError> {
+        let end = at.saturating_add(len as usize);
+        if end > bound {
+            if !self.complete && bound == self.bytes.len() {
                 return Err(HeaderError::TooLarge);
             }
-            return Err(HeaderError::Overrun { group: tag.0, element: tag.1, at: start, len: u64::from(len) });
+            return Err(HeaderError::Overrun { group: h.group, element: h.element, at: start, len: u64::from(len) });
         }
         Ok(end)
     }
 
-    /// Walks the items of an undefined-length sequence whose first item starts at `at`;
-    /// returns the offset after its sequence delimiter.
-    fn sequence(&self, mut at: usize, depth: usize) -> Result<usize, HeaderError> {
+    /// Whether the value at `at` (of an element without a sequence VR) is read as a sequence
+    /// anyway: in implicit VR the parser decides by dictionary, so any value that starts with
+    /// an item tag is walked as one.
+    fn looks_like_items(&self, at: usize) -> bool {
+        self.u16_at(at) == Some(0xFFFE) && self.u16_at(at + 2) == Some(0xE000)
+    }
+
+    /// Walks the value of element `h` at `at` (its header ends there) within `bound`.
+    fn value(&self, at: usize, h: &Head, bound: usize, start: usize, depth: usize) -> Result<usize, HeaderError> {
         if depth > MAX_DEPTH {
             return Err(HeaderError::Malformed { at, why: "sequences nested too deep" });
         }
-        loop {
-            let (group, element, hdr, len) = self.element(at)?;
-            match (group, element, len) {
-                (0xFFFE, 0xE0DD, _) => return Ok(at + hdr),
-                (0xFFFE, 0xE000, Some(len)) => at = self.skip(at + hdr, len, (group, element), at)?,
-                (0xFFFE, 0xE000, None) => at = self.elements(at + hdr, depth + 1, true)?,
-                _ => return Err(HeaderError::Malformed { at, why: "expected an item in a sequence" }),
+        let seq_vr = h.vr == Some(*b"SQ");
+        match h.len {
+            None => {
+                // Undefined length: a sequence (or UN holding one, encoded implicit VR LE).
+                if h.vr == Some(*b"UN") {
+                    let inner = Walker { bytes: self.bytes, enc: Encoding::ImplicitLe, complete: self.complete };
+                    return inner.items(at, None, bound, depth + 1);
+                }
+                self.items(at, None, bound, depth + 1)
+            }
+            Some(len) => {
+                // Binary values must be whole numbers of values: the parser misbehaves badly on
+                // a UL of 26 bytes (found by fuzzing the command-set path).
+                let unit = match h.vr.as_ref() {
+                    Some(b"US" | b"SS" | b"OW") => 2,
+                    Some(b"UL" | b"SL" | b"FL" | b"AT" | b"OF" | b"OL") => 4,
+                    Some(b"FD" | b"SV" | b"UV" | b"OD" | b"OV") => 8,
+                    _ => 1,
+                };
+                if len % unit != 0 {
+                    return Err(HeaderError::Malformed {
+                        at: start,
+                        why: "binary value length is not a whole number of values",
+                    });
+                }
+                let end = self.end_of(at, len, bound, h, start)?;
+                if seq_vr || (h.vr.is_none() && self.looks_like_items(at)) {
+                    self.items(at, Some(end), end, depth + 1)?;
+                }
+                Ok(end)
             }
         }
     }
 
-    /// Walks elements from `at`. In an item (`in_item`) until its delimiter; at the top level
-    /// until the first tag at or after [`STOP`] or the end. Returns the end offset.
-    fn elements(&self, mut at: usize, depth: usize, in_item: bool) -> Result<usize, HeaderError> {
+    /// Walks the items of a sequence from `at`: up to `end` when the sequence has a defined
+    /// length, else up to its delimiter. Returns the offset after the sequence.
+    fn items(&self, mut at: usize, end: Option<usize>, bound: usize, depth: usize) -> Result<usize, HeaderError> {
         loop {
-            if !in_item && at >= self.bytes.len() {
+            if let Some(end) = end
+                && at >= end
+            {
+                return Ok(end);
+            }
+            let start = at;
+            let h = self.head(at)?;
+            at += h.size;
+            match (h.group, h.element, h.len) {
+                (0xFFFE, 0xE0DD, _) if end.is_none() => return Ok(at),
+                (0xFFFE, 0xE000, Some(len)) => {
+                    let item_end = self.end_of(at, len, end.unwrap_or(bound), &h, start)?;
+                    at = self.elements(at, Some(item_end), item_end, depth + 1)?;
+                }
+                (0xFFFE, 0xE000, None) => at = self.elements(at, None, end.unwrap_or(bound), depth + 1)?,
+                _ => return Err(HeaderError::Malformed { at: start, why: "expected an item in a sequence" }),
+            }
+        }
+    }
+
+    /// Walks elements from `at`: in an item up to `end` (defined length) or its delimiter;
+    /// at the top level (`depth` 0) until the first tag at or after [`STOP`] or the end.
+    fn elements(&self, mut at: usize, end: Option<usize>, bound: usize, depth: usize) -> Result<usize, HeaderError> {
+        let top = depth == 0;
+        loop {
+            if let Some(end) = end
+                && at >= end
+            {
+                return Ok(end);
+            }
+            if top && at >= self.bytes.len() {
                 return if self.complete { Ok(at) } else { Err(HeaderError::TooLarge) };
             }
-            let (group, element, hdr, len) = self.element(at)?;
-            if in_item && (group, element) == (0xFFFE, 0xE00D) {
-                return Ok(at + hdr);
+            let start = at;
+            let h = self.head(at)?;
+            if !top && end.is_none() && (h.group, h.element) == (0xFFFE, 0xE00D) {
+                return Ok(at + h.size);
             }
-            if group == 0xFFFE {
+            if h.group == 0xFFFE {
                 return Err(HeaderError::Malformed { at, why: "stray item or delimiter" });
             }
-            if !in_item && (group, element) >= STOP {
+            if top && (h.group, h.element) >= STOP {
                 return Ok(at);
             }
-            at = match len {
-                Some(len) => self.skip(at + hdr, len, (group, element), at)?,
-                None => self.sequence(at + hdr, depth + 1)?,
-            };
+            at = self.value(at + h.size, &h, bound, start, depth)?;
         }
     }
 }
@@ -187,7 +256,7 @@ impl Walker<'_> {
 ///
 /// `complete` says whether `dataset` is the whole data set (else a prefix of it).
 pub fn header_len(dataset: &[u8], enc: Encoding, complete: bool) -> Result<usize, HeaderError> {
-    Walker { bytes: dataset, enc, complete }.elements(0, 0, false)
+    Walker { bytes: dataset, enc, complete }.elements(0, None, dataset.len(), 0)
 }
 
 /// Inflates at most [`MAX_HEADER`] bytes of a deflated data set. Returns the bytes and
@@ -240,6 +309,18 @@ mod tests {
         ds.extend([0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0]);
         ds.extend(el(0x0020, 0x000D, b"UI", b"1.3\0"));
         assert_eq!(header_len(&ds, Encoding::ExplicitLe, true).unwrap(), ds.len());
+        // A defined-length sequence whose item hides a huge length is refused too.
+        let mut nested = vec![0x08, 0x00, 0x40, 0x11, b'S', b'Q', 0, 0];
+        nested.extend(16u32.to_le_bytes());
+        nested.extend([0xfe, 0xff, 0x00, 0xe0, 8, 0, 0, 0]);
+        nested.extend([0x08, 0x00, 0x55, 0x11, b'U', b'I', 0xff, 0xff]);
+        assert!(matches!(header_len(&nested, Encoding::ExplicitLe, true), Err(HeaderError::Overrun { .. })));
+        // Implicit VR: a value that starts with an item is walked as a sequence.
+        let mut implicit = vec![0x08, 0x00, 0x40, 0x11];
+        implicit.extend(16u32.to_le_bytes());
+        implicit.extend([0xfe, 0xff, 0x00, 0xe0, 8, 0, 0, 0]);
+        implicit.extend([0x08, 0x00, 0x55, 0x11, 0, 0, 0, 0xd4]);
+        assert!(matches!(header_len(&implicit, Encoding::ImplicitLe, true), Err(HeaderError::Overrun { .. })));
         // Unterminated: refused.
         let cut = &ds[..20];
         assert!(header_len(cut, Encoding::ExplicitLe, true).is_err());
