@@ -144,7 +144,7 @@ receiver() {
     NATS_URL=nats://127.0.0.1:$nats_port "$TARGET/bidsflux-provisioner" >>"$LOGFILE" 2>&1 ||
         die "provisioner failed (see $LOGFILE)"
     NATS_URL=nats://127.0.0.1:$nats_port BIDSFLUX_SPOOL_DIR=$d/spool BIDSFLUX_DICOM_BIND=127.0.0.1:$port \
-        BIDSFLUX_AE_TITLE=BIDSFLUX BIDSFLUX_DICOM_ACCEPT_ANY=true \
+        BIDSFLUX_AE_TITLE=BIDSFLUX BIDSFLUX_DICOM_ACCEPT_ANY=true BIDSFLUX_RECEIVER_HTTP_BIND=127.0.0.1:0 \
         spawn "$bin"
     wait_echo "$port" BIDSFLUX
     secs=$(send "$port" BIDSFLUX)

@@ -6,6 +6,7 @@
 //! | StudyCompleted | `bidsflux.v1.study.completed` | `BIDSFLUX_V1_STUDIES` | `uploader` |
 //! | ArchiveStored | `bidsflux.v1.archive.stored` | `BIDSFLUX_V1_ARCHIVES` | `indexer` (work queue shared by replicas) |
 //! | StudyIndexed | `bidsflux.v1.study.indexed` | `BIDSFLUX_V1_INDEXED` | — |
+//! | InstanceConflict | `bidsflux.v1.instance.conflict` | `BIDSFLUX_V1_CONFLICTS` | — (operators) |
 //! | DeadLetter | `bidsflux.v1.deadletter.<service>` | `BIDSFLUX_V1_DEADLETTER` | — (operators) |
 
 /// Prefix of every subject.
@@ -13,6 +14,8 @@ pub const PREFIX: &str = "bidsflux.v1";
 
 /// An instance is durably in the spool.
 pub const INSTANCE_STORED: &str = "bidsflux.v1.instance.stored";
+/// A different data set with an already spooled SOP Instance UID arrived; both are kept.
+pub const INSTANCE_CONFLICT: &str = "bidsflux.v1.instance.conflict";
 /// A study (or amendment) is complete.
 pub const STUDY_COMPLETED: &str = "bidsflux.v1.study.completed";
 /// A study archive is stored and verified in S3.
@@ -29,6 +32,8 @@ pub fn deadletter(service: &str) -> String {
 
 /// Stream of `InstanceStored`.
 pub const STREAM_INSTANCES: &str = "BIDSFLUX_V1_INSTANCES";
+/// Stream of `InstanceConflict` (kept without age limit, for operators).
+pub const STREAM_CONFLICTS: &str = "BIDSFLUX_V1_CONFLICTS";
 /// Stream of `StudyCompleted`.
 pub const STREAM_STUDIES: &str = "BIDSFLUX_V1_STUDIES";
 /// Stream of `ArchiveStored`.
@@ -56,6 +61,12 @@ pub fn instance_msg_id(sop_instance_uid: &str, dataset_sha256: &str) -> String {
     format!("instance:{sop_instance_uid}:{dataset_sha256}")
 }
 
+/// The de-duplication id of an `InstanceConflict` event (the newcomer's data set hash: the same
+/// conflicting data set sent again is one conflict).
+pub fn conflict_msg_id(sop_instance_uid: &str, conflict_dataset_sha256: &str) -> String {
+    format!("conflict:{sop_instance_uid}:{conflict_dataset_sha256}")
+}
+
 /// The de-duplication id of a `StudyCompleted` event.
 pub fn completed_msg_id(study_instance_uid: &str, generation: u32) -> String {
     format!("completed:{study_instance_uid}:{generation}")
@@ -77,13 +88,17 @@ mod tests {
 
     #[test]
     fn every_name_is_versioned() {
-        for s in [INSTANCE_STORED, STUDY_COMPLETED, ARCHIVE_STORED, STUDY_INDEXED, DEADLETTER_PREFIX] {
+        for s in [INSTANCE_STORED, INSTANCE_CONFLICT, STUDY_COMPLETED, ARCHIVE_STORED, STUDY_INDEXED, DEADLETTER_PREFIX]
+        {
             assert!(s.starts_with("bidsflux.v1."), "{s}");
         }
         assert_eq!(deadletter("uploader"), "bidsflux.v1.deadletter.uploader");
-        for s in [STREAM_INSTANCES, STREAM_STUDIES, STREAM_ARCHIVES, STREAM_INDEXED, STREAM_DEADLETTER] {
+        for s in
+            [STREAM_INSTANCES, STREAM_CONFLICTS, STREAM_STUDIES, STREAM_ARCHIVES, STREAM_INDEXED, STREAM_DEADLETTER]
+        {
             assert!(s.starts_with("BIDSFLUX_V1_"), "{s}");
         }
+        assert_eq!(conflict_msg_id("1.2", "ab"), "conflict:1.2:ab");
         assert!(KV_STUDIES.starts_with("bidsflux_v1_"));
         assert!(OBJ_MANIFESTS.starts_with("bidsflux_v1_"));
     }

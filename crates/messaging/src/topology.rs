@@ -82,6 +82,7 @@ pub fn streams() -> Vec<stream::Config> {
     };
     vec![
         ev(s::STREAM_INSTANCES, s::INSTANCE_STORED, EVENT_MAX_AGE),
+        ev(s::STREAM_CONFLICTS, s::INSTANCE_CONFLICT, Duration::ZERO),
         ev(s::STREAM_STUDIES, s::STUDY_COMPLETED, EVENT_MAX_AGE),
         ev(s::STREAM_ARCHIVES, s::ARCHIVE_STORED, EVENT_MAX_AGE),
         ev(s::STREAM_INDEXED, s::STUDY_INDEXED, EVENT_MAX_AGE),

@@ -16,6 +16,7 @@ async fn declares_idempotently_and_services_see_it() {
         Requirement::Consumer { stream: s::STREAM_INSTANCES, name: s::CONSUMER_STUDY_COMPLETION },
         Requirement::KeyValue(s::KV_STUDIES),
         Requirement::Stream(s::STREAM_DEADLETTER),
+        Requirement::Stream(s::STREAM_CONFLICTS),
     ];
     let err = bus.require(&needs).await.unwrap_err();
     assert!(matches!(err, TopologyError::Missing { .. }), "{err}");

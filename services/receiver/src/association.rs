@@ -24,6 +24,7 @@ use crate::Config;
 use crate::access::{Gate, Policy};
 use crate::conformance;
 use crate::dimse::{self, Command, Response};
+use crate::metrics::{Metrics, RejectReason};
 use crate::store::{IncomingStore, StoreContext, StoreRequest};
 
 /// Negotiation options of the service (the gate is set per connection: it needs the peer's address).
@@ -89,12 +90,14 @@ pub async fn serve(
         called_ae = tracing::field::Empty
     );
     async move {
+        let _active = ctx.metrics.association_opened();
         let options = acceptor.options_for(peer.ip());
+        let (timeout, metrics) = (acceptor.timeout, &*ctx.metrics);
         if acceptor.tls.is_some() {
-            if let Some(assoc) = establish(options.establish_tls_async(socket), acceptor.timeout, &abort).await {
+            if let Some(assoc) = establish(options.establish_tls_async(socket), timeout, metrics, &abort).await {
                 dimse_loop(assoc, &ctx, &abort).await;
             }
-        } else if let Some(assoc) = establish(options.establish_async(socket), acceptor.timeout, &abort).await {
+        } else if let Some(assoc) = establish(options.establish_async(socket), timeout, metrics, &abort).await {
             dimse_loop(assoc, &ctx, &abort).await;
         }
     }
@@ -106,6 +109,7 @@ pub async fn serve(
 async fn establish<S>(
     negotiation: impl Future<Output = Result<AsyncServerAssociation<S>, UlError>>,
     timeout: Duration,
+    metrics: &Metrics,
     abort: &CancellationToken,
 ) -> Option<AsyncServerAssociation<S>> {
     let established = tokio::select! {
@@ -117,19 +121,28 @@ async fn establish<S>(
         Ok(Err(UlError::Rejected { association_rj, .. })) => {
             match association_rj.source {
                 // Logged with the AE titles by the gate.
-                AssociationRJSource::ServiceUser(
-                    AssociationRJServiceUserReason::CallingAETitleNotRecognized
-                    | AssociationRJServiceUserReason::CalledAETitleNotRecognized,
-                ) => debug!(reason = %association_rj.source, "association rejected"),
-                reason => warn!(reason = %reason, "association rejected"),
+                AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CallingAETitleNotRecognized) => {
+                    metrics.reject(RejectReason::CallingAe);
+                    debug!(reason = %association_rj.source, "association rejected");
+                }
+                AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized) => {
+                    metrics.reject(RejectReason::CalledAe);
+                    debug!(reason = %association_rj.source, "association rejected");
+                }
+                reason => {
+                    metrics.reject(RejectReason::Negotiation);
+                    warn!(reason = %reason, "association rejected");
+                }
             }
             None
         }
         Ok(Err(e)) => {
+            metrics.reject(RejectReason::Negotiation);
             warn!(error = %chain(e), "association negotiation failed");
             None
         }
         Err(_) => {
+            metrics.reject(RejectReason::Negotiation);
             warn!(timeout = ?timeout, "association negotiation timed out");
             None
         }

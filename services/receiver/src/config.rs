@@ -54,6 +54,36 @@ pub struct Config {
     /// DICOM TLS (`BIDSFLUX_DICOM_TLS_CERT_FILE` + `BIDSFLUX_DICOM_TLS_KEY_FILE`, optionally
     /// `BIDSFLUX_DICOM_TLS_CLIENT_CA_FILE` for mutual TLS); `None`: plain TCP.
     pub tls: Option<TlsSettings>,
+    /// Free space the spool's file system must keep (`BIDSFLUX_SPOOL_MIN_FREE`, default 2 GiB;
+    /// bytes, or with a `KiB`/`MiB`/`GiB`/`TiB` suffix). Below it, stores are refused with 0xA700
+    /// (out of resources) before the disk is exhausted, so that the spool, the journal of the file
+    /// system and the services sharing the disk keep room.
+    pub spool_min_free: u64,
+    /// Address of the HTTP listener for `/healthz` and `/metrics` (`BIDSFLUX_RECEIVER_HTTP_BIND`,
+    /// default `0.0.0.0:9464`; `off` disables it).
+    pub http_bind: Option<SocketAddr>,
+}
+
+/// Variable of the spool free-space threshold.
+pub const SPOOL_MIN_FREE_VAR: &str = "BIDSFLUX_SPOOL_MIN_FREE";
+/// Variable of the HTTP (health, metrics) listener address.
+pub const HTTP_BIND_VAR: &str = "BIDSFLUX_RECEIVER_HTTP_BIND";
+
+/// Parses a size: bytes, optionally followed by `B`, `KiB`, `MiB`, `GiB` or `TiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 2GiB, 500MiB, 1048576)"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Variable of the inline allow-list.
@@ -120,6 +150,15 @@ impl Config {
         }
         let access = access_policy(env, &ae_title)?;
         let tls = TlsSettings::from_env(env)?;
+        let spool_min_free = match env.get(SPOOL_MIN_FREE_VAR) {
+            Some(text) => parse_size(text).map_err(|e| ConfigError::invalid(SPOOL_MIN_FREE_VAR, e))?,
+            None => 2 << 30,
+        };
+        let http_bind = match env.get(HTTP_BIND_VAR).map(str::trim) {
+            Some("off") => None,
+            Some(_) => Some(env.parse_or(HTTP_BIND_VAR, SocketAddr::from(([0, 0, 0, 0], 9464)))?),
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
+        };
         Ok(Self {
             nats_url: env.get_or("NATS_URL", "nats://127.0.0.1:4222").to_owned(),
             spool_dir: env.path_or("BIDSFLUX_SPOOL_DIR", "/var/lib/bidsflux/spool"),
@@ -131,6 +170,8 @@ impl Config {
             shutdown_grace: env.duration_or("BIDSFLUX_SHUTDOWN_GRACE", Duration::from_secs(10))?,
             access,
             tls,
+            spool_min_free,
+            http_bind,
         })
     }
 }
@@ -153,6 +194,22 @@ mod tests {
         assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(c.access, Policy::AcceptAny { our_ae: "BIDSFLUX".into() });
         assert!(c.tls.is_none());
+        assert_eq!(c.spool_min_free, 2 << 30);
+        assert_eq!(c.http_bind, Some(SocketAddr::from(([0, 0, 0, 0], 9464))));
+        let c = Config::from_env(&dev().with(SPOOL_MIN_FREE_VAR, "500MiB").with(HTTP_BIND_VAR, "off")).unwrap();
+        assert_eq!(c.spool_min_free, 500 << 20);
+        assert_eq!(c.http_bind, None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("3 KiB"), Ok(3 << 10));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("2GB").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
     }
 
     #[test]
@@ -200,6 +257,8 @@ mod tests {
             (ALLOWLIST_FILE_VAR, "/nonexistent/allow-list"),
             (ACCEPT_ANY_VAR, "maybe"),
             ("BIDSFLUX_DICOM_TLS_CERT_FILE", "/nonexistent/cert.pem"),
+            (SPOOL_MIN_FREE_VAR, "lots"),
+            (HTTP_BIND_VAR, "localhost"),
         ] {
             let e = Config::from_env(&dev().with(var, value)).unwrap_err().to_string();
             assert!(e.contains(var), "{var}={value}: {e}");

@@ -12,7 +12,9 @@
 //! - [`association`]: negotiation and the DIMSE loop of one association;
 //! - [`dimse`]: command sets;
 //! - [`store`]: one C-STORE, from fragments to the published event;
-//! - [`spool`]: temp files, the spool layout, atomic placement.
+//! - [`spool`]: temp files, the spool layout, atomic placement;
+//! - [`space`]: refuses stores while the spool's disk is nearly full;
+//! - [`metrics`], [`http`]: Prometheus metrics, `/metrics` and `/healthz`.
 //!
 //! Patient values never reach logs, spans or error messages: only UIDs,
 //! sizes, AE titles and peer addresses do.
@@ -23,7 +25,10 @@ pub mod config;
 pub mod conformance;
 pub mod dimse;
 pub mod header;
+pub mod http;
+pub mod metrics;
 mod sop_classes;
+pub mod space;
 pub mod spool;
 pub mod store;
 pub mod tls;
@@ -43,17 +48,41 @@ use tracing::{error, info, warn};
 pub use config::Config;
 
 use crate::access::Policy;
+use crate::metrics::{Metrics, RejectReason};
+use crate::space::SpaceGuard;
 use crate::spool::Spool;
 use crate::store::StoreContext;
 
 /// What must exist on the bus before the receiver starts.
-pub const REQUIRES: &[Requirement] = &[Requirement::Stream(subjects::STREAM_INSTANCES)];
+pub const REQUIRES: &[Requirement] =
+    &[Requirement::Stream(subjects::STREAM_INSTANCES), Requirement::Stream(subjects::STREAM_CONFLICTS)];
 
 /// Connections beyond `BIDSFLUX_MAX_ASSOCIATIONS` answered with an A-ASSOCIATE-RJ at once;
 /// past this many more, they are closed without an answer (a flood must not cost tasks).
 const MAX_REJECTING: usize = 16;
 
-/// Serves DICOM associations on `listener` until `shutdown` is cancelled.
+/// The sockets the receiver serves.
+#[derive(Debug)]
+pub struct Listeners {
+    /// DICOM associations.
+    pub dicom: TcpListener,
+    /// `/healthz` and `/metrics`; `None`: not served.
+    pub http: Option<TcpListener>,
+}
+
+/// Binds [`Config::http_bind`] (if set) and calls [`run_with`].
+pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http = match config.http_bind {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("bind {} {addr}", config::HTTP_BIND_VAR))?)
+        }
+        None => None,
+    };
+    run_with(config, Listeners { dicom: listener, http }, bus, shutdown).await
+}
+
+/// Serves DICOM associations on `listeners.dicom` (and health and metrics on
+/// `listeners.http`) until `shutdown` is cancelled.
 ///
 /// At most [`Config::max_associations`] are served at once; a connection beyond that is
 /// rejected (A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded), not left waiting.
@@ -61,11 +90,35 @@ const MAX_REJECTING: usize = 16;
 /// Then it stops accepting, lets open associations go on for
 /// [`Config::shutdown_grace`], aborts those still open (a store being
 /// acknowledged still finishes) and returns.
-pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    bus: Bus,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Listeners { dicom: listener, http } = listeners;
     let spool = Spool::open(&config.spool_dir)
         .await
         .with_context(|| format!("prepare spool directory {}", config.spool_dir.display()))?;
-    let ctx = Arc::new(StoreContext { spool, bus });
+    let metrics = Arc::new(Metrics::default());
+    let space = SpaceGuard::new(config.spool_dir.clone(), config.spool_min_free, metrics.clone());
+    let free = space.free();
+    if space.check().is_err() {
+        warn!(
+            free_bytes = free,
+            min_free_bytes = config.spool_min_free,
+            "the spool starts below its free-space threshold"
+        );
+    }
+    let http_stop = CancellationToken::new();
+    let http_task = http.map(|http| {
+        if let Ok(addr) = http.local_addr() {
+            info!(addr = %addr, "health and metrics listening");
+        }
+        let health = http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
+        tokio::spawn(http::serve(http, health, http_stop.clone()))
+    });
+    let ctx = Arc::new(StoreContext { spool, bus, space, metrics: metrics.clone() });
     let acceptor = Arc::new(association::Acceptor::new(&config));
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
@@ -113,13 +166,17 @@ pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: Canc
             }
             Err(_) => match rejecting.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    metrics.reject(RejectReason::Limit);
                     let fut = association::reject_busy(acceptor.clone(), socket, peer);
                     tracker.spawn(async move {
                         fut.await;
                         drop(permit);
                     });
                 }
-                Err(_) => warn!(peer = %peer, "too many associations and rejections at once, connection closed"),
+                Err(_) => {
+                    metrics.reject(RejectReason::Limit);
+                    warn!(peer = %peer, "too many associations and rejections at once, connection closed");
+                }
             },
         }
     }
@@ -131,6 +188,12 @@ pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: Canc
     if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
         abort.cancel();
         tracker.wait().await;
+    }
+    http_stop.cancel();
+    if let Some(task) = http_task
+        && let Err(e) = task.await
+    {
+        warn!(error = %e, "http listener task failed");
     }
     info!("receiver stopped");
     Ok(())

@@ -112,25 +112,33 @@ impl Spool {
         let name = format!("{}.dcm", ids.sop.as_str());
         let relative = |file: &str| format!("{}/{}/{}", ids.study, ids.series, file);
         let mut placement = Placement::New;
+        let mut existing = None;
         let mut file_name = name.clone();
         loop {
             let target = series_dir.join(&file_name);
             match fs::hard_link(part.path(), &target) {
                 Ok(()) => {
-                    return Ok(Placed { relative_path: relative(&file_name), file_size: part.file_size, placement });
+                    return Ok(Placed {
+                        relative_path: relative(&file_name),
+                        file_size: part.file_size,
+                        placement,
+                        existing,
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    if dataset_sha256_of_file(&target)? == part.dataset_sha256 {
+                    let sha256 = dataset_sha256_of_file(&target)?;
+                    if sha256 == part.dataset_sha256 {
                         let file_size = fs::metadata(&target)?.len();
                         let placement =
                             if placement == Placement::New { Placement::Duplicate } else { Placement::Conflict };
-                        return Ok(Placed { relative_path: relative(&file_name), file_size, placement });
+                        return Ok(Placed { relative_path: relative(&file_name), file_size, placement, existing });
                     }
                     if placement == Placement::Conflict {
                         // Two different data sets whose hashes share 64 bits: do not guess.
                         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "conflict file name already taken"));
                     }
                     placement = Placement::Conflict;
+                    existing = Some(Existing { relative_path: relative(&file_name), dataset_sha256: sha256 });
                     file_name = format!("{name}.conflict-{}", &part.dataset_sha256[..16]);
                 }
                 Err(e) => return Err(e),
@@ -329,6 +337,17 @@ pub struct Placed {
     pub file_size: u64,
     /// How it got there.
     pub placement: Placement,
+    /// For a [`Placement::Conflict`]: the file that had the name first.
+    pub existing: Option<Existing>,
+}
+
+/// The file spooled first under a conflicting SOP Instance UID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Existing {
+    /// Path relative to the spool root.
+    pub relative_path: String,
+    /// SHA-256 (lowercase hex) of its data set.
+    pub dataset_sha256: String,
 }
 
 /// `parent/name`, created if missing (made durable by the next [`Spool::sync`]).
@@ -469,6 +488,11 @@ mod tests {
         assert_eq!(placed.placement, Placement::Conflict);
         let expected = format!("1.2.3/1.2.3.4/1.2.3.4.5.dcm.conflict-{}", &other.dataset_sha256[..16]);
         assert_eq!(placed.relative_path, expected);
+        let first = Existing {
+            relative_path: "1.2.3/1.2.3.4/1.2.3.4.5.dcm".into(),
+            dataset_sha256: hex::encode(Sha256::digest(b"first data set")),
+        };
+        assert_eq!(placed.existing.as_ref(), Some(&first));
         // The original is untouched.
         let original = dataset_sha256_of_file(&dir.path().join("1.2.3/1.2.3.4/1.2.3.4.5.dcm")).unwrap();
         assert_eq!(original, hex::encode(Sha256::digest(b"first data set")));
@@ -477,5 +501,6 @@ mod tests {
         let placed = spool.place(&other_again, &ids).unwrap();
         assert_eq!(placed.placement, Placement::Conflict);
         assert_eq!(placed.relative_path, expected);
+        assert_eq!(placed.existing, Some(first));
     }
 }

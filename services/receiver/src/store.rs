@@ -13,6 +13,8 @@
 //!   which JetStream de-duplicates.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, now_unix_ms, subjects};
@@ -26,6 +28,8 @@ use tracing::{Instrument as _, Span, error, info, info_span, warn};
 
 use crate::dimse::status;
 use crate::header;
+use crate::metrics::{Metrics, StoreResult};
+use crate::space::SpaceGuard;
 use crate::spool::{InstanceIds, PartFile, PartMeta, Placement, Spool};
 
 /// What every store of the service shares.
@@ -35,6 +39,10 @@ pub struct StoreContext {
     pub spool: Spool,
     /// Where events go.
     pub bus: Bus,
+    /// Refuses stores while the spool's disk is nearly full.
+    pub space: SpaceGuard,
+    /// Counters of stores (and, through the service, of associations).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a store failed, mapped to a DIMSE status.
@@ -44,19 +52,21 @@ pub enum Failure {
     OutOfResources(anyhow::Error),
     /// The data set is not usable: 0xC000.
     CannotUnderstand(anyhow::Error),
+    /// The spool's disk is below `BIDSFLUX_SPOOL_MIN_FREE`: 0xA700 (logged, rate-limited, by the guard).
+    NearlyFull(anyhow::Error),
 }
 
 impl Failure {
     fn status(&self) -> u16 {
         match self {
-            Self::OutOfResources(_) => status::OUT_OF_RESOURCES,
+            Self::OutOfResources(_) | Self::NearlyFull(_) => status::OUT_OF_RESOURCES,
             Self::CannotUnderstand(_) => status::CANNOT_UNDERSTAND,
         }
     }
 
     fn error(&self) -> &anyhow::Error {
         match self {
-            Self::OutOfResources(e) | Self::CannotUnderstand(e) => e,
+            Self::OutOfResources(e) | Self::CannotUnderstand(e) | Self::NearlyFull(e) => e,
         }
     }
 }
@@ -93,6 +103,8 @@ pub struct IncomingStore {
     sink: Result<PartFile, Failure>,
     span: Span,
     received_at_unix_ms: i64,
+    /// When the command arrived, for the latency histogram.
+    started: Instant,
 }
 
 impl IncomingStore {
@@ -113,6 +125,8 @@ impl IncomingStore {
                 .map_err(|e| Failure::CannotUnderstand(e.into()))?;
             Uid::parse("AffectedSOPInstanceUID", &request.sop_instance_uid)
                 .map_err(|e| Failure::CannotUnderstand(e.into()))?;
+            // Refused before any byte is written; the data set is then read and dropped.
+            ctx.space.check().map_err(|e| Failure::NearlyFull(e.into()))?;
             let meta = PartMeta {
                 sop_class_uid: &request.sop_class_uid,
                 sop_instance_uid: &request.sop_instance_uid,
@@ -123,7 +137,7 @@ impl IncomingStore {
         }
         .instrument(span.clone())
         .await;
-        Self { request, sink, span, received_at_unix_ms: now_unix_ms() }
+        Self { request, sink, span, received_at_unix_ms: now_unix_ms(), started: Instant::now() }
     }
 
     /// Appends a data set fragment (dropped if the store already failed).
@@ -138,15 +152,21 @@ impl IncomingStore {
 
     /// The last fragment arrived: finish, place, publish; returns the response status.
     pub async fn complete(self, ctx: &StoreContext) -> Outcome {
-        let Self { request, sink, span, received_at_unix_ms } = self;
+        let Self { request, sink, span, received_at_unix_ms, started } = self;
         async move {
             let result = match sink {
                 Ok(part) => finish(ctx, &request, part, received_at_unix_ms).await,
                 Err(failure) => Err(failure),
             };
             let outcome = match result {
-                Ok(placement) => {
+                Ok((placement, dataset_len)) => {
                     info!(?placement, "instance stored");
+                    let result = match placement {
+                        Placement::New => StoreResult::Stored,
+                        Placement::Duplicate => StoreResult::Duplicate,
+                        Placement::Conflict => StoreResult::Conflict,
+                    };
+                    ctx.metrics.store(result, dataset_len, started.elapsed());
                     Outcome { status: status::SUCCESS, comment: None }
                 }
                 Err(failure) => {
@@ -154,7 +174,9 @@ impl IncomingStore {
                     match &failure {
                         Failure::OutOfResources(_) => error!(error = %format!("{e:#}"), "failed to store instance"),
                         Failure::CannotUnderstand(_) => warn!(error = %format!("{e:#}"), "refused instance"),
+                        Failure::NearlyFull(_) => tracing::debug!("refused instance: spool disk nearly full"),
                     }
+                    ctx.metrics.store(StoreResult::Failed, 0, started.elapsed());
                     Outcome { status: failure.status(), comment: Some(format!("{e}")) }
                 }
             };
@@ -182,7 +204,7 @@ async fn finish(
     request: &StoreRequest,
     part: PartFile,
     received_at_unix_ms: i64,
-) -> Result<Placement, Failure> {
+) -> Result<(Placement, u64), Failure> {
     let mut part = part.finish().await.context("write spool temp file").map_err(Failure::OutOfResources)?;
     Span::current().record("size", part.dataset_len);
     let attrs = match part.bytes() {
@@ -206,6 +228,9 @@ async fn finish(
         )));
     }
     let ids = InstanceIds { study: attrs.study.clone(), series: attrs.series.clone(), sop: attrs.sop.clone() };
+    // Checked again before a name is given: a large instance may have taken a while to arrive.
+    // The temp file goes with `part` on this path.
+    ctx.space.check().map_err(|e| Failure::NearlyFull(e.into()))?;
     // The data must be durable before a spool name points at it: after a crash, a name always
     // means a complete file.
     ctx.spool.sync().await.context("sync spool temp file").map_err(Failure::OutOfResources)?;
@@ -221,8 +246,30 @@ async fn finish(
     // The name (or the identical file another store just placed) is durable before the event
     // announces it.
     ctx.spool.sync().await.context("sync spool placement").map_err(Failure::OutOfResources)?;
-    if placed.placement == Placement::Conflict {
-        warn!(spool_path = %placed.relative_path, "a different data set with this SOPInstanceUID is spooled, kept both");
+    if let Some(existing) = &placed.existing {
+        warn!(
+            spool_path = %placed.relative_path,
+            existing_spool_path = %existing.relative_path,
+            "a different data set with this SOPInstanceUID is spooled, kept both"
+        );
+        let conflict = pb::InstanceConflict {
+            study_instance_uid: attrs.study.to_string(),
+            series_instance_uid: attrs.series.to_string(),
+            sop_instance_uid: attrs.sop.to_string(),
+            existing_spool_path: existing.relative_path.clone(),
+            existing_dataset_sha256: existing.dataset_sha256.clone(),
+            conflict_spool_path: placed.relative_path.clone(),
+            conflict_dataset_sha256: part.dataset_sha256.clone(),
+            calling_ae_title: request.calling_ae_title.clone(),
+            received_at_unix_ms,
+        };
+        // Same conflicting bytes again, same id: JetStream keeps one event.
+        let msg_id = subjects::conflict_msg_id(&conflict.sop_instance_uid, &conflict.conflict_dataset_sha256);
+        ctx.bus
+            .publish(subjects::INSTANCE_CONFLICT, &conflict, Some(&msg_id))
+            .await
+            .context("publish InstanceConflict (the spool files are kept)")
+            .map_err(Failure::OutOfResources)?;
     }
     let event = pb::InstanceStored {
         study_instance_uid: attrs.study.to_string(),
@@ -240,6 +287,7 @@ async fn finish(
         series_description: attrs.series_description,
         series_number: attrs.series_number,
     };
+    let dataset_len = part.dataset_len;
     // The temp file goes now: the spool file (or the identical one already there) is durable.
     drop(part);
     let msg_id = subjects::instance_msg_id(&event.sop_instance_uid, &event.dataset_sha256);
@@ -248,7 +296,7 @@ async fn finish(
         .await
         .context("publish InstanceStored (the spool file is kept)")
         .map_err(Failure::OutOfResources)?;
-    Ok(placed.placement)
+    Ok((placed.placement, dataset_len))
 }
 
 /// Reads the header of a spooled Part 10 temp file: at most [`header::MAX_HEADER`] bytes of its

@@ -19,7 +19,14 @@ async fn stores_fail_while_nats_is_down_and_succeed_after_it_is_back() {
         generate_study(src.path(), &StudySpec { series: 1, instances_per_series: 2, ..Default::default() }).unwrap();
     let (first, second) = (&study.files[0], &study.files[1]);
 
+    assert_eq!(h.http_get("/healthz").await.0, 200);
     h.nats.stop().await.unwrap();
+    let probe = &h;
+    wait_until("/healthz to report the lost bus", Duration::from_secs(20), || async move {
+        (probe.http_get("/healthz").await.0 == 503).then_some(())
+    })
+    .await
+    .unwrap();
     let status = pynetdicom_store(h.port, first, None).await;
     assert_eq!(status, Some(0xA700), "a store without the bus must fail with out-of-resources");
     // The spool file is durable and kept; no temp file is left.

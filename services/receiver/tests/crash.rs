@@ -28,6 +28,7 @@ fn spawn_receiver(nats_url: &str, spool: &Path, port: u16, log: &Path) -> Child 
         .env("BIDSFLUX_DICOM_BIND", format!("127.0.0.1:{port}"))
         .env("BIDSFLUX_AE_TITLE", AE)
         .env("BIDSFLUX_DICOM_ACCEPT_ANY", "true")
+        .env("BIDSFLUX_RECEIVER_HTTP_BIND", "127.0.0.1:0")
         .env("BIDSFLUX_DICOM_TIMEOUT", "20s")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

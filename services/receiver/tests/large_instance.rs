@@ -237,6 +237,7 @@ impl Receiver {
             .env("BIDSFLUX_DICOM_BIND", format!("127.0.0.1:{port}"))
             .env("BIDSFLUX_AE_TITLE", AE)
             .env("BIDSFLUX_DICOM_ACCEPT_ANY", "true")
+            .env("BIDSFLUX_RECEIVER_HTTP_BIND", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())

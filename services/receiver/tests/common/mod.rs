@@ -10,7 +10,7 @@ use std::time::Duration;
 use bidsflux_config::Env;
 use bidsflux_messaging::{Bus, subjects, topology};
 use bidsflux_proto::v1 as pb;
-use bidsflux_receiver::{Config, run};
+use bidsflux_receiver::{Config, Listeners, run_with};
 use bidsflux_testsupport::NatsServer;
 use prost::Message as _;
 use tokio::task::JoinHandle;
@@ -31,6 +31,8 @@ pub struct Harness {
     pub bus: Bus,
     pub spool: tempfile::TempDir,
     pub port: u16,
+    /// Port of `/healthz` and `/metrics`.
+    pub http_port: u16,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -53,15 +55,43 @@ impl Harness {
             ("BIDSFLUX_AE_TITLE", AE),
             ("BIDSFLUX_SHUTDOWN_GRACE", "5s"),
             ("BIDSFLUX_DICOM_ALLOWLIST", ALLOWLIST),
+            // Low enough for any test machine; the guard itself is tested with a huge threshold.
+            ("BIDSFLUX_SPOOL_MIN_FREE", "64MiB"),
         ])
         .with("BIDSFLUX_DICOM_TIMEOUT", "20s");
         let env = extra.iter().fold(env, |env, (k, v)| env.with(*k, *v));
         let config = Config::from_env(&env).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_port = http.local_addr().unwrap().port();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(config, listener, bus.clone(), shutdown.clone()));
-        Self { nats, bus, spool, port, shutdown, task }
+        let listeners = Listeners { dicom: listener, http: Some(http) };
+        let task = tokio::spawn(run_with(config, listeners, bus.clone(), shutdown.clone()));
+        Self { nats, bus, spool, port, http_port, shutdown, task }
+    }
+
+    /// `GET path` on the health/metrics listener: status code and body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, body.to_owned())
+    }
+
+    /// The value of one sample line (`name{labels}`) of `/metrics`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (status, body) = self.http_get("/metrics").await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {sample} in\n{body}"))
+            .parse()
+            .unwrap()
     }
 
     /// Stops the receiver and checks that `run` returned cleanly.
