@@ -19,7 +19,7 @@ test: deps-test
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	bash stack/check.sh
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --no-fail-fast
 
 deps-run:
 	@bash scripts/install-deps.sh run
