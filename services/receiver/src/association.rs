@@ -461,11 +461,14 @@ impl Dimse<'_> {
                 if !command.has_data_set {
                     return Err(ProtocolError::StoreWithoutData);
                 }
-                let transfer_syntax_uid = self.context(pc_id)?.transfer_syntax.trim_end_matches(['\0', ' ']).to_owned();
+                let context = self.context(pc_id)?;
+                let transfer_syntax_uid = context.transfer_syntax.trim_end_matches(['\0', ' ']).to_owned();
+                let context_sop_class_uid = context.abstract_syntax.trim_end_matches(['\0', ' ']).to_owned();
                 let sop_class_uid = command.affected_sop_class_uid.unwrap_or_default();
                 let sop_instance_uid = command.affected_sop_instance_uid.unwrap_or_default();
                 let request = StoreRequest {
                     sop_class_uid: sop_class_uid.clone(),
+                    context_sop_class_uid,
                     sop_instance_uid: sop_instance_uid.clone(),
                     transfer_syntax_uid,
                     calling_ae_title: self.calling_ae.clone(),

@@ -28,6 +28,8 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     /// Refused: out of resources (disk, bus): the sender may retry later.
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Refused: SOP class not supported (here: not the one of the presentation context).
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     /// Error: the data set cannot be understood (unparseable, missing or invalid UIDs).
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 }

@@ -54,6 +54,8 @@ pub enum Failure {
     CannotUnderstand(anyhow::Error),
     /// The spool's disk is below `BIDSFLUX_SPOOL_MIN_FREE`: 0xA700 (logged, rate-limited, by the guard).
     NearlyFull(anyhow::Error),
+    /// The command's SOP class is not the presentation context's: 0x0122.
+    NotSupported(anyhow::Error),
 }
 
 impl Failure {
@@ -61,12 +63,13 @@ impl Failure {
         match self {
             Self::OutOfResources(_) | Self::NearlyFull(_) => status::OUT_OF_RESOURCES,
             Self::CannotUnderstand(_) => status::CANNOT_UNDERSTAND,
+            Self::NotSupported(_) => status::SOP_CLASS_NOT_SUPPORTED,
         }
     }
 
     fn error(&self) -> &anyhow::Error {
         match self {
-            Self::OutOfResources(e) | Self::CannotUnderstand(e) | Self::NearlyFull(e) => e,
+            Self::OutOfResources(e) | Self::CannotUnderstand(e) | Self::NearlyFull(e) | Self::NotSupported(e) => e,
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Outcome {
 pub struct StoreRequest {
     /// AffectedSOPClassUID.
     pub sop_class_uid: String,
+    /// The abstract syntax negotiated for the presentation context the command came on.
+    pub context_sop_class_uid: String,
     /// AffectedSOPInstanceUID.
     pub sop_instance_uid: String,
     /// The presentation context's transfer syntax.
@@ -125,6 +130,13 @@ impl IncomingStore {
                 .map_err(|e| Failure::CannotUnderstand(e.into()))?;
             Uid::parse("AffectedSOPInstanceUID", &request.sop_instance_uid)
                 .map_err(|e| Failure::CannotUnderstand(e.into()))?;
+            if request.sop_class_uid != request.context_sop_class_uid {
+                return Err(Failure::NotSupported(anyhow::anyhow!(
+                    "AffectedSOPClassUID {} is not the presentation context's SOP class {}",
+                    request.sop_class_uid,
+                    request.context_sop_class_uid
+                )));
+            }
             // Refused before any byte is written; the data set is then read and dropped.
             ctx.space.check().map_err(|e| Failure::NearlyFull(e.into()))?;
             let meta = PartMeta {
@@ -173,7 +185,9 @@ impl IncomingStore {
                     let e = failure.error();
                     match &failure {
                         Failure::OutOfResources(_) => error!(error = %format!("{e:#}"), "failed to store instance"),
-                        Failure::CannotUnderstand(_) => warn!(error = %format!("{e:#}"), "refused instance"),
+                        Failure::CannotUnderstand(_) | Failure::NotSupported(_) => {
+                            warn!(error = %format!("{e:#}"), "refused instance")
+                        }
                         Failure::NearlyFull(_) => tracing::debug!("refused instance: spool disk nearly full"),
                     }
                     ctx.metrics.store(StoreResult::Failed, 0, started.elapsed());

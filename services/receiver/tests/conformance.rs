@@ -191,3 +191,46 @@ async fn unknown_sop_class_is_refused_per_presentation_context() {
     assert_eq!(h.stream_count().await, 1);
     h.stop().await;
 }
+
+const MISMATCHED_CLASS: &str = r#"
+import sys
+from io import BytesIO
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.dsutils import encode
+from pynetdicom.dimse_primitives import C_STORE
+port, path, called = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ds = dcmread(path)
+ae = AE(ae_title="PYSCU")
+ae.acse_timeout = 10
+ae.dimse_timeout = 20
+ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2"])
+assoc = ae.associate("127.0.0.1", port, ae_title=called)
+if not assoc.is_established:
+    print("NOASSOC")
+    sys.exit(0)
+cx = assoc.accepted_contexts[0]
+req = C_STORE()
+req.MessageID = 1
+req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage, on the MR context
+req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+req.Priority = 2
+req.DataSet = BytesIO(encode(ds, True, True))  # implicit VR LE, as negotiated
+assoc.dimse.send_msg(req, cx.context_id)
+_, rsp = assoc.dimse.get_msg(block=True)
+print("STATUS 0x%04X" % rsp.Status)
+assoc.release()
+"#;
+
+/// A C-STORE whose AffectedSOPClassUID is not the presentation context's SOP class is refused
+/// with 0x0122 (SOP class not supported) and nothing is stored.
+#[tokio::test]
+async fn a_store_for_another_sop_class_than_its_context_is_refused() {
+    let h = Harness::start().await;
+    let file = pydicom_test_files().join("MR_small_implicit.dcm");
+    let port = h.port.to_string();
+    let out = python(MISMATCHED_CLASS, &[&port, file.to_str().unwrap(), AE]).await;
+    assert!(out.contains("STATUS 0x0122"), "{out}");
+    assert_eq!(h.stream_count().await, 0);
+    h.stop().await;
+}
