@@ -98,3 +98,27 @@ pub fn init_for_tests() {
         std::mem::forget(provider);
     });
 }
+
+/// The body of every service `main`: sets up telemetry for `service`, runs
+/// `start` (configuration, connections, the service itself) and turns its
+/// result into the exit code, logging a failure once, through telemetry.
+pub async fn service_main<F, Fut>(service: &str, start: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let _telemetry = match init_telemetry(service) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot initialise telemetry: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match start().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(service, error = %format!("{e:#}"), "service stopped with an error");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

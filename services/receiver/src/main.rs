@@ -15,20 +15,7 @@ async fn main() -> ExitCode {
         print!("{}", bidsflux_receiver::conformance::listing());
         return ExitCode::SUCCESS;
     }
-    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-receiver") {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cannot initialise telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match start().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "receiver stopped");
-            ExitCode::FAILURE
-        }
-    }
+    bidsflux_telemetry::service_main("bidsflux-receiver", start).await
 }
 
 async fn start() -> anyhow::Result<()> {

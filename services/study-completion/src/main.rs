@@ -9,20 +9,7 @@ use bidsflux_study_completion::{Config, REQUIRES, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-study-completion") {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cannot initialise telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match start().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "study-completion stopped");
-            ExitCode::FAILURE
-        }
-    }
+    bidsflux_telemetry::service_main("bidsflux-study-completion", start).await
 }
 
 async fn start() -> anyhow::Result<()> {

@@ -9,20 +9,7 @@ use bidsflux_uploader::{Config, REQUIRES, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-uploader") {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cannot initialise telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match start().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "uploader stopped");
-            ExitCode::FAILURE
-        }
-    }
+    bidsflux_telemetry::service_main("bidsflux-uploader", start).await
 }
 
 async fn start() -> anyhow::Result<()> {

@@ -25,20 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = match bidsflux_telemetry::init_telemetry("bidsflux-dev") {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cannot initialise telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match dev().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "bidsflux-dev failed");
-            ExitCode::FAILURE
-        }
-    }
+    bidsflux_telemetry::service_main("bidsflux-dev", dev).await
 }
 
 /// S3 credentials of the embedded server, made once per data dir.
