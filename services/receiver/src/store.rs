@@ -221,12 +221,16 @@ async fn finish(
 ) -> Result<(Placement, u64), Failure> {
     let mut part = part.finish().await.context("write spool temp file").map_err(Failure::OutOfResources)?;
     Span::current().record("size", part.dataset_len);
+    // We wrote the file meta group ourselves: the data set starts right after it and its
+    // transfer syntax is the negotiated one, so neither is parsed back.
+    let offset = part.file_size - part.dataset_len;
     let attrs = match part.bytes() {
         // Fitted in memory: the header is a few kilobytes in front of the pixels, read it here.
-        Some(bytes) => inspect_bytes(bytes),
+        Some(bytes) => inspect_dataset(bytes.get(offset as usize..).unwrap_or_default(), &request.transfer_syntax_uid),
         None => {
             let path = part.path().to_path_buf();
-            tokio::task::spawn_blocking(move || inspect_file(&path))
+            let ts = request.transfer_syntax_uid.clone();
+            tokio::task::spawn_blocking(move || inspect_file(&path, offset, &ts))
                 .await
                 .context("join data set inspection")
                 .map_err(Failure::OutOfResources)?
@@ -313,65 +317,57 @@ async fn finish(
     Ok((placed.placement, dataset_len))
 }
 
-/// Reads the header of a spooled Part 10 temp file: at most [`header::MAX_HEADER`] bytes of its
-/// data set, walked and checked by [`header::header_len`] before anything is parsed.
-fn inspect_file(path: &Path) -> anyhow::Result<Attributes> {
+/// Reads the header of the data set that starts `offset` bytes into a spooled temp file: at most
+/// [`header::MAX_HEADER`] bytes, walked and checked by [`header::header_len`] before anything is
+/// parsed.
+fn inspect_file(path: &Path, offset: u64, ts_uid: &str) -> anyhow::Result<Attributes> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut file = std::fs::File::open(path).context("open spool temp file")?;
-    let mut head = vec![0u8; 144];
-    file.read_exact(&mut head).context("read file meta header")?;
-    let (offset, _) = meta_group(&head).context("parse our own file meta group")?;
-    let mut meta = vec![0u8; offset];
-    file.seek(SeekFrom::Start(0))?;
-    file.read_exact(&mut meta).context("read file meta group")?;
-    let (_, ts) = meta_group(&meta).context("parse our own file meta group")?;
-    let (enc, deflated) = header::Encoding::of(&ts);
+    file.seek(SeekFrom::Start(offset)).context("seek to the data set")?;
+    let (enc, deflated) = header::Encoding::of(ts_uid);
     if deflated {
         // Inflated in a bounded stream; the walk sees at most MAX_HEADER bytes.
-        return inspect_dataset_prefix(&[], &ts, false, &mut file);
+        return inspect_prefix(&[], ts_uid, false, &mut file);
     }
     // Read a small prefix first and grow it only for unusually large headers: memory stays
     // bounded by MAX_HEADER whatever the instance size.
     let mut limit = header::FIRST_READ;
     loop {
-        file.seek(SeekFrom::Start(offset as u64))?;
+        file.seek(SeekFrom::Start(offset)).context("seek to the data set")?;
         let mut prefix = Vec::new();
         (&mut file).take(limit as u64 + 1).read_to_end(&mut prefix).context("read data set header")?;
         let complete = prefix.len() <= limit;
         prefix.truncate(limit);
         match header::header_len(&prefix, enc, complete) {
             Err(header::HeaderError::TooLarge) if limit < header::MAX_HEADER => limit = header::MAX_HEADER,
-            _ => return inspect_dataset_prefix(&prefix, &ts, complete, &mut std::io::empty()),
+            Ok(len) => return parse_header(&prefix[..len], enc),
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// Reads the header of a Part 10 file held in memory. Public for `fuzz/`.
-pub fn inspect_bytes(bytes: &[u8]) -> anyhow::Result<Attributes> {
-    let (offset, ts) = meta_group(bytes).context("parse file meta group")?;
-    let dataset = bytes.get(offset..).unwrap_or_default();
-    inspect_dataset_prefix(dataset, &ts, true, &mut std::io::empty())
+/// Reads the header of a whole data set held in memory.
+pub fn inspect_dataset(dataset: &[u8], ts_uid: &str) -> anyhow::Result<Attributes> {
+    inspect_prefix(dataset, ts_uid, true, &mut std::io::empty())
 }
 
-/// Offset of the data set and transfer syntax UID of Part 10 bytes (our own meta group).
-fn meta_group(bytes: &[u8]) -> anyhow::Result<(usize, String)> {
+/// Reads the header of Part 10 bytes from any source (their meta group is parsed for the
+/// transfer syntax). Public for `fuzz/`.
+pub fn inspect_bytes(bytes: &[u8]) -> anyhow::Result<Attributes> {
     if bytes.get(128..132) != Some(b"DICM".as_slice()) || bytes.get(132..138) != Some(b"\x02\x00\x00\x00UL".as_slice())
     {
         anyhow::bail!("not a Part 10 header");
     }
     let len = bytes.get(140..144).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).unwrap_or_default();
-    let offset = 144usize.checked_add(len as usize).context("meta group length overflows")?;
-    if bytes.len() < offset {
-        // Only the offset was asked for (a 144-byte head).
-        return Ok((offset, String::new()));
-    }
+    let offset =
+        144usize.checked_add(len as usize).filter(|o| *o <= bytes.len()).context("meta group runs past the end")?;
     let meta = dicom_object::FileMetaTable::from_reader(&bytes[128..offset]).context("parse file meta group")?;
-    Ok((offset, meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_owned()))
+    inspect_dataset(&bytes[offset..], meta.transfer_syntax().trim_end_matches(['\0', ' ']))
 }
 
-/// Parses the attributes from the start of a data set (`complete` when it is all of it;
-/// `rest` continues a deflated stream).
-fn inspect_dataset_prefix(
+/// Walks and parses the start of a data set (`complete` when it is all of it; `rest` continues a
+/// deflated stream).
+fn inspect_prefix(
     dataset: &[u8],
     ts_uid: &str,
     complete: bool,
@@ -387,13 +383,18 @@ fn inspect_dataset_prefix(
         (dataset, complete)
     };
     let len = header::header_len(bytes, enc, complete)?;
+    parse_header(&bytes[..len], enc)
+}
+
+/// Parses a header prefix that [`header::header_len`] has checked.
+fn parse_header(checked: &[u8], enc: header::Encoding) -> anyhow::Result<Attributes> {
     let ts = match enc {
         header::Encoding::ImplicitLe => uids::IMPLICIT_VR_LITTLE_ENDIAN,
         header::Encoding::ExplicitLe => uids::EXPLICIT_VR_LITTLE_ENDIAN,
         header::Encoding::ExplicitBe => "1.2.840.10008.1.2.2",
     };
     let ts = TransferSyntaxRegistry.get(ts).context("transfer syntax registry")?;
-    let obj = InMemDicomObject::read_dataset_with_ts(&bytes[..len], ts).context("parse received data set")?;
+    let obj = InMemDicomObject::read_dataset_with_ts(checked, ts).context("parse received data set")?;
     attributes(&obj)
 }
 
