@@ -11,6 +11,7 @@
 //! recording, or two instances racing, cannot produce a second one.
 
 mod config;
+pub mod rules;
 pub mod state;
 mod store;
 mod timers;
