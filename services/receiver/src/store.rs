@@ -304,6 +304,7 @@ async fn finish(
         modality: attrs.modality,
         series_description: attrs.series_description,
         series_number: attrs.series_number,
+        attributes: Default::default(),
     };
     let dataset_len = part.dataset_len;
     // The temp file goes now: the spool file (or the identical one already there) is durable.
