@@ -4,6 +4,8 @@
 //! |---|---|---|---|
 //! | InstanceStored | `bidsflux.v1.instance.stored` | `BIDSFLUX_V1_INSTANCES` | `study-completion` |
 //! | StudyCompleted | `bidsflux.v1.study.completed` | `BIDSFLUX_V1_STUDIES` | `uploader` |
+//! | StudyDiscarded | `bidsflux.v1.study.discarded` | `BIDSFLUX_V1_STUDIES` | — (spool lifecycle, operators) |
+//! | StudyHeld | `bidsflux.v1.study.held` | `BIDSFLUX_V1_STUDIES` | — (operators) |
 //! | ArchiveStored | `bidsflux.v1.archive.stored` | `BIDSFLUX_V1_ARCHIVES` | `indexer` (work queue shared by replicas) |
 //! | StudyIndexed | `bidsflux.v1.study.indexed` | `BIDSFLUX_V1_INDEXED` | — |
 //! | InstanceConflict | `bidsflux.v1.instance.conflict` | `BIDSFLUX_V1_CONFLICTS` | — (operators) |
@@ -18,6 +20,10 @@ pub const INSTANCE_STORED: &str = "bidsflux.v1.instance.stored";
 pub const INSTANCE_CONFLICT: &str = "bidsflux.v1.instance.conflict";
 /// A study (or amendment) is complete.
 pub const STUDY_COMPLETED: &str = "bidsflux.v1.study.completed";
+/// A study generation was discarded by its rule or an operator (no `StudyCompleted` for it).
+pub const STUDY_DISCARDED: &str = "bidsflux.v1.study.discarded";
+/// A study waits for an operator.
+pub const STUDY_HELD: &str = "bidsflux.v1.study.held";
 /// A study archive is stored and verified in S3.
 pub const ARCHIVE_STORED: &str = "bidsflux.v1.archive.stored";
 /// A study is indexed in the forge.
@@ -34,7 +40,7 @@ pub fn deadletter(service: &str) -> String {
 pub const STREAM_INSTANCES: &str = "BIDSFLUX_V1_INSTANCES";
 /// Stream of `InstanceConflict` (kept without age limit, for operators).
 pub const STREAM_CONFLICTS: &str = "BIDSFLUX_V1_CONFLICTS";
-/// Stream of `StudyCompleted`.
+/// Stream of `StudyCompleted`, `StudyDiscarded` and `StudyHeld` (one subject each).
 pub const STREAM_STUDIES: &str = "BIDSFLUX_V1_STUDIES";
 /// Stream of `ArchiveStored`.
 pub const STREAM_ARCHIVES: &str = "BIDSFLUX_V1_ARCHIVES";
@@ -72,6 +78,23 @@ pub fn completed_msg_id(study_instance_uid: &str, generation: u32) -> String {
     format!("completed:{study_instance_uid}:{generation}")
 }
 
+/// The de-duplication id of an operator's re-publication (`n` = 1, 2, …) of the `StudyCompleted` of
+/// `generation`: a new id, so JetStream delivers it again within the duplicate window.
+pub fn reindex_msg_id(study_instance_uid: &str, generation: u32, n: u32) -> String {
+    format!("completed:{study_instance_uid}:{generation}:reindex:{n}")
+}
+
+/// The de-duplication id of a `StudyDiscarded` event (a generation is discarded once).
+pub fn discarded_msg_id(study_instance_uid: &str, generation: u32) -> String {
+    format!("discarded:{study_instance_uid}:{generation}")
+}
+
+/// The de-duplication id of the `n`-th `StudyHeld` event of a study (a study can be held,
+/// released and held again).
+pub fn held_msg_id(study_instance_uid: &str, generation: u32, n: u32) -> String {
+    format!("held:{study_instance_uid}:{generation}:{n}")
+}
+
 /// The de-duplication id of an `ArchiveStored` event (same archive bytes, same id).
 pub fn archive_msg_id(study_instance_uid: &str, generation: u32, archive_md5: &str) -> String {
     format!("archive:{study_instance_uid}:{generation}:{archive_md5}")
@@ -88,8 +111,16 @@ mod tests {
 
     #[test]
     fn every_name_is_versioned() {
-        for s in [INSTANCE_STORED, INSTANCE_CONFLICT, STUDY_COMPLETED, ARCHIVE_STORED, STUDY_INDEXED, DEADLETTER_PREFIX]
-        {
+        for s in [
+            INSTANCE_STORED,
+            INSTANCE_CONFLICT,
+            STUDY_COMPLETED,
+            STUDY_DISCARDED,
+            STUDY_HELD,
+            ARCHIVE_STORED,
+            STUDY_INDEXED,
+            DEADLETTER_PREFIX,
+        ] {
             assert!(s.starts_with("bidsflux.v1."), "{s}");
         }
         assert_eq!(deadletter("uploader"), "bidsflux.v1.deadletter.uploader");
@@ -99,6 +130,9 @@ mod tests {
             assert!(s.starts_with("BIDSFLUX_V1_"), "{s}");
         }
         assert_eq!(conflict_msg_id("1.2", "ab"), "conflict:1.2:ab");
+        assert_eq!(reindex_msg_id("1.2", 1, 3), "completed:1.2:1:reindex:3");
+        assert_eq!(discarded_msg_id("1.2", 0), "discarded:1.2:0");
+        assert_eq!(held_msg_id("1.2", 0, 2), "held:1.2:0:2");
         assert!(KV_STUDIES.starts_with("bidsflux_v1_"));
         assert!(OBJ_MANIFESTS.starts_with("bidsflux_v1_"));
     }

@@ -71,19 +71,21 @@ pub const KV_STUDIES_MAX_VALUE_SIZE: i32 = 1024 * 1024;
 
 /// The streams: name, subjects, max age (zero = keep).
 pub fn streams() -> Vec<stream::Config> {
-    let ev = |name: &str, subject: &str, max_age: Duration| stream::Config {
+    let evs = |name: &str, subjects: &[&str], max_age: Duration| stream::Config {
         name: name.to_owned(),
-        subjects: vec![subject.to_owned()],
+        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         max_age,
         duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     };
+    let ev = |name: &str, subject: &str, max_age: Duration| evs(name, &[subject], max_age);
     vec![
         ev(s::STREAM_INSTANCES, s::INSTANCE_STORED, EVENT_MAX_AGE),
         ev(s::STREAM_CONFLICTS, s::INSTANCE_CONFLICT, Duration::ZERO),
-        ev(s::STREAM_STUDIES, s::STUDY_COMPLETED, EVENT_MAX_AGE),
+        // One stream for a study's outcome; the uploader's consumer filters on `study.completed`.
+        evs(s::STREAM_STUDIES, &[s::STUDY_COMPLETED, s::STUDY_DISCARDED, s::STUDY_HELD], EVENT_MAX_AGE),
         ev(s::STREAM_ARCHIVES, s::ARCHIVE_STORED, EVENT_MAX_AGE),
         ev(s::STREAM_INDEXED, s::STUDY_INDEXED, EVENT_MAX_AGE),
         ev(s::STREAM_DEADLETTER, &format!("{}.>", s::DEADLETTER_PREFIX), Duration::ZERO),
@@ -257,5 +259,13 @@ mod tests {
         for (bucket, description) in object_stores() {
             assert_eq!(object_stream_config(bucket, description).max_age, Duration::ZERO, "{bucket}");
         }
+    }
+
+    #[test]
+    fn study_outcomes_share_the_studies_stream_and_the_uploader_sees_completions_only() {
+        let studies = streams().into_iter().find(|c| c.name == s::STREAM_STUDIES).unwrap();
+        assert_eq!(studies.subjects, [s::STUDY_COMPLETED, s::STUDY_DISCARDED, s::STUDY_HELD]);
+        let (_, uploader) = consumers().into_iter().find(|(st, _)| *st == s::STREAM_STUDIES).unwrap();
+        assert_eq!(uploader.filter_subject, s::STUDY_COMPLETED);
     }
 }

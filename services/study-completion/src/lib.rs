@@ -1,36 +1,50 @@
 //! The study-completion service.
 //!
-//! Consumes *instance stored*, keeps per-study state in the JetStream KV
-//! bucket `bidsflux_v1_studies` (so a restart loses nothing: timers resume
-//! from the stored deadlines), and publishes *study completed* with the
-//! reason once a study has been quiet for the configured period.
+//! Consumes *instance stored*, keeps per-study state in the JetStream KV bucket
+//! `bidsflux_v1_studies`, and decides by the completion rules (`docs/completion-rules.md`) when
+//! a study is complete and what then: *study completed* for the pipeline, *study discarded*, or
+//! a hold for an operator. The rule is selected on a study's first instance and evaluated after
+//! every instance and at the verdict's re-check time, a durable deadline in the state, so a
+//! restart resumes where it stopped.
 //!
-//! Exactly one completion per study generation: the state is updated with
-//! compare-and-set, and the event carries a de-duplication id
-//! (`completed:<uid>:<generation>`), so a crash between publishing and
-//! recording, or two instances racing, cannot produce a second one.
+//! Exactly one completion per study generation: a transition and its event are written together
+//! with compare-and-set (the event in the state's outbox, [`decide`]), then published with a
+//! de-duplication id (`completed:<uid>:<generation>`) and removed from the outbox ([`outbox`]).
 
 mod config;
+mod core;
+pub mod decide;
+mod http;
+mod metrics;
+mod outbox;
 pub mod rules;
 pub mod state;
 mod store;
 mod timers;
 
+#[cfg(test)]
+mod sim_tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::kv;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, Delivery, HandlerError, now_unix_ms, run_consumer, subjects, trace};
 use bidsflux_proto::v1 as pb;
 use bidsflux_session::Uid;
 use prost::Message as _;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
+pub use config::{Config, DEFAULT_HTTP_BIND, HTTP_BIND_VAR, RULES_VAR};
 
+use crate::core::{Core, next_check};
+use crate::decide::Engine;
+use crate::metrics::Metrics;
 use crate::state::Applied;
-use crate::store::WriteError;
+use crate::store::{StoreError, WriteError};
 use crate::timers::Timers;
 
 /// JetStream objects this service needs.
@@ -41,20 +55,74 @@ pub const REQUIRES: &[Requirement] = &[
     Requirement::Stream(subjects::STREAM_DEADLETTER),
 ];
 
-/// Runs the service until `shutdown` is cancelled.
-pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let kv = bus.js.get_key_value(subjects::KV_STUDIES).await.context("open the studies KV bucket")?;
-    let timers = Timers::start(bus.clone(), kv.clone(), config.clone(), shutdown.clone());
-    let resumed = resume_open_studies(&kv, &timers).await.context("resume open studies")?;
-    tracing::info!(resumed, quiet_period_ms = config.quiet_period.as_millis() as u64, "study-completion started");
+/// The listeners of the service, bound before it starts (tests bind `127.0.0.1:0`).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// `GET /metrics` and `GET /healthz`.
+    pub http: Option<TcpListener>,
+}
 
-    let quiet_ms = config.quiet_period.as_millis() as i64;
+impl Listeners {
+    /// Binds what `config` asks for.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let http = match config.http_bind {
+            Some(addr) => Some(bind(addr, HTTP_BIND_VAR).await?),
+            None => None,
+        };
+        Ok(Self { http })
+    }
+}
+
+/// Binds `addr`, waiting a few seconds if it is in use (a predecessor may still be stopping).
+async fn bind(addr: SocketAddr, var: &str) -> anyhow::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("listen on {addr} ({var}): {e}")),
+        }
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled, with the listeners `config` asks for.
+pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    serve(config, bus, listeners, shutdown).await
+}
+
+/// Runs the service until `shutdown` is cancelled on the given listeners.
+pub async fn serve(config: Config, bus: Bus, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let kv = bus.js.get_key_value(subjects::KV_STUDIES).await.context("open the studies KV bucket")?;
+    let rules = config.rules.clone();
+    let core = Core { bus: bus.clone(), kv, engine: Engine::new(rules.clone()), metrics: Arc::new(Metrics::default()) };
+    let timers = Timers::start(core.clone(), shutdown.clone());
+    let resumed = resume(&core, &timers).await.context("resume open studies")?;
+    let names: Vec<&str> = rules.rules().iter().map(|r| r.name()).collect();
+    let keywords: Vec<&str> = rules.attribute_keywords().into_iter().chain(rules.completion_keywords()).collect();
+    tracing::info!(
+        resumed,
+        rules = ?names,
+        fallback = rules.fallback().map_or("hold", |r| r.name()),
+        rules_file = %config.rules_path.as_ref().map_or("(built in)".to_owned(), |p| p.display().to_string()),
+        keywords = ?keywords,
+        "study-completion started"
+    );
+
+    if let Some(listener) = listeners.http {
+        let health = http::Health { bus: bus.clone(), metrics: core.metrics.clone(), shutdown: shutdown.clone() };
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+        tokio::spawn(http::serve(listener, health, shutdown.clone()));
+    }
+
     let mut opts = ConsumerOptions::new(subjects::STREAM_INSTANCES, subjects::CONSUMER_STUDY_COMPLETION);
     opts.concurrency = 8;
     run_consumer(bus, opts, shutdown, study_of, move |d: Delivery| {
-        let kv = kv.clone();
+        let core = core.clone();
         let timers = timers.clone();
-        async move { on_instance(&kv, &timers, quiet_ms, d).await }
+        async move { on_instance(&core, &timers, d).await }
     })
     .await
 }
@@ -63,27 +131,36 @@ fn study_of(d: &Delivery) -> Option<String> {
     pb::InstanceStored::decode(d.payload.as_ref()).ok().map(|e| e.study_instance_uid)
 }
 
-/// Schedules every study that was open when the service last stopped.
-async fn resume_open_studies(kv: &kv::Store, timers: &Timers) -> anyhow::Result<usize> {
-    use futures::TryStreamExt as _;
-    let keys: Vec<String> = kv.keys().await?.try_collect().await?;
-    let mut n = 0;
-    for key in keys {
-        let Some(entry) = kv.entry(key.clone()).await? else { continue };
-        let Ok(s) = pb::StudyState::decode(entry.value.as_ref()) else {
-            tracing::warn!(key, "undecodable study state ignored");
-            continue;
-        };
-        if s.status == pb::StudyStatus::Open as i32 {
-            timers.schedule(s.study_instance_uid.clone(), s.deadline_unix_ms);
-            n += 1;
+/// Schedules every study with a deadline or an unpublished event, and counts the held ones.
+async fn resume(core: &Core, timers: &Timers) -> anyhow::Result<usize> {
+    let now = now_unix_ms();
+    let mut resumed = 0;
+    let mut held = 0;
+    for s in store::scan(&core.kv).await? {
+        if s.status == pb::StudyStatus::Held as i32 {
+            held += 1;
+        }
+        let at = if s.outbox.is_empty() { next_check(&s) } else { Some(now) };
+        if let Some(at) = at {
+            timers.schedule(s.study_instance_uid.clone(), at);
+            resumed += 1;
         }
     }
-    Ok(n)
+    core.metrics.set_held(held);
+    Ok(resumed)
+}
+
+/// How a failed state update is reported to the consumer.
+fn handler_error(e: StoreError) -> HandlerError {
+    match e {
+        // The state only grows: retrying cannot help, so dead-letter at once (see docs/bus.md).
+        StoreError::Write(e @ WriteError::TooLarge { .. }) => HandlerError::permanent(e.to_string()),
+        other => HandlerError::Transient(other.into()),
+    }
 }
 
 #[tracing::instrument(skip_all, fields(study_uid, sop_uid))]
-async fn on_instance(kv: &kv::Store, timers: &Timers, quiet_ms: i64, d: Delivery) -> Result<(), HandlerError> {
+async fn on_instance(core: &Core, timers: &Timers, d: Delivery) -> Result<(), HandlerError> {
     let ev: pb::InstanceStored = d.decode()?;
     let study =
         Uid::parse("StudyInstanceUID", &ev.study_instance_uid).map_err(|e| HandlerError::malformed(e.to_string()))?;
@@ -92,35 +169,34 @@ async fn on_instance(kv: &kv::Store, timers: &Timers, quiet_ms: i64, d: Delivery
     span.record("study_uid", study.as_str());
     span.record("sop_uid", ev.sop_instance_uid.as_str());
     let traceparent = trace::current_traceparent();
-    for _ in 0..store::MAX_CAS_ATTEMPTS {
-        let current = store::read(kv, study.as_str()).await?;
-        let (next, applied) = state::apply_instance(current.state, &ev, now_unix_ms(), quiet_ms, traceparent.clone());
-        if applied == Applied::Duplicate {
-            tracing::debug!("duplicate instance event ignored");
-            return Ok(());
-        }
-        match store::write(kv, study.as_str(), &next, current.revision).await {
-            Ok(_) => {
-                if applied == Applied::Amendment {
-                    tracing::info!(generation = next.generation, "late instance opened an amendment");
-                } else if applied == Applied::NewStudy {
-                    tracing::info!("new study");
-                }
-                timers.schedule(next.study_instance_uid.clone(), next.deadline_unix_ms);
-                return Ok(());
-            }
-            Err(WriteError::Conflict) => {
-                // Another writer got there first: re-read and apply again.
-                tracing::debug!("study state changed concurrently, retrying");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            // Not a conflict: retrying here would not help; the consumer
-            // retries the message later and dead-letters it in the end.
-            Err(e) => return Err(HandlerError::Transient(e.into())),
+    let now = now_unix_ms();
+    let updated = store::update(&core.kv, study.as_str(), |s| -> Result<_, StoreError> {
+        let (next, applied, decision) = core.engine.apply_instance(s, &ev, now, traceparent.clone());
+        let write = (applied != Applied::Duplicate).then_some(next);
+        Ok((write, (applied, decision)))
+    })
+    .await
+    .map_err(handler_error)?;
+    let (applied, decision) = updated.value;
+    core.metrics.instance(applied);
+    let Some(written) = updated.written else {
+        tracing::debug!("duplicate instance event ignored");
+        return Ok(());
+    };
+    match applied {
+        Applied::NewStudy => tracing::info!(rule = %written.rule, "new study"),
+        Applied::Amendment => tracing::info!(generation = written.generation, "late instance opened an amendment"),
+        Applied::Added | Applied::Duplicate => {}
+    }
+    core.record(updated.before.as_ref(), &written, decision.as_ref());
+    match core.settle(&written).await {
+        Ok(Some(at)) => timers.schedule(study.as_str().to_owned(), at),
+        Ok(None) => {}
+        Err(e) => {
+            // Recorded with the state: the timer publishes it.
+            tracing::warn!(error = %format!("{e:#}"), "publishing the study's event failed, will retry");
+            timers.schedule(study.as_str().to_owned(), now_unix_ms() + 1000);
         }
     }
-    Err(HandlerError::Transient(anyhow::anyhow!(
-        "store study state: it kept changing ({} compare-and-set conflicts in a row)",
-        store::MAX_CAS_ATTEMPTS
-    )))
+    Ok(())
 }

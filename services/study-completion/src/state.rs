@@ -1,12 +1,15 @@
-//! Per-study state transitions, kept in the `bidsflux_v1_studies` KV bucket.
+//! What an instance does to a study's state, kept in the `bidsflux_v1_studies` KV bucket.
 //!
-//! Pure functions over [`pb::StudyState`] so they are testable without a
-//! server; the callers apply them with compare-and-set ([`crate::store`]).
+//! Pure functions over [`pb::StudyState`] so they are testable without a server; the callers
+//! apply them with compare-and-set ([`crate::store::update`]). What happens once the rule says
+//! the study is complete is in [`crate::decide`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use bidsflux_proto::v1 as pb;
 use sha2::{Digest, Sha256};
+
+use crate::rules::{Announced, SeriesProgress, StudyProgress};
 
 /// 8-byte fingerprint of a SOP Instance UID (de-duplicates redelivered events).
 pub fn instance_hash(sop_instance_uid: &str) -> u64 {
@@ -19,144 +22,163 @@ pub fn instance_hash(sop_instance_uid: &str) -> u64 {
 pub enum Applied {
     /// First instance of a new study.
     NewStudy,
-    /// Another instance of an open study.
+    /// Another instance of an open (or held) study.
     Added,
     /// The instance was already counted (redelivery or resend).
     Duplicate,
-    /// The study was complete: a new generation (amendment) was opened.
+    /// The study was complete (or discarded): a new generation (amendment) was opened.
     Amendment,
 }
 
-/// Applies one stored instance. `now` and the deadline are Unix ms.
-pub fn apply_instance(
-    state: Option<pb::StudyState>,
-    ev: &pb::InstanceStored,
-    now_ms: i64,
-    quiet_ms: i64,
-    traceparent: Option<String>,
-) -> (pb::StudyState, Applied) {
-    let hash = instance_hash(&ev.sop_instance_uid);
-    let fresh = |generation: u32| pb::StudyState {
+/// The keywords `select` finds in [`pb::InstanceStored`]'s own fields rather than in `attributes`.
+pub const FIELD_KEYWORDS: [&str; 5] =
+    ["CallingAETitle", "CalledAETitle", "Modality", "SeriesDescription", "SeriesNumber"];
+
+/// The value of DICOM attribute `keyword` in `ev`: its own fields for [`FIELD_KEYWORDS`],
+/// `attributes` for the rest. Empty values count as missing.
+pub fn lookup<'a>(ev: &'a pb::InstanceStored, keyword: &str) -> Option<&'a str> {
+    let v = match keyword {
+        "CallingAETitle" => Some(ev.calling_ae_title.as_str()),
+        "CalledAETitle" => Some(ev.called_ae_title.as_str()),
+        "Modality" => Some(ev.modality.as_str()),
+        "SeriesDescription" => Some(ev.series_description.as_str()),
+        "SeriesNumber" => Some(ev.series_number.as_str()),
+        other => ev.attributes.get(other).map(String::as_str),
+    };
+    v.filter(|v| !trim(v).is_empty())
+}
+
+/// Everything [`lookup`] can see in `ev`, by keyword (kept in the state to re-select later).
+pub fn selection_attributes(ev: &pb::InstanceStored) -> HashMap<String, String> {
+    let mut out: HashMap<String, String> =
+        ev.attributes.iter().filter(|(_, v)| !trim(v).is_empty()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    for k in FIELD_KEYWORDS {
+        if let Some(v) = lookup(ev, k) {
+            out.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    out
+}
+
+/// Trims DICOM padding (whitespace and NUL).
+fn trim(v: &str) -> &str {
+    v.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+}
+
+/// A count announced by every instance so far: `known` (0 = unknown) after one more instance
+/// announced `next`. A disagreement makes it unknown for good (see
+/// [`crate::rules::merge_announced`]).
+fn merge(known: u32, next: Option<u32>) -> u32 {
+    if known == next.unwrap_or(0) { known } else { 0 }
+}
+
+/// A new study's state for its first instance (status and rule are set by the caller).
+pub fn new_study(ev: &pb::InstanceStored, now_ms: i64, traceparent: Option<String>) -> pb::StudyState {
+    pb::StudyState {
         study_instance_uid: ev.study_instance_uid.clone(),
         status: pb::StudyStatus::Open as i32,
-        generation,
-        first_instance_unix_ms: now_ms,
-        last_instance_unix_ms: now_ms,
-        deadline_unix_ms: now_ms + quiet_ms,
-        instance_hashes: vec![hash],
-        series_instance_uids: vec![ev.series_instance_uid.clone()],
-        traceparent: traceparent.clone().unwrap_or_default(),
-        last_reason: None,
-        completed_at_unix_ms: 0,
-    };
-    match state {
-        None => (fresh(0), Applied::NewStudy),
-        Some(s) if s.status == pb::StudyStatus::Completed as i32 => {
-            // A late arrival: the instance may belong to what was completed (a resend) or be new.
-            if s.instance_hashes.contains(&hash) {
-                return (s, Applied::Duplicate);
-            }
-            let mut next = fresh(s.generation + 1);
-            // Keep the fingerprints of earlier generations so their resends stay duplicates.
-            next.instance_hashes = s.instance_hashes.clone();
-            next.instance_hashes.push(hash);
-            if next.traceparent.is_empty() {
-                next.traceparent = s.traceparent;
-            }
-            (next, Applied::Amendment)
-        }
-        Some(mut s) => {
-            if s.instance_hashes.contains(&hash) {
-                return (s, Applied::Duplicate);
-            }
-            s.instance_hashes.push(hash);
-            if !s.series_instance_uids.contains(&ev.series_instance_uid) {
-                s.series_instance_uids.push(ev.series_instance_uid.clone());
-            }
-            s.last_instance_unix_ms = now_ms;
-            s.deadline_unix_ms = s.deadline_unix_ms.max(now_ms + quiet_ms);
-            (s, Applied::Added)
-        }
+        traceparent: traceparent.unwrap_or_default(),
+        attributes: selection_attributes(ev),
+        created_at_unix_ms: now_ms,
+        status_changed_at_unix_ms: now_ms,
+        ..Default::default()
     }
 }
 
-/// Marks an open study complete and returns the event to publish.
-pub fn complete(
-    mut s: pb::StudyState,
-    reason: pb::CompletionReason,
-    now_ms: i64,
-) -> (pb::StudyState, pb::StudyCompleted) {
-    s.status = pb::StudyStatus::Completed as i32;
-    s.completed_at_unix_ms = now_ms;
-    s.last_reason = Some(reason.clone());
-    let ev = pb::StudyCompleted {
-        study_instance_uid: s.study_instance_uid.clone(),
-        generation: s.generation,
-        reason: Some(reason),
-        series_count: s.series_instance_uids.len() as u32,
-        instance_count: instances_in_generation(&s),
-        first_instance_unix_ms: s.first_instance_unix_ms,
-        last_instance_unix_ms: s.last_instance_unix_ms,
-        completed_at_unix_ms: now_ms,
-        spool_study_dir: s.study_instance_uid.clone(),
-    };
-    (s, ev)
+/// Opens generation `g + 1` of a completed or discarded study: the progress starts empty, the
+/// fingerprints of every generation are kept (resends stay duplicates), and so are the rule,
+/// the last reason and completion, and any event still in the outbox.
+pub fn open_next_generation(s: &mut pb::StudyState, now_ms: i64) {
+    s.generation += 1;
+    s.status = pb::StudyStatus::Open as i32;
+    s.status_changed_at_unix_ms = now_ms;
+    s.series.clear();
+    s.generation_instances = 0;
+    s.expected_series = 0;
+    s.expected_instances = 0;
+    s.deadline_unix_ms = 0;
+    s.hold_cause = pb::HoldCause::Unspecified as i32;
 }
 
-/// What to record after *study completed* was published for `published` and
-/// the compare-and-set write of that completion lost to another writer.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reconciled {
-    /// Nothing: this generation is recorded already, or the state moved on.
-    Settled,
-    /// Record the completion as published: nothing new arrived.
-    Complete(pb::StudyState),
-    /// Instances arrived after the state was read for publishing; they are
-    /// not in the published event (the uploader may already be archiving
-    /// without them), so the completion is recorded and the next generation
-    /// opened with them. The state is OPEN: schedule its deadline.
-    Reopen(pb::StudyState),
+/// Whether `sop_instance_uid` was counted in any generation.
+pub fn seen(s: &pb::StudyState, sop_instance_uid: &str) -> bool {
+    s.instance_hashes.contains(&instance_hash(sop_instance_uid))
 }
 
-/// Decides what to write given the `current` state and the `published`
-/// (completed) one. Times are Unix ms.
+/// Counts `ev` in the generation being collected (the caller checked it is not [`seen`]).
+pub fn add_instance(s: &mut pb::StudyState, ev: &pb::InstanceStored, now_ms: i64) {
+    let announced = Announced::from_lookup(|k| lookup(ev, k));
+    s.instance_hashes.push(instance_hash(&ev.sop_instance_uid));
+    if !s.series_instance_uids.contains(&ev.series_instance_uid) {
+        s.series_instance_uids.push(ev.series_instance_uid.clone());
+    }
+    if s.generation_instances == 0 {
+        s.first_instance_unix_ms = now_ms;
+        s.expected_series = announced.study_series.unwrap_or(0);
+        s.expected_instances = announced.study_instances.unwrap_or(0);
+    } else {
+        s.expected_series = merge(s.expected_series, announced.study_series);
+        s.expected_instances = merge(s.expected_instances, announced.study_instances);
+    }
+    s.generation_instances = s.generation_instances.saturating_add(1);
+    s.last_instance_unix_ms = s.last_instance_unix_ms.max(now_ms);
+    match s.series.iter_mut().find(|x| x.series_instance_uid == ev.series_instance_uid) {
+        Some(x) => {
+            x.instances = x.instances.saturating_add(1);
+            x.last_instance_unix_ms = x.last_instance_unix_ms.max(now_ms);
+            x.expected_instances = merge(x.expected_instances, announced.series_instances);
+        }
+        None => s.series.push(pb::SeriesProgress {
+            series_instance_uid: ev.series_instance_uid.clone(),
+            description: trim(&ev.series_description).to_owned(),
+            instances: 1,
+            expected_instances: announced.series_instances.unwrap_or(0),
+            first_instance_unix_ms: now_ms,
+            last_instance_unix_ms: now_ms,
+            modality: trim(&ev.modality).to_owned(),
+            series_number: trim(&ev.series_number).to_owned(),
+        }),
+    }
+}
+
+/// The generation being collected, as the rules' evaluator sees it.
 ///
-/// Instances beyond those published start generation `g + 1`: it keeps every
-/// fingerprint (so resends of either generation stay duplicates, as in
-/// [`apply_instance`]), starts at the latest arrival, and keeps the current
-/// deadline (or `now + quiet` if that has passed).
-pub fn reconcile_completion(
-    current: Option<pb::StudyState>,
-    published: &pb::StudyState,
-    now_ms: i64,
-    quiet_ms: i64,
-) -> Reconciled {
-    let Some(cur) = current else { return Reconciled::Settled };
-    if cur.generation != published.generation || cur.status != pb::StudyStatus::Open as i32 {
-        return Reconciled::Settled;
+/// A state written before rules has no per-series progress: its series count with no
+/// description, and all its instances as this generation's.
+pub fn progress(s: &pb::StudyState) -> StudyProgress {
+    let nonzero = |n: u32| (n > 0).then_some(n);
+    let legacy = s.series.is_empty() && s.generation_instances == 0 && !s.instance_hashes.is_empty();
+    let series = if legacy {
+        let each = SeriesProgress {
+            description: String::new(),
+            instances: 0,
+            expected_instances: None,
+            last_instance_ms: s.last_instance_unix_ms,
+        };
+        vec![each; s.series_instance_uids.len()]
+    } else {
+        s.series
+            .iter()
+            .map(|x| SeriesProgress {
+                description: x.description.clone(),
+                instances: x.instances,
+                expected_instances: nonzero(x.expected_instances),
+                last_instance_ms: x.last_instance_unix_ms,
+            })
+            .collect()
+    };
+    StudyProgress {
+        first_instance_ms: s.first_instance_unix_ms,
+        last_instance_ms: s.last_instance_unix_ms,
+        instances: if legacy {
+            u32::try_from(s.instance_hashes.len()).unwrap_or(u32::MAX)
+        } else {
+            s.generation_instances
+        },
+        series,
+        expected_series: nonzero(s.expected_series),
+        expected_instances: nonzero(s.expected_instances),
     }
-    let seen: HashSet<u64> = published.instance_hashes.iter().copied().collect();
-    if cur.instance_hashes.iter().all(|h| seen.contains(h)) {
-        return Reconciled::Complete(published.clone());
-    }
-    let arrived_ms = cur.last_instance_unix_ms;
-    let deadline = if cur.deadline_unix_ms > now_ms { cur.deadline_unix_ms } else { now_ms + quiet_ms };
-    let mut next = cur;
-    let kept: HashSet<u64> = next.instance_hashes.iter().copied().collect();
-    next.instance_hashes.extend(published.instance_hashes.iter().filter(|h| !kept.contains(h)));
-    next.status = pb::StudyStatus::Open as i32;
-    next.generation = published.generation + 1;
-    next.first_instance_unix_ms = arrived_ms;
-    next.last_instance_unix_ms = arrived_ms;
-    next.deadline_unix_ms = deadline;
-    next.last_reason = published.last_reason.clone();
-    next.completed_at_unix_ms = published.completed_at_unix_ms;
-    Reconciled::Reopen(next)
-}
-
-/// Instances counted for the study so far (all generations: the spool holds them all).
-fn instances_in_generation(s: &pb::StudyState) -> u64 {
-    s.instance_hashes.len() as u64
 }
 
 #[cfg(test)]
@@ -173,74 +195,68 @@ mod tests {
     }
 
     #[test]
-    fn quiet_period_extends_and_duplicates_do_not_count() {
-        let (s, a) = apply_instance(None, &ev("1.1", "9.1"), 1_000, 60_000, None);
-        assert_eq!(a, Applied::NewStudy);
-        assert_eq!(s.deadline_unix_ms, 61_000);
-        let (s, a) = apply_instance(Some(s), &ev("1.2", "9.2"), 5_000, 60_000, None);
-        assert_eq!(a, Applied::Added);
-        assert_eq!(s.deadline_unix_ms, 65_000);
-        let (s, a) = apply_instance(Some(s), &ev("1.2", "9.2"), 9_000, 60_000, None);
-        assert_eq!(a, Applied::Duplicate);
-        assert_eq!(s.deadline_unix_ms, 65_000);
-        let (_, done) = complete(s, pb::CompletionReason::default(), 70_000);
-        assert_eq!((done.instance_count, done.series_count, done.generation), (2, 2, 0));
+    fn select_sees_the_event_fields_for_their_keywords_and_attributes_for_the_rest() {
+        let mut e = ev("1.1", "9.1");
+        e.calling_ae_title = "SCANNER1 ".into();
+        e.modality = "MR".into();
+        e.series_description = "".into();
+        e.attributes.insert("StudyDescription".into(), "Brain^MRSI".into());
+        e.attributes.insert("Modality".into(), "CT".into()); // the field wins
+        e.attributes.insert("StationName".into(), "  ".into());
+        assert_eq!(lookup(&e, "CallingAETitle"), Some("SCANNER1 "));
+        assert_eq!(lookup(&e, "Modality"), Some("MR"));
+        assert_eq!(lookup(&e, "StudyDescription"), Some("Brain^MRSI"));
+        assert_eq!((lookup(&e, "SeriesDescription"), lookup(&e, "StationName")), (None, None));
+        let attrs = selection_attributes(&e);
+        assert_eq!(attrs.get("Modality").map(String::as_str), Some("MR"));
+        assert_eq!(attrs.len(), 3, "{attrs:?}");
     }
 
     #[test]
-    fn late_arrivals_open_an_amendment_and_resends_do_not() {
-        let (s, _) = apply_instance(None, &ev("1.1", "9.1"), 0, 10, Some("tp".into()));
-        let (s, _) = complete(s, pb::CompletionReason::default(), 20);
-        let (s2, a) = apply_instance(Some(s.clone()), &ev("1.1", "9.1"), 30, 10, None);
-        assert_eq!(a, Applied::Duplicate);
-        assert_eq!(s2.status, pb::StudyStatus::Completed as i32);
-        let (s3, a) = apply_instance(Some(s), &ev("1.9", "9.3"), 30, 10, None);
-        assert_eq!(a, Applied::Amendment);
-        assert_eq!((s3.generation, s3.status), (1, pb::StudyStatus::Open as i32));
-        assert_eq!(s3.traceparent, "tp");
+    fn progress_per_series_with_announced_counts_merged() {
+        let mut s = new_study(&ev("1.1", "9.1"), 1_000, None);
+        let mut a = ev("1.1", "9.1");
+        a.series_description = " MRSI ".into();
+        a.attributes.insert("NumberOfSeriesRelatedInstances".into(), "2".into());
+        a.attributes.insert("NumberOfStudyRelatedInstances".into(), "3".into());
+        add_instance(&mut s, &a, 1_000);
+        let mut b = a.clone();
+        b.sop_instance_uid = "1.2".into();
+        add_instance(&mut s, &b, 2_000);
+        let mut c = ev("1.3", "9.2");
+        c.attributes.insert("NumberOfSeriesRelatedInstances".into(), "5".into());
+        c.attributes.insert("NumberOfStudyRelatedInstances".into(), "4".into()); // disagrees
+        add_instance(&mut s, &c, 3_000);
+        let p = progress(&s);
+        assert_eq!((p.first_instance_ms, p.last_instance_ms, p.instances), (1_000, 3_000, 3));
+        assert_eq!((p.expected_instances, p.expected_series), (None, None));
+        assert_eq!(p.series[0].description, "MRSI");
+        assert_eq!(
+            (p.series[0].instances, p.series[0].expected_instances, p.series[0].last_instance_ms),
+            (2, Some(2), 2_000)
+        );
+        assert_eq!((p.series[1].instances, p.series[1].expected_instances), (1, Some(5)));
+        assert!(seen(&s, "1.2") && !seen(&s, "1.4"));
+
+        // The next generation starts empty but remembers every fingerprint and series.
+        open_next_generation(&mut s, 9_000);
+        add_instance(&mut s, &ev("1.4", "9.3"), 9_500);
+        let p = progress(&s);
+        assert_eq!((s.generation, p.instances, p.series.len(), p.first_instance_ms), (1, 1, 1, 9_500));
+        assert_eq!((s.instance_hashes.len(), s.series_instance_uids.len()), (4, 3));
     }
 
     #[test]
-    fn an_instance_landing_while_completing_opens_the_next_generation() {
-        let (s, _) = apply_instance(None, &ev("1.1", "9.1"), 0, 100, Some("tp".into()));
-        let (s, _) = apply_instance(Some(s), &ev("1.2", "9.1"), 10, 100, None);
-        let (published, event) = complete(s.clone(), pb::CompletionReason::default(), 200);
-        assert_eq!(event.instance_count, 2);
-        // Between reading `s` and recording the completion, 1.3 arrived.
-        let (current, a) = apply_instance(Some(s), &ev("1.3", "9.2"), 150, 100, None);
-        assert_eq!(a, Applied::Added);
-
-        let Reconciled::Reopen(next) = reconcile_completion(Some(current.clone()), &published, 200, 100) else {
-            panic!("expected a new generation");
+    fn a_state_from_before_rules_is_evaluated_by_its_series_and_instances() {
+        let old = pb::StudyState {
+            status: pb::StudyStatus::Open as i32,
+            first_instance_unix_ms: 5,
+            last_instance_unix_ms: 50,
+            instance_hashes: vec![1, 2, 3],
+            series_instance_uids: vec!["9.1".into(), "9.2".into()],
+            ..Default::default()
         };
-        assert_eq!((next.status, next.generation), (pb::StudyStatus::Open as i32, 1));
-        assert_eq!(next.instance_hashes.len(), 3);
-        assert_eq!((next.first_instance_unix_ms, next.last_instance_unix_ms, next.deadline_unix_ms), (150, 150, 250));
-        assert_eq!((next.completed_at_unix_ms, next.traceparent.as_str()), (200, "tp"));
-        // Resends of either generation stay duplicates; the next completion is generation 1 with all three.
-        for sop in ["1.1", "1.3"] {
-            assert_eq!(apply_instance(Some(next.clone()), &ev(sop, "9.1"), 260, 100, None).1, Applied::Duplicate);
-        }
-        let (_, event) = complete(next, pb::CompletionReason::default(), 300);
-        assert_eq!((event.generation, event.instance_count), (1, 3));
-
-        // A deadline already past is pushed a quiet period ahead.
-        let Reconciled::Reopen(late) = reconcile_completion(Some(current), &published, 400, 100) else {
-            panic!("expected a new generation");
-        };
-        assert_eq!(late.deadline_unix_ms, 500);
-    }
-
-    #[test]
-    fn completion_is_recorded_as_published_or_not_at_all() {
-        let (s, _) = apply_instance(None, &ev("1.1", "9.1"), 0, 100, None);
-        let (published, _) = complete(s.clone(), pb::CompletionReason::default(), 200);
-        // Nothing new: record what was published.
-        assert_eq!(reconcile_completion(Some(s), &published, 200, 100), Reconciled::Complete(published.clone()));
-        // Recorded by someone else, or the study moved on, or the key is gone: nothing to do.
-        assert_eq!(reconcile_completion(Some(published.clone()), &published, 200, 100), Reconciled::Settled);
-        let (amended, _) = apply_instance(Some(published.clone()), &ev("1.2", "9.1"), 210, 100, None);
-        assert_eq!(reconcile_completion(Some(amended), &published, 220, 100), Reconciled::Settled);
-        assert_eq!(reconcile_completion(None, &published, 220, 100), Reconciled::Settled);
+        let p = progress(&old);
+        assert_eq!((p.instances, p.series.len(), p.last_instance_ms), (3, 2, 50));
     }
 }

@@ -103,6 +103,76 @@ pub async fn write(
     })
 }
 
+/// Why [`update`] did not write.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Reading the state failed.
+    #[error("{0:#}")]
+    Read(anyhow::Error),
+    /// Writing failed for a reason other than a conflict (too large, server unreachable, ...).
+    #[error(transparent)]
+    Write(WriteError),
+    /// Every attempt lost to another writer.
+    #[error("store study state: it kept changing ({MAX_CAS_ATTEMPTS} compare-and-set conflicts in a row)")]
+    Contended,
+}
+
+/// What [`update`] did.
+#[derive(Debug)]
+pub struct Updated<T> {
+    /// The state before the change (as last read).
+    pub before: Option<pb::StudyState>,
+    /// The state written, `None` when `change` asked for no write.
+    pub written: Option<pb::StudyState>,
+    /// What `change` returned with it.
+    pub value: T,
+}
+
+/// Reads `study`, applies `change` and writes the result with compare-and-set, re-reading and
+/// applying `change` again on a conflict (at most [`MAX_CAS_ATTEMPTS`] times). `change` returns
+/// `Ok((Some(state), v))` to write `state`, `Ok((None, v))` to leave the key alone, or an error
+/// that ends the update; it must be pure, as it may run several times.
+pub async fn update<T, E>(
+    kv: &kv::Store,
+    study: &str,
+    mut change: impl FnMut(Option<pb::StudyState>) -> Result<(Option<pb::StudyState>, T), E>,
+) -> Result<Updated<T>, E>
+where
+    E: From<StoreError>,
+{
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let current = read(kv, study).await.map_err(StoreError::Read)?;
+        let before = current.state.clone();
+        let (next, value) = change(current.state)?;
+        let Some(next) = next else { return Ok(Updated { before, written: None, value }) };
+        match write(kv, study, &next, current.revision).await {
+            Ok(_) => return Ok(Updated { before, written: Some(next), value }),
+            Err(WriteError::Conflict) => {
+                // Another writer got there first: re-read and apply again.
+                tracing::debug!(study_uid = %study, "study state changed concurrently, retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Err(e) => return Err(StoreError::Write(e).into()),
+        }
+    }
+    Err(StoreError::Contended.into())
+}
+
+/// Every study state in the bucket (undecodable values are skipped with a warning).
+pub async fn scan(kv: &kv::Store) -> anyhow::Result<Vec<pb::StudyState>> {
+    use futures::TryStreamExt as _;
+    let keys: Vec<String> = kv.keys().await.context("list studies")?.try_collect().await.context("list studies")?;
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        match read(kv, &key).await {
+            Ok(Current { state: Some(s), .. }) => out.push(s),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(key, error = %format!("{e:#}"), "unreadable study state skipped"),
+        }
+    }
+    Ok(out)
+}
+
 enum Failure {
     Conflict,
     TooLarge,

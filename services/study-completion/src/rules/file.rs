@@ -227,8 +227,14 @@ impl RuleSet {
     /// `default`, that takes every study, completes it after `quiet_period`
     /// without instances, and indexes it.
     pub fn default_from_quiet_period(quiet_period: Duration) -> Self {
+        Self::builtin("default", quiet_period)
+    }
+
+    /// [`RuleSet::default_from_quiet_period`] with another rule name (check it with
+    /// [`validate_rule_name`]).
+    pub fn builtin(name: &str, quiet_period: Duration) -> Self {
         let rule = Rule {
-            name: "default".to_owned(),
+            name: name.to_owned(),
             priority: 0,
             select: Expr::always(),
             action: Action::Index,
@@ -353,6 +359,11 @@ fn duration(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?}: must be greater than zero"));
     }
     Ok(d)
+}
+
+/// Whether `name` can name a rule: at most 64 letters, digits, `_`, `-` or `.`, and not `hold`.
+pub fn validate_rule_name(name: &str) -> Result<(), String> {
+    valid_name(name)
 }
 
 fn valid_name(name: &str) -> Result<(), String> {

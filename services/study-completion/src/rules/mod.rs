@@ -14,6 +14,6 @@ pub mod series;
 pub use expr::{Expr, ParseError, SeriesExpr};
 pub use file::{
     Action, Completion, DEFAULT_QUIET_PERIOD, Force, ForceAction, Problem, Rule, RuleSet, RulesError, Selected,
-    format_duration,
+    format_duration, validate_rule_name,
 };
 pub use series::{Announced, COUNT_KEYWORDS, Criterion, SeriesProgress, StudyProgress, Verdict, merge_announced};

@@ -1,0 +1,103 @@
+//! A tiny HTTP/1.1 listener for orchestrators and Prometheus: `GET /healthz` and `GET /metrics`
+//! (the same minimal design as the receiver's: one request per connection, `Connection: close`,
+//! a capped request head, a few connections at once, each bounded in time).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bidsflux_messaging::Bus;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Largest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// Connections handled at once; more are closed without an answer.
+const MAX_CONNECTIONS: usize = 16;
+/// Time a connection may take, from accept to the last byte of the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the endpoints report on.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Healthy only while its connection is up.
+    pub bus: Bus,
+    /// The service's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Unhealthy once cancelled.
+    pub shutdown: CancellationToken,
+}
+
+impl Health {
+    /// Running and connected to NATS.
+    pub fn healthy(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.bus.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// Serves `/healthz` and `/metrics` on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, health: Health, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to accept http connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %peer, "too many http connections, closed");
+            continue;
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_TIMEOUT, handle(socket, &health)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "http connection failed"),
+                Err(_) => tracing::debug!(peer = %peer, "http connection timed out"),
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn handle(mut socket: TcpStream, health: &Health) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0_u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = target.split('?').next().unwrap_or_default();
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/healthz") if health.healthy() => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET" | "HEAD", "/healthz") => ("503 Service Unavailable", "text/plain", "unavailable\n".to_owned()),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", health.metrics.render()),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_owned()),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    socket.write_all(response.as_bytes()).await?;
+    socket.shutdown().await
+}
