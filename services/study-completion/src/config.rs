@@ -13,8 +13,12 @@ use crate::rules::{RuleSet, validate_rule_name};
 pub const RULES_VAR: &str = "BIDSFLUX_COMPLETION_RULES";
 /// The variable of the `/metrics` + `/healthz` listener.
 pub const HTTP_BIND_VAR: &str = "BIDSFLUX_COMPLETION_HTTP_BIND";
+/// The variable of the gRPC admin API listener.
+pub const GRPC_BIND_VAR: &str = "BIDSFLUX_COMPLETION_GRPC_BIND";
 /// Default of [`HTTP_BIND_VAR`] (the receiver's is 9464).
 pub const DEFAULT_HTTP_BIND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9465);
+/// Default of [`GRPC_BIND_VAR`]: loopback only, the admin API has no authentication.
+pub const DEFAULT_GRPC_BIND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
 
 /// Study-completion settings.
 #[derive(Debug, Clone)]
@@ -33,6 +37,10 @@ pub struct Config {
     /// `GET /metrics` and `GET /healthz` (`BIDSFLUX_COMPLETION_HTTP_BIND`, default `0.0.0.0:9465`,
     /// `off` disables it).
     pub http_bind: Option<SocketAddr>,
+    /// The gRPC admin API and gRPC health (`BIDSFLUX_COMPLETION_GRPC_BIND`, default
+    /// `127.0.0.1:50051`, `off` disables it). It has no authentication of its own: keep it on
+    /// loopback or a private network.
+    pub grpc_bind: Option<SocketAddr>,
 }
 
 impl Config {
@@ -70,6 +78,7 @@ impl Config {
             rules: Arc::new(rules),
             rules_path,
             http_bind: bind(env, HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?,
+            grpc_bind: bind(env, GRPC_BIND_VAR, DEFAULT_GRPC_BIND)?,
         })
     }
 }
@@ -118,13 +127,15 @@ mod tests {
         let c = Config::from_env(&Env::from_pairs([("BIDSFLUX_COMPLETION_RULE", "site")])).unwrap();
         assert_eq!(c.rules.rules()[0].name(), "site");
         assert!(Config::from_env(&Env::from_pairs([("BIDSFLUX_COMPLETION_RULE", "a b")])).is_err());
-        assert_eq!(c.http_bind, Some(DEFAULT_HTTP_BIND));
+        assert_eq!((c.http_bind, c.grpc_bind), (Some(DEFAULT_HTTP_BIND), Some(DEFAULT_GRPC_BIND)));
     }
 
     #[test]
     fn listeners_can_be_moved_or_turned_off() {
-        let c = Config::from_env(&Env::from_pairs([(HTTP_BIND_VAR, "off")])).unwrap();
-        assert_eq!(c.http_bind, None);
+        let c = Config::from_env(&Env::from_pairs([(HTTP_BIND_VAR, "off"), (GRPC_BIND_VAR, "OFF")])).unwrap();
+        assert_eq!((c.http_bind, c.grpc_bind), (None, None));
+        let e = Config::from_env(&Env::from_pairs([(GRPC_BIND_VAR, "localhost")])).unwrap_err().to_string();
+        assert!(e.contains(GRPC_BIND_VAR), "{e}");
         let c = Config::from_env(&Env::from_pairs([(HTTP_BIND_VAR, "127.0.0.1:6000")])).unwrap();
         assert_eq!(c.http_bind, Some("127.0.0.1:6000".parse().unwrap()));
         let e = Config::from_env(&Env::from_pairs([(HTTP_BIND_VAR, "nowhere")])).unwrap_err().to_string();

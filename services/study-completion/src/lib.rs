@@ -11,6 +11,7 @@
 //! with compare-and-set (the event in the state's outbox, [`decide`]), then published with a
 //! de-duplication id (`completed:<uid>:<generation>`) and removed from the outbox ([`outbox`]).
 
+mod admin;
 mod config;
 mod core;
 pub mod decide;
@@ -38,7 +39,7 @@ use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, DEFAULT_HTTP_BIND, HTTP_BIND_VAR, RULES_VAR};
+pub use config::{Config, DEFAULT_GRPC_BIND, DEFAULT_HTTP_BIND, GRPC_BIND_VAR, HTTP_BIND_VAR, RULES_VAR};
 
 use crate::core::{Core, next_check};
 use crate::decide::Engine;
@@ -60,6 +61,8 @@ pub const REQUIRES: &[Requirement] = &[
 pub struct Listeners {
     /// `GET /metrics` and `GET /healthz`.
     pub http: Option<TcpListener>,
+    /// The gRPC admin API and gRPC health.
+    pub grpc: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -69,7 +72,11 @@ impl Listeners {
             Some(addr) => Some(bind(addr, HTTP_BIND_VAR).await?),
             None => None,
         };
-        Ok(Self { http })
+        let grpc = match config.grpc_bind {
+            Some(addr) => Some(bind(addr, GRPC_BIND_VAR).await?),
+            None => None,
+        };
+        Ok(Self { http, grpc })
     }
 }
 
@@ -115,6 +122,14 @@ pub async fn serve(config: Config, bus: Bus, listeners: Listeners, shutdown: Can
         let health = http::Health { bus: bus.clone(), metrics: core.metrics.clone(), shutdown: shutdown.clone() };
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
         tokio::spawn(http::serve(listener, health, shutdown.clone()));
+    }
+    if let Some(listener) = listeners.grpc {
+        let (core, timers, shutdown) = (core.clone(), timers.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(core, timers, listener, shutdown).await {
+                tracing::error!(error = %format!("{e:#}"), "admin API stopped");
+            }
+        });
     }
 
     let mut opts = ConsumerOptions::new(subjects::STREAM_INSTANCES, subjects::CONSUMER_STUDY_COMPLETION);

@@ -79,7 +79,7 @@ async fn start(w: &World) -> Running {
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = http.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let listeners = Listeners { http: Some(http) };
+    let listeners = Listeners { http: Some(http), grpc: None };
     let task = tokio::spawn(serve(config, w.bus.clone(), listeners, stop.clone()));
     Running { stop, task, http: addr }
 }
