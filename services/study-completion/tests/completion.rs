@@ -350,6 +350,52 @@ async fn a_study_no_rule_selects_is_held_never_dropped() {
     svc.stop().await;
 }
 
+/// A crash after a completion was recorded (with its event in the outbox) but before the event was
+/// published — or after it was published but before it left the outbox: the start publishes it,
+/// once, and empties the outbox.
+#[tokio::test]
+async fn an_event_left_in_the_outbox_by_a_crash_is_published_once_at_start() {
+    let w = world(None, "60s").await;
+    let (bus, kv) = (&w.bus, w.bus.js.get_key_value(s::KV_STUDIES).await.unwrap());
+    let mut ids = Vec::new();
+    for (i, published_before_crash) in [false, true].into_iter().enumerate() {
+        let study = format!("1.2.826.0.1.3680043.2.6{i}");
+        let ev = pb::StudyCompleted { study_instance_uid: study.clone(), instance_count: 1, ..Default::default() };
+        let id = s::completed_msg_id(&study, 0);
+        if published_before_crash {
+            bus.publish(s::STUDY_COMPLETED, &ev, Some(&id)).await.unwrap();
+        }
+        let st = pb::StudyState {
+            study_instance_uid: study.clone(),
+            status: pb::StudyStatus::Completed as i32,
+            outbox: vec![pb::OutboxEntry {
+                kind: pb::OutboxKind::StudyCompleted as i32,
+                msg_id: id.clone(),
+                payload: ev.encode_to_vec(),
+            }],
+            ..Default::default()
+        };
+        kv.create(&study, st.encode_to_vec().into()).await.unwrap();
+        ids.push(study);
+    }
+    let svc = start(&w).await;
+    wait_until("outboxes emptied", Duration::from_secs(10), || async {
+        for study in &ids {
+            if !state(bus, study).await?.outbox.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    let all = completions(bus).await;
+    let mut got: Vec<&str> = all.iter().map(|c| c.study_instance_uid.as_str()).collect();
+    got.sort();
+    assert_eq!(got, [ids[0].as_str(), ids[1].as_str()], "each exactly once");
+    svc.stop().await;
+}
+
 #[tokio::test]
 async fn an_invalid_rules_file_stops_the_service_at_start() {
     let w = world(Some("[[rule]]\nname = \"x\"\naction = \"indx\"\n"), "60s").await;
