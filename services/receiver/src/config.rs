@@ -7,6 +7,7 @@ use std::time::Duration;
 use bidsflux_config::{ConfigError, Env};
 
 use crate::access::{self, Policy};
+use crate::rule_attributes::{self, RuleAttributes};
 use crate::tls::TlsSettings;
 
 /// Smallest maximum PDU length we advertise (dicom-ul refuses less than 1 KiB; 4 KiB keeps the
@@ -62,6 +63,11 @@ pub struct Config {
     /// Address of the HTTP listener for `/healthz` and `/metrics` (`BIDSFLUX_RECEIVER_HTTP_BIND`,
     /// default `0.0.0.0:9464`; `off` disables it).
     pub http_bind: Option<SocketAddr>,
+    /// Data set attributes copied into `InstanceStored.attributes` for the completion rules
+    /// (`BIDSFLUX_RULE_ATTRIBUTES`, comma-separated keywords, default
+    /// [`crate::rule_attributes::DEFAULT`]; empty: none). Patient attributes only with
+    /// `BIDSFLUX_RULE_ATTRIBUTES_ALLOW_PATIENT=true`.
+    pub rule_attributes: RuleAttributes,
 }
 
 /// Variable of the spool free-space threshold.
@@ -159,6 +165,13 @@ impl Config {
             Some(_) => Some(env.parse_or(HTTP_BIND_VAR, SocketAddr::from(([0, 0, 0, 0], 9464)))?),
             None => Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
         };
+        let allow_patient = env.bool_or(rule_attributes::ALLOW_PATIENT_VAR, false)?;
+        let rule_attributes = match env.get(rule_attributes::VAR) {
+            Some(list) => {
+                RuleAttributes::parse(list, allow_patient).map_err(|e| ConfigError::invalid(rule_attributes::VAR, e))?
+            }
+            None => RuleAttributes::default_list(),
+        };
         Ok(Self {
             nats_url: env.get_or("NATS_URL", "nats://127.0.0.1:4222").to_owned(),
             spool_dir: env.path_or("BIDSFLUX_SPOOL_DIR", "/var/lib/bidsflux/spool"),
@@ -172,6 +185,7 @@ impl Config {
             tls,
             spool_min_free,
             http_bind,
+            rule_attributes,
         })
     }
 }

@@ -80,6 +80,8 @@ pub enum HeaderError {
 struct Walker<'a> {
     bytes: &'a [u8],
     enc: Encoding,
+    /// The first top-level tag not needed.
+    stop: (u16, u16),
     /// False when `bytes` is only a prefix of the data set.
     complete: bool,
 }
@@ -170,7 +172,12 @@ impl Walker<'_> {
             None => {
                 // Undefined length: a sequence (or UN holding one, encoded implicit VR LE).
                 if h.vr == Some(*b"UN") {
-                    let inner = Walker { bytes: self.bytes, enc: Encoding::ImplicitLe, complete: self.complete };
+                    let inner = Walker {
+                        bytes: self.bytes,
+                        enc: Encoding::ImplicitLe,
+                        stop: self.stop,
+                        complete: self.complete,
+                    };
                     return inner.items(at, None, bound, depth + 1);
                 }
                 self.items(at, None, bound, depth + 1)
@@ -224,7 +231,7 @@ impl Walker<'_> {
     }
 
     /// Walks elements from `at`: in an item up to `end` (defined length) or its delimiter;
-    /// at the top level (`depth` 0) until the first tag at or after [`STOP`] or the end.
+    /// at the top level (`depth` 0) until the first tag at or after `stop` or the end.
     fn elements(&self, mut at: usize, end: Option<usize>, bound: usize, depth: usize) -> Result<usize, HeaderError> {
         let top = depth == 0;
         loop {
@@ -244,7 +251,7 @@ impl Walker<'_> {
             if h.group == 0xFFFE {
                 return Err(HeaderError::Malformed { at, why: "stray item or delimiter" });
             }
-            if top && (h.group, h.element) >= STOP {
+            if top && (h.group, h.element) >= self.stop {
                 return Ok(at);
             }
             at = self.value(at + h.size, &h, bound, start, depth)?;
@@ -256,7 +263,14 @@ impl Walker<'_> {
 ///
 /// `complete` says whether `dataset` is the whole data set (else a prefix of it).
 pub fn header_len(dataset: &[u8], enc: Encoding, complete: bool) -> Result<usize, HeaderError> {
-    Walker { bytes: dataset, enc, complete }.elements(0, None, dataset.len(), 0)
+    header_len_until(dataset, enc, complete, STOP)
+}
+
+/// Like [`header_len`], stopping at `stop` if it comes after [`STOP`] (never before it, never
+/// at or past Pixel Data's group).
+pub fn header_len_until(dataset: &[u8], enc: Encoding, complete: bool, stop: (u16, u16)) -> Result<usize, HeaderError> {
+    let stop = stop.clamp(STOP, (0x7FE0, 0x0000));
+    Walker { bytes: dataset, enc, stop, complete }.elements(0, None, dataset.len(), 0)
 }
 
 /// Inflates at most [`MAX_HEADER`] bytes of a deflated data set. Returns the bytes and

@@ -27,6 +27,7 @@ pub mod dimse;
 pub mod header;
 pub mod http;
 pub mod metrics;
+pub mod rule_attributes;
 mod sop_classes;
 pub mod space;
 pub mod spool;
@@ -118,7 +119,30 @@ pub async fn run_with(
         let health = http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
         tokio::spawn(http::serve(http, health, http_stop.clone()))
     });
-    let ctx = Arc::new(StoreContext { spool, bus, space, metrics: metrics.clone() });
+    let recovered = spool.take_recovered();
+    if !recovered.is_empty() {
+        // Announced again: JetStream de-duplicates what was published before the crash.
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let n = recovered.len();
+            let mut failed = 0_usize;
+            for r in recovered {
+                if let Err(e) = store::announce(&bus, &r.event, r.existing.as_ref()).await {
+                    failed += 1;
+                    warn!(error = %format!("{e:#}"), spool_path = %r.event.spool_path, "cannot announce a restored instance");
+                }
+            }
+            info!(instances = n, failed, "restored instances announced");
+        });
+    }
+    if !config.rule_attributes.is_empty() {
+        info!(
+            keywords = %config.rule_attributes.keywords().collect::<Vec<_>>().join(","),
+            "data set attributes copied into events for completion rules"
+        );
+    }
+    let rule_attributes = Arc::new(config.rule_attributes.clone());
+    let ctx = Arc::new(StoreContext { spool, bus, space, metrics: metrics.clone(), rule_attributes });
     let acceptor = Arc::new(association::Acceptor::new(&config));
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();

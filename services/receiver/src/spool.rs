@@ -5,30 +5,46 @@
 //!
 //! An instance is gathered in memory (a [`PartFile`]; past [`IN_MEMORY_LIMIT`]
 //! it spills to `<root>/.tmp/<random>.part`, so memory stays bounded whatever
-//! the instance size), then written to that temp file. Durability is a group
-//! commit ([`Spool::sync`], see [`commit`]): one `syncfs` for all the stores
-//! waiting at that moment. A store syncs twice:
-//! 1. after writing its temp file: the data is durable *before* any name points at it;
-//! 2. after hard-linking it to its final name (atomic, never overwriting: two
-//!    associations storing the same SOP instance cannot clobber each other):
-//!    the name and its directories are durable.
+//! the instance size). Then, while the instance's lock ([`Spool::lock`]) is held
+//! so that no other store of the same SOP instance interleaves:
 //!
-//! So after a crash a spool name always points at a complete file, and nothing
-//! half-written is ever visible outside `.tmp`; temp files are removed on every
-//! failure path (their guard removes them on drop) and at start.
+//! - **An instance held in memory** (nearly all of them) goes through the
+//!   [`journal`]: [`Spool::decide`] picks its name (new, identical file already
+//!   there, or conflict), the record (event + file bytes) is appended to the
+//!   journal and flushed — one `fdatasync`, shared by every store waiting at that
+//!   moment — and only then is the spool file created under that name and written.
+//!   The files are flushed in bulk by the journal's checkpoints; after a crash,
+//!   [`Spool::open`] rewrites from the journal every file written since the last
+//!   checkpoint (a file it finds different is kept beside it as `.torn-<seq>`).
+//! - **A larger instance** (spilled to its temp file) is flushed with a group
+//!   commit ([`Spool::sync`], see [`commit`]: one `syncfs` for all the stores
+//!   waiting at that moment), twice: after writing its temp file (the data is
+//!   durable *before* any name points at it), and after hard-linking it to its
+//!   final name (atomic, never overwriting).
+//!
+//! Either way a name never replaces an existing file, and Success is answered only
+//! once the instance can be recovered after a crash. Temp files are removed on
+//! every failure path (their guard removes them on drop) and at start.
 
 mod commit;
+pub mod journal;
+pub mod pool;
 
 use std::fs;
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use bidsflux_proto::v1 as pb;
 use bidsflux_session::Uid;
+use bytes::Bytes;
 use dicom_object::FileMetaTableBuilder;
+use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
 pub use commit::GroupCommit;
+use journal::{CreateFile, Journal, JournalOptions, Recovered};
+use pool::TempPool;
 
 /// Implementation Class UID written in the file meta of spooled files (a `2.25` UUID UID, fixed for bidsflux).
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.199122094469766935734398429342961536314";
@@ -37,6 +53,10 @@ pub const IMPLEMENTATION_VERSION_NAME: &str = "BIDSFLUX_0_1";
 
 /// Name of the temp directory under the spool root.
 const TMP_DIR: &str = ".tmp";
+/// Name of the journal directory under the spool root.
+pub const JOURNAL_DIR: &str = ".journal";
+/// Stores of SOP instances whose UIDs hash alike wait for each other.
+const LOCK_STRIPES: usize = 256;
 /// An instance is kept in memory up to this size (most single-frame images fit), then written to
 /// its temp file in chunks of about this size: each open association holds at most this much.
 pub const IN_MEMORY_LIMIT: usize = 256 * 1024;
@@ -46,8 +66,26 @@ pub const IN_MEMORY_LIMIT: usize = 256 * 1024;
 pub struct Spool {
     root: PathBuf,
     tmp: PathBuf,
-    /// Durability for every store of the service (one sync thread).
+    /// Durability of large instances (one sync thread).
     commit: Arc<GroupCommit>,
+    /// Durability of the others (a writer and a checkpoint thread).
+    journal: Arc<Journal>,
+    /// One store at a time per SOP instance (striped), from choosing its name to writing it.
+    locks: Arc<[tokio::sync::Mutex<()>]>,
+    /// Instances rewritten from the journal at start, to announce again.
+    recovered: Arc<Mutex<Vec<RecoveredInstance>>>,
+    /// Temp files created ahead of need.
+    pool: Arc<TempPool>,
+}
+
+/// An instance the journal restored at start: its event (and, for a conflict file, the file
+/// spooled first), to publish again — JetStream de-duplicates what was already published.
+#[derive(Debug, Clone)]
+pub struct RecoveredInstance {
+    /// The event, as it was journaled.
+    pub event: pb::InstanceStored,
+    /// For a conflict file: the file that has the plain name.
+    pub existing: Option<Existing>,
 }
 
 impl Spool {
@@ -55,21 +93,151 @@ impl Spool {
     /// left by an earlier run (they were never acknowledged to anyone), and
     /// starts the group commit thread.
     pub async fn open(root: &Path) -> io::Result<Self> {
+        Self::open_with(root, JournalOptions::default()).await
+    }
+
+    /// [`Spool::open`] with other journal options.
+    pub async fn open_with(root: &Path, options: JournalOptions) -> io::Result<Self> {
         let tmp = root.join(TMP_DIR);
         tokio::fs::create_dir_all(&tmp).await?;
         let mut entries = tokio::fs::read_dir(&tmp).await?;
         let mut removed = 0_u32;
         while let Some(entry) = entries.next_entry().await? {
-            if entry.file_type().await?.is_file() {
-                tokio::fs::remove_file(entry.path()).await?;
-                removed += 1;
+            // Gone meanwhile (a previous process still exiting) is as good as removed.
+            let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+            match entry.file_type().await {
+                Ok(t) if t.is_file() => match tokio::fs::remove_file(entry.path()).await {
+                    Ok(()) => removed += 1,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(e),
+                },
+                Ok(_) => {}
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e),
             }
         }
         if removed > 0 {
             tracing::info!(removed, "removed stale temp files from the spool");
         }
         let commit = Arc::new(GroupCommit::start(root)?);
-        Ok(Self { root: root.to_path_buf(), tmp, commit })
+        let (root_dir, tmp_dir) = (root.to_path_buf(), tmp.clone());
+        let (journal, recovered) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let root = root_dir;
+            let (opened, records) = Journal::open(&root.join(JOURNAL_DIR), options)?;
+            let mut recovered = Vec::with_capacity(records.len());
+            for record in &records {
+                if let Some(r) = restore(&root, &tmp_dir, record)? {
+                    recovered.push(r);
+                }
+            }
+            if !records.is_empty() {
+                // The restored files are durable before the checkpoint says so.
+                rustix::fs::syncfs(fs::File::open(&root)?)?;
+                tracing::info!(
+                    records = records.len(),
+                    instances = recovered.len(),
+                    "restored spool files written since the last journal checkpoint"
+                );
+            }
+            Ok((opened.start(&root)?, recovered))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let tmp_dir_for_pool = tmp.clone();
+        let locks = (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        Ok(Self {
+            root: root.to_path_buf(),
+            tmp,
+            commit,
+            journal: Arc::new(journal),
+            locks,
+            recovered: Arc::new(Mutex::new(recovered)),
+            pool: Arc::new(TempPool::start(&tmp_dir_for_pool)?),
+        })
+    }
+
+    /// The instances restored from the journal at start (once; empty afterwards).
+    pub fn take_recovered(&self) -> Vec<RecoveredInstance> {
+        std::mem::take(&mut *self.recovered.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Waits for the lock of a SOP instance: held from [`Spool::decide`] (or [`Spool::place`])
+    /// until the instance's file is written, so that two stores of the same instance on two
+    /// associations do not both take the same name.
+    pub async fn lock(&self, sop_instance_uid: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        // FNV-1a: cheap and well spread over UIDs that differ in their last digits.
+        let hash = sop_instance_uid
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        self.locks[(hash % self.locks.len() as u64) as usize].lock().await
+    }
+
+    /// Whether an instance with this event and file goes through the journal.
+    pub fn journaled(&self, event_len: usize, file_len: usize) -> bool {
+        self.journal.fits(event_len, file_len)
+    }
+
+    /// Writes an instance's bytes to a temp file (blocking: call from a blocking task); the
+    /// file is removed when dropped unless [`Spool::journal`] renamed it.
+    pub fn write_temp(&self, bytes: &[u8]) -> io::Result<TempFile> {
+        let (path, mut file) = self.pool.take()?;
+        let guard = TempGuard { path };
+        file.write_all(bytes)?;
+        Ok(TempFile { guard })
+    }
+
+    /// Appends an instance to the journal and, once it is durable, renames its temp file
+    /// ([`Spool::write_temp`]) to `path` (from [`Spool::decide`], under the instance's
+    /// [`Spool::lock`]).
+    pub async fn journal(
+        &self,
+        event: &pb::InstanceStored,
+        file: Bytes,
+        tmp: &TempFile,
+        path: PathBuf,
+    ) -> io::Result<()> {
+        let create = CreateFile { tmp: tmp.guard.path.clone(), path };
+        self.journal.append(event.encode_to_vec(), file, create).await
+    }
+
+    /// Picks the name of an instance's spool file (blocking: call from a blocking task, under
+    /// the instance's [`Spool::lock`]):
+    /// - no such file yet: [`Decision::Create`] `<study>/<series>/<sop>.dcm`;
+    /// - a file with the same data set is there: [`Decision::Exists`], it is kept ([`Placement::Duplicate`]);
+    /// - a different one is there: the new one goes alongside as
+    ///   `<sop>.dcm.conflict-<first 16 hex digits of its data set SHA-256>` ([`Placement::Conflict`]).
+    pub fn decide(&self, dataset_sha256: &str, file_size: u64, ids: &InstanceIds) -> io::Result<Decision> {
+        let study_dir = ensure_dir(&self.root, ids.study.as_str())?;
+        let series_dir = ensure_dir(&study_dir, ids.series.as_str())?;
+        let name = format!("{}.dcm", ids.sop.as_str());
+        let relative = |file: &str| format!("{}/{}/{}", ids.study, ids.series, file);
+        let mut placement = Placement::New;
+        let mut existing = None;
+        let mut file_name = name.clone();
+        loop {
+            let target = series_dir.join(&file_name);
+            let meta = match fs::metadata(&target) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let placed = Placed { relative_path: relative(&file_name), file_size, placement, existing };
+                    return Ok(Decision::Create { path: target, placed });
+                }
+                Err(e) => return Err(e),
+            };
+            let sha256 = dataset_sha256_of_file(&target)?;
+            if sha256 == dataset_sha256 {
+                let placement = if placement == Placement::New { Placement::Duplicate } else { Placement::Conflict };
+                let placed = Placed { relative_path: relative(&file_name), file_size: meta.len(), placement, existing };
+                return Ok(Decision::Exists(placed));
+            }
+            if placement == Placement::Conflict {
+                // Two different data sets whose hashes share 64 bits: do not guess.
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "conflict file name already taken"));
+            }
+            placement = Placement::Conflict;
+            existing = Some(Existing { relative_path: relative(&file_name), dataset_sha256: sha256 });
+            file_name = conflict_name(&name, dataset_sha256);
+        }
     }
 
     /// The spool root.
@@ -116,7 +284,8 @@ impl Spool {
         let mut file_name = name.clone();
         loop {
             let target = series_dir.join(&file_name);
-            match fs::hard_link(part.path(), &target) {
+            let source = part.path().ok_or_else(|| io::Error::other("instance not in a temp file"))?;
+            match fs::hard_link(source, &target) {
                 Ok(()) => {
                     return Ok(Placed {
                         relative_path: relative(&file_name),
@@ -139,7 +308,7 @@ impl Spool {
                     }
                     placement = Placement::Conflict;
                     existing = Some(Existing { relative_path: relative(&file_name), dataset_sha256: sha256 });
-                    file_name = format!("{name}.conflict-{}", &part.dataset_sha256[..16]);
+                    file_name = conflict_name(&name, &part.dataset_sha256);
                 }
                 Err(e) => return Err(e),
             }
@@ -178,7 +347,13 @@ pub fn part10_header(meta: &PartMeta<'_>) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Removes its file when dropped, unless [`TempGuard::remove`] already did.
+/// A temp file holding an instance's bytes, removed when dropped unless it was renamed.
+#[derive(Debug)]
+pub struct TempFile {
+    guard: TempGuard,
+}
+
+/// Removes its file when dropped (if it is still there).
 #[derive(Debug)]
 struct TempGuard {
     path: PathBuf,
@@ -259,15 +434,21 @@ impl PartFile {
         Ok(buf)
     }
 
-    /// Writes what is left to the temp file (not synced: see [`Spool::sync`]).
+    /// The instance is complete: an instance held in memory stays there; a spilled one gets
+    /// what is left written to its temp file (not synced: see [`Spool::sync`]).
     pub async fn finish(mut self) -> io::Result<FinishedPart> {
-        let fitted = self.spilled.is_none();
-        let written = self.write_pending().await?;
-        let Self { spilled, hasher, header_len, dataset_len, .. } = self;
-        let guard = spilled.map(|s| s.guard).ok_or_else(|| io::Error::other("temp file missing after write"))?;
+        if self.spilled.is_some() {
+            self.write_pending().await?;
+        }
+        let Self { tmp, pending, spilled, hasher, header_len, dataset_len } = self;
+        let (guard, memory) = match spilled {
+            Some(s) => (Some(s.guard), None),
+            None => (None, Some(Bytes::from(pending))),
+        };
         Ok(FinishedPart {
+            tmp,
             guard,
-            memory: fitted.then_some(written),
+            memory,
             dataset_sha256: hex::encode(hasher.finalize()),
             file_size: header_len + dataset_len,
             dataset_len,
@@ -275,12 +456,14 @@ impl PartFile {
     }
 }
 
-/// A complete temp file (removed when dropped).
+/// A complete instance: in memory, or in a temp file (removed when dropped).
 #[derive(Debug)]
 pub struct FinishedPart {
-    guard: TempGuard,
-    /// The whole file's bytes when the instance fitted in memory.
-    memory: Option<Vec<u8>>,
+    tmp: PathBuf,
+    /// The temp file, if the instance is in one.
+    guard: Option<TempGuard>,
+    /// The whole file's bytes while the instance is held in memory.
+    memory: Option<Bytes>,
     /// SHA-256 (lowercase hex) of the data set bytes.
     pub dataset_sha256: String,
     /// Size of the whole Part 10 file.
@@ -290,20 +473,110 @@ pub struct FinishedPart {
 }
 
 impl FinishedPart {
-    /// Where the temp file is.
-    pub fn path(&self) -> &Path {
-        &self.guard.path
+    /// Where the temp file is, if the instance is in one.
+    pub fn path(&self) -> Option<&Path> {
+        self.guard.as_ref().map(|g| g.path.as_path())
     }
 
-    /// The file's bytes, when the instance fitted in memory (to read its header without I/O).
-    pub fn bytes(&self) -> Option<&[u8]> {
-        self.memory.as_deref()
+    /// The file's bytes, while the instance is held in memory.
+    pub fn bytes(&self) -> Option<&Bytes> {
+        self.memory.as_ref()
     }
 
-    /// Frees the in-memory copy.
-    pub fn release_memory(&mut self) {
-        self.memory = None;
+    /// Writes an instance held in memory to a temp file and frees the memory (blocking: call
+    /// from a blocking task). Not synced: see [`Spool::sync`].
+    pub fn spill(&mut self) -> io::Result<()> {
+        let Some(bytes) = self.memory.take() else { return Ok(()) };
+        let guard = TempGuard { path: self.tmp.join(format!("{}.part", uuid::Uuid::new_v4().simple())) };
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&guard.path)?;
+        file.write_all(&bytes)?;
+        self.guard = Some(guard);
+        Ok(())
     }
+}
+
+/// Where an instance's spool file goes ([`Spool::decide`]).
+#[derive(Debug)]
+pub enum Decision {
+    /// Create the file at `path` (absolute); it will be where `placed` says.
+    Create {
+        /// Absolute path of the file to create.
+        path: PathBuf,
+        /// The placement once created.
+        placed: Placed,
+    },
+    /// The same data set is already spooled there: nothing to write.
+    Exists(Placed),
+}
+
+/// `<sop>.dcm.conflict-<first 16 hex digits of the data set SHA-256>`.
+fn conflict_name(name: &str, dataset_sha256: &str) -> String {
+    format!("{name}.conflict-{}", dataset_sha256.get(..16).unwrap_or(dataset_sha256))
+}
+
+/// Checks a journaled spool path: `<study>/<series>/<sop>.dcm` or its conflict name, with
+/// valid UIDs, so that a damaged journal cannot write outside the spool.
+fn valid_spool_path(relative: &str) -> Option<(Uid, Uid, &str)> {
+    let mut parts = relative.split('/');
+    let (study, series, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let study = Uid::parse("StudyInstanceUID", study).ok()?;
+    let series = Uid::parse("SeriesInstanceUID", series).ok()?;
+    let (sop, rest) = file.split_once(".dcm")?;
+    Uid::parse("SOPInstanceUID", sop).ok()?;
+    let conflict = rest.strip_prefix(".conflict-");
+    let ok = rest.is_empty() || conflict.is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then_some((study, series, file))
+}
+
+/// Makes sure the spool file of a journal record holds the record's bytes (blocking). A file
+/// found there with other bytes (torn by a crash before the checkpoint) is kept beside it as
+/// `<name>.torn-<seq>`: nothing is deleted.
+fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<RecoveredInstance>> {
+    let Ok(event) = pb::InstanceStored::decode(record.meta.as_slice()) else {
+        tracing::error!(seq = record.seq, "journal record with an undecodable event skipped");
+        return Ok(None);
+    };
+    let Some((study, series, file)) = valid_spool_path(&event.spool_path) else {
+        tracing::error!(seq = record.seq, spool_path = %event.spool_path, "journal record with an invalid path skipped");
+        return Ok(None);
+    };
+    let series_dir = ensure_dir(&ensure_dir(root, study.as_str())?, series.as_str())?;
+    let target = series_dir.join(file);
+    match fs::read(&target) {
+        Ok(bytes) if bytes == record.data => {}
+        Ok(_) => {
+            let aside = series_dir.join(format!("{file}.torn-{}", record.seq));
+            tracing::warn!(
+                spool_path = %event.spool_path,
+                kept_as = %aside.display(),
+                "a spool file differs from its journal record: rewritten, the other kept aside"
+            );
+            fs::rename(&target, &aside)?;
+            write_new(tmp, &target, &record.data)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_new(tmp, &target, &record.data)?,
+        Err(e) => return Err(e),
+    }
+    let existing = match event.spool_path.split_once(".conflict-") {
+        Some((plain, _)) => {
+            let path = root.join(plain);
+            Some(Existing { relative_path: plain.to_owned(), dataset_sha256: dataset_sha256_of_file(&path)? })
+        }
+        None => None,
+    };
+    Ok(Some(RecoveredInstance { event, existing }))
+}
+
+/// Writes `bytes` to a temp file and renames it to `target` (blocking).
+fn write_new(tmp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
+    let guard = TempGuard { path: tmp.join(format!("{}.part", uuid::Uuid::new_v4().simple())) };
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&guard.path)?;
+    file.write_all(bytes)?;
+    drop(file);
+    fs::rename(&guard.path, target)
 }
 
 /// The validated UIDs that name a spool file.
@@ -387,6 +660,14 @@ fn dataset_offset(head: &[u8; 144]) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// Files in the temp directory, the pool's ready ones excluded.
+    fn temp_files(root: &Path) -> usize {
+        fs::read_dir(root.join(TMP_DIR))
+            .unwrap()
+            .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with(pool::PREFIX))
+            .count()
+    }
+
     fn ids(study: &str) -> InstanceIds {
         InstanceIds {
             study: Uid::parse("StudyInstanceUID", study).unwrap(),
@@ -402,7 +683,7 @@ mod tests {
         calling_ae_title: "SCANNER",
     };
 
-    async fn part(spool: &Spool, body: &[u8]) -> FinishedPart {
+    async fn in_memory(spool: &Spool, body: &[u8]) -> FinishedPart {
         let mut p = spool.create_part(&META).unwrap();
         for chunk in body.chunks(3) {
             p.append(chunk).await.unwrap();
@@ -410,20 +691,30 @@ mod tests {
         p.finish().await.unwrap()
     }
 
+    /// An instance in a temp file, as a large one would be.
+    async fn part(spool: &Spool, body: &[u8]) -> FinishedPart {
+        let mut p = in_memory(spool, body).await;
+        p.spill().unwrap();
+        p
+    }
+
     #[tokio::test]
     async fn header_is_part10_and_hash_covers_the_data_set_only() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).await.unwrap();
         let body = b"\x08\x00\x16\x00some data set bytes!";
-        let p = part(&spool, body).await;
-        let bytes = fs::read(p.path()).unwrap();
+        let mut p = in_memory(&spool, body).await;
+        assert!(p.path().is_none(), "a small instance stays in memory");
+        let bytes = p.bytes().unwrap().to_vec();
         let head: [u8; 144] = bytes[..144].try_into().unwrap();
         let offset = dataset_offset(&head).unwrap() as usize;
         assert_eq!(&bytes[offset..], body);
         assert_eq!(bytes.len() as u64, p.file_size);
         assert_eq!(p.dataset_sha256, hex::encode(Sha256::digest(body)));
-        assert_eq!(dataset_sha256_of_file(p.path()).unwrap(), p.dataset_sha256);
-        assert_eq!(p.bytes(), Some(&bytes[..]), "a small instance keeps its bytes in memory");
+        p.spill().unwrap();
+        assert!(p.bytes().is_none(), "spilling frees the memory");
+        assert_eq!(fs::read(p.path().unwrap()).unwrap(), bytes);
+        assert_eq!(dataset_sha256_of_file(p.path().unwrap()).unwrap(), p.dataset_sha256);
         let meta = dicom_object::FileMetaTable::from_reader(&bytes[128..]).unwrap();
         assert_eq!(meta.media_storage_sop_instance_uid().trim_end_matches('\0'), "1.2.3.4.5");
         assert_eq!(meta.transfer_syntax().trim_end_matches('\0'), "1.2.840.10008.1.2.1");
@@ -441,15 +732,15 @@ mod tests {
             p.append(chunk).await.unwrap();
             assert!(p.pending.len() < IN_MEMORY_LIMIT, "pending bytes are bounded");
         }
-        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 1);
+        assert_eq!(temp_files(dir.path()), 1);
         let done = p.finish().await.unwrap();
         assert!(done.bytes().is_none());
-        let bytes = fs::read(done.path()).unwrap();
+        let bytes = fs::read(done.path().unwrap()).unwrap();
         assert_eq!(bytes.len() as u64, done.file_size);
         assert_eq!(&bytes[bytes.len() - body.len()..], &body[..]);
-        assert_eq!(dataset_sha256_of_file(done.path()).unwrap(), done.dataset_sha256);
+        assert_eq!(dataset_sha256_of_file(done.path().unwrap()).unwrap(), done.dataset_sha256);
         drop(done);
-        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[tokio::test]
@@ -458,10 +749,10 @@ mod tests {
         let spool = Spool::open(dir.path()).await.unwrap();
         let p = spool.create_part(&META).unwrap();
         drop(p);
-        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
         fs::write(dir.path().join(TMP_DIR).join("stale.part"), b"x").unwrap();
         Spool::open(dir.path()).await.unwrap();
-        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[tokio::test]
@@ -476,7 +767,7 @@ mod tests {
         assert_eq!(placed.relative_path, "1.2.3/1.2.3.4/1.2.3.4.5.dcm");
         drop(first);
         assert!(dir.path().join(&placed.relative_path).is_file());
-        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
 
         let again = part(&spool, b"first data set").await;
         let placed = spool.place(&again, &ids).unwrap();
@@ -502,5 +793,90 @@ mod tests {
         assert_eq!(placed.placement, Placement::Conflict);
         assert_eq!(placed.relative_path, expected);
         assert_eq!(placed.existing, Some(first));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn journaled_instances_are_written_and_restored_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        // No checkpoint during the test: what the journal holds is what a crash would leave.
+        let options =
+            JournalOptions { checkpoint_interval: std::time::Duration::from_secs(3600), ..Default::default() };
+        let spool = Spool::open_with(dir.path(), options).await.unwrap();
+        let ids = ids("1.2.3");
+        let event = |placed: &Placed| pb::InstanceStored {
+            sop_instance_uid: "1.2.3.4.5".into(),
+            spool_path: placed.relative_path.clone(),
+            ..Default::default()
+        };
+
+        let first = in_memory(&spool, b"first data set").await;
+        let Decision::Create { path, placed } = spool.decide(&first.dataset_sha256, first.file_size, &ids).unwrap()
+        else {
+            panic!("expected a new file")
+        };
+        assert_eq!((placed.placement, placed.relative_path.as_str()), (Placement::New, "1.2.3/1.2.3.4/1.2.3.4.5.dcm"));
+        let tmp = spool.write_temp(first.bytes().unwrap()).unwrap();
+        spool.journal(&event(&placed), first.bytes().unwrap().clone(), &tmp, path.clone()).await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), first.bytes().unwrap().as_ref());
+
+        // The same bytes again: nothing to write.
+        match spool.decide(&first.dataset_sha256, first.file_size, &ids).unwrap() {
+            Decision::Exists(p) => assert_eq!(p.placement, Placement::Duplicate),
+            d => panic!("expected the existing file, got {d:?}"),
+        }
+        // Other bytes: a conflict file beside it.
+        let other = in_memory(&spool, b"other data set").await;
+        let Decision::Create { path: conflict_path, placed: conflict } =
+            spool.decide(&other.dataset_sha256, other.file_size, &ids).unwrap()
+        else {
+            panic!("expected a conflict file")
+        };
+        assert_eq!(conflict.placement, Placement::Conflict);
+        assert_eq!(conflict.existing.as_ref().unwrap().dataset_sha256, first.dataset_sha256);
+        let tmp = spool.write_temp(other.bytes().unwrap()).unwrap();
+        spool.journal(&event(&conflict), other.bytes().unwrap().clone(), &tmp, conflict_path.clone()).await.unwrap();
+
+        // Power loss before any checkpoint: the first file comes back torn, the conflict file lost.
+        std::mem::forget(spool);
+        fs::write(&path, b"torn").unwrap();
+        fs::remove_file(&conflict_path).unwrap();
+
+        let spool = Spool::open(dir.path()).await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), first.bytes().unwrap().as_ref(), "rewritten from the journal");
+        assert_eq!(fs::read(&conflict_path).unwrap(), other.bytes().unwrap().as_ref(), "restored from the journal");
+        let torn: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".torn-"))
+            .collect();
+        assert_eq!(torn.len(), 1, "the torn file is kept aside, not deleted");
+        assert_eq!(fs::read(path.with_file_name(&torn[0])).unwrap(), b"torn");
+        let recovered = spool.take_recovered();
+        let paths: Vec<_> = recovered.iter().map(|r| r.event.spool_path.as_str()).collect();
+        assert_eq!(paths, [placed.relative_path.as_str(), conflict.relative_path.as_str()]);
+        assert_eq!(recovered[1].existing.as_ref().unwrap().relative_path, placed.relative_path);
+        assert!(spool.take_recovered().is_empty(), "handed out once");
+        drop(spool);
+
+        // Restored and checkpointed: a third start finds nothing to do.
+        let spool = Spool::open(dir.path()).await.unwrap();
+        assert!(spool.take_recovered().is_empty());
+    }
+
+    #[test]
+    fn journaled_paths_are_checked_before_use() {
+        assert!(valid_spool_path("1.2.3/1.2.3.4/1.2.3.4.5.dcm").is_some());
+        assert!(valid_spool_path("1.2.3/1.2.3.4/1.2.3.4.5.dcm.conflict-0123456789abcdef").is_some());
+        for bad in [
+            "../1.2/1.2.3.dcm",
+            "1.2.3/../1.2.3.dcm",
+            "1.2.3/1.2.3.4/1.2.3.4.5.dcm/x",
+            "/1.2.3/1.2.3.4/1.2.3.4.5.dcm",
+            "1.2.3/1.2.3.4/1.2.3.4.5.dcm.conflict-../../x",
+            "1.2.3/1.2.3.4/evil.dcm",
+            "1.2.3/1.2.3.4",
+        ] {
+            assert!(valid_spool_path(bad).is_none(), "{bad} accepted");
+        }
     }
 }

@@ -1,12 +1,14 @@
-//! One C-STORE: stream the data set to a temp file, validate it, place it in
-//! the spool, publish `InstanceStored`, and decide the response status.
+//! One C-STORE: gather the data set, validate it, make it durable in the
+//! spool, publish `InstanceStored`, and decide the response status.
 //!
-//! Success is answered only after the file is durable and JetStream has
-//! acknowledged the event. Durability is a group commit shared with the
-//! stores of other associations ([`Spool::sync`]): the data set is written
-//! to its temp file and synced, linked to its spool name and synced again,
-//! then the event is published. Failures never answer Success:
-//! - the data set cannot be parsed, UIDs are missing or invalid → 0xC000, temp file removed;
+//! Success is answered only after the instance is durable and JetStream has
+//! acknowledged the event. Durability (see [`crate::spool`]): an instance held
+//! in memory is appended to the spool journal (one `fdatasync` shared with the
+//! stores waiting at that moment) and then written under its name; a larger
+//! one, already in a temp file, is synced, linked to its name and synced again
+//! (group commits shared with the other associations). Failures never answer
+//! Success:
+//! - the data set cannot be parsed, UIDs are missing or invalid → 0xC000, nothing kept;
 //! - disk errors → 0xA700, temp file removed;
 //! - the bus does not acknowledge → 0xA700, the spool file is KEPT: it is
 //!   durable, and a resend of the same bytes publishes the same message id,
@@ -24,13 +26,15 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex as _;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use prost::Message as _;
 use tracing::{Instrument as _, Span, error, info, info_span, warn};
 
 use crate::dimse::status;
 use crate::header;
 use crate::metrics::{Metrics, StoreResult};
+use crate::rule_attributes::RuleAttributes;
 use crate::space::SpaceGuard;
-use crate::spool::{InstanceIds, PartFile, PartMeta, Placement, Spool};
+use crate::spool::{Decision, Existing, FinishedPart, InstanceIds, PartFile, PartMeta, Placed, Placement, Spool};
 
 /// What every store of the service shares.
 #[derive(Debug)]
@@ -43,6 +47,8 @@ pub struct StoreContext {
     pub space: SpaceGuard,
     /// Counters of stores (and, through the service, of associations).
     pub metrics: Arc<Metrics>,
+    /// Attributes copied into the event for completion rules.
+    pub rule_attributes: Arc<RuleAttributes>,
 }
 
 /// Why a store failed, mapped to a DIMSE status.
@@ -211,6 +217,8 @@ pub struct Attributes {
     modality: String,
     series_description: String,
     series_number: String,
+    /// The rule attributes found (may hold patient values if so configured: never log).
+    extra: std::collections::HashMap<String, String>,
 }
 
 async fn finish(
@@ -219,25 +227,28 @@ async fn finish(
     part: PartFile,
     received_at_unix_ms: i64,
 ) -> Result<(Placement, u64), Failure> {
-    let mut part = part.finish().await.context("write spool temp file").map_err(Failure::OutOfResources)?;
+    let part = part.finish().await.context("write spool temp file").map_err(Failure::OutOfResources)?;
     Span::current().record("size", part.dataset_len);
     // We wrote the file meta group ourselves: the data set starts right after it and its
     // transfer syntax is the negotiated one, so neither is parsed back.
     let offset = part.file_size - part.dataset_len;
-    let attrs = match part.bytes() {
-        // Fitted in memory: the header is a few kilobytes in front of the pixels, read it here.
-        Some(bytes) => inspect_dataset(bytes.get(offset as usize..).unwrap_or_default(), &request.transfer_syntax_uid),
-        None => {
-            let path = part.path().to_path_buf();
-            let ts = request.transfer_syntax_uid.clone();
-            tokio::task::spawn_blocking(move || inspect_file(&path, offset, &ts))
+    let attrs = match (part.bytes(), part.path()) {
+        // Held in memory: the header is a few kilobytes in front of the pixels, read it here.
+        (Some(bytes), _) => {
+            let dataset = bytes.get(offset as usize..).unwrap_or_default();
+            inspect_dataset(dataset, &request.transfer_syntax_uid, &ctx.rule_attributes)
+        }
+        (None, Some(path)) => {
+            let path = path.to_path_buf();
+            let (ts, wanted) = (request.transfer_syntax_uid.clone(), ctx.rule_attributes.clone());
+            tokio::task::spawn_blocking(move || inspect_file(&path, offset, &ts, &wanted))
                 .await
                 .context("join data set inspection")
                 .map_err(Failure::OutOfResources)?
         }
+        (None, None) => Err(anyhow::anyhow!("instance neither in memory nor in a file")),
     }
     .map_err(Failure::CannotUnderstand)?;
-    part.release_memory();
     Span::current().record("study_instance_uid", tracing::field::display(&attrs.study));
     Span::current().record("series_instance_uid", tracing::field::display(&attrs.series));
     if attrs.sop.as_str() != request.sop_instance_uid {
@@ -249,8 +260,95 @@ async fn finish(
     // Checked again before a name is given: a large instance may have taken a while to arrive.
     // The temp file goes with `part` on this path.
     ctx.space.check().map_err(|e| Failure::NearlyFull(e.into()))?;
-    // The data must be durable before a spool name points at it: after a crash, a name always
-    // means a complete file.
+    let mut event = pb::InstanceStored {
+        study_instance_uid: attrs.study.to_string(),
+        series_instance_uid: attrs.series.to_string(),
+        sop_instance_uid: attrs.sop.to_string(),
+        sop_class_uid: request.sop_class_uid.clone(),
+        transfer_syntax_uid: request.transfer_syntax_uid.clone(),
+        spool_path: String::new(),
+        file_size: 0,
+        dataset_sha256: part.dataset_sha256.clone(),
+        calling_ae_title: request.calling_ae_title.clone(),
+        called_ae_title: request.called_ae_title.clone(),
+        received_at_unix_ms,
+        modality: attrs.modality,
+        series_description: attrs.series_description,
+        series_number: attrs.series_number,
+        attributes: attrs.extra,
+    };
+    let dataset_len = part.dataset_len;
+    let placed = {
+        // No other store of this SOP instance between choosing the name and writing the file.
+        let _lock = ctx.spool.lock(ids.sop.as_str()).await;
+        match part.bytes().cloned() {
+            Some(bytes) if ctx.spool.journaled(event.encoded_len() + 256, bytes.len()) => {
+                place_journaled(ctx, &ids, &mut event, &part, bytes).await?
+            }
+            _ => place_synced(ctx, ids, part).await?,
+        }
+    };
+    event.spool_path.clone_from(&placed.relative_path);
+    event.file_size = placed.file_size;
+    announce(&ctx.bus, &event, placed.existing.as_ref()).await.map_err(Failure::OutOfResources)?;
+    Ok((placed.placement, dataset_len))
+}
+
+/// Stores an instance held in memory through the spool journal: one flush, shared with the
+/// stores waiting at the same moment (see [`crate::spool`]).
+async fn place_journaled(
+    ctx: &StoreContext,
+    ids: &InstanceIds,
+    event: &mut pb::InstanceStored,
+    part: &FinishedPart,
+    bytes: bytes::Bytes,
+) -> Result<Placed, Failure> {
+    let spool = ctx.spool.clone();
+    let (sha256, size, ids, data) = (part.dataset_sha256.clone(), part.file_size, ids.clone(), bytes.clone());
+    // Choosing the name and writing the temp file happen here, in parallel with other stores;
+    // the journal's single writer thread only appends, flushes and renames.
+    let decided = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        match spool.decide(&sha256, size, &ids).context("choose the spool file name")? {
+            Decision::Create { path, placed } => {
+                let tmp = spool.write_temp(&data).context("write spool temp file")?;
+                Ok((placed, Some((path, tmp))))
+            }
+            Decision::Exists(placed) => Ok((placed, None)),
+        }
+    })
+    .await
+    .context("join spool placement")
+    .map_err(Failure::OutOfResources)?
+    .map_err(Failure::OutOfResources)?;
+    match decided {
+        // The identical file is durable already, or recoverable from the journal record that
+        // created it (this store waited for its lock).
+        (placed, None) => Ok(placed),
+        (placed, Some((path, tmp))) => {
+            event.spool_path.clone_from(&placed.relative_path);
+            event.file_size = placed.file_size;
+            ctx.spool
+                .journal(event, bytes, &tmp, path)
+                .await
+                .context("journal the instance and name its spool file")
+                .map_err(Failure::OutOfResources)?;
+            Ok(placed)
+        }
+    }
+}
+
+/// Stores an instance in a temp file (a large one) with two group commits: the data is
+/// durable before a name points at it, and the name before the event announces it.
+async fn place_synced(ctx: &StoreContext, ids: InstanceIds, mut part: FinishedPart) -> Result<Placed, Failure> {
+    if part.path().is_none() {
+        // Held in memory but too large for a journal record.
+        part = tokio::task::spawn_blocking(move || part.spill().map(|()| part))
+            .await
+            .context("join spool temp file")
+            .map_err(Failure::OutOfResources)?
+            .context("write spool temp file")
+            .map_err(Failure::OutOfResources)?;
+    }
     ctx.spool.sync().await.context("sync spool temp file").map_err(Failure::OutOfResources)?;
     let spool = ctx.spool.clone();
     let (part, placed) = tokio::task::spawn_blocking(move || {
@@ -264,71 +362,56 @@ async fn finish(
     // The name (or the identical file another store just placed) is durable before the event
     // announces it.
     ctx.spool.sync().await.context("sync spool placement").map_err(Failure::OutOfResources)?;
-    if let Some(existing) = &placed.existing {
+    // The temp file goes now: the spool file (or the identical one already there) is durable.
+    drop(part);
+    Ok(placed)
+}
+
+/// Publishes an instance's event (and first, for a conflict file, the conflict). The spool
+/// file is kept if this fails: a resend of the same bytes publishes the same message ids,
+/// which JetStream de-duplicates.
+pub async fn announce(bus: &Bus, event: &pb::InstanceStored, existing: Option<&Existing>) -> anyhow::Result<()> {
+    if let Some(existing) = existing {
         warn!(
-            spool_path = %placed.relative_path,
+            spool_path = %event.spool_path,
             existing_spool_path = %existing.relative_path,
             "a different data set with this SOPInstanceUID is spooled, kept both"
         );
         let conflict = pb::InstanceConflict {
-            study_instance_uid: attrs.study.to_string(),
-            series_instance_uid: attrs.series.to_string(),
-            sop_instance_uid: attrs.sop.to_string(),
+            study_instance_uid: event.study_instance_uid.clone(),
+            series_instance_uid: event.series_instance_uid.clone(),
+            sop_instance_uid: event.sop_instance_uid.clone(),
             existing_spool_path: existing.relative_path.clone(),
             existing_dataset_sha256: existing.dataset_sha256.clone(),
-            conflict_spool_path: placed.relative_path.clone(),
-            conflict_dataset_sha256: part.dataset_sha256.clone(),
-            calling_ae_title: request.calling_ae_title.clone(),
-            received_at_unix_ms,
+            conflict_spool_path: event.spool_path.clone(),
+            conflict_dataset_sha256: event.dataset_sha256.clone(),
+            calling_ae_title: event.calling_ae_title.clone(),
+            received_at_unix_ms: event.received_at_unix_ms,
         };
         // Same conflicting bytes again, same id: JetStream keeps one event.
         let msg_id = subjects::conflict_msg_id(&conflict.sop_instance_uid, &conflict.conflict_dataset_sha256);
-        ctx.bus
-            .publish(subjects::INSTANCE_CONFLICT, &conflict, Some(&msg_id))
+        bus.publish(subjects::INSTANCE_CONFLICT, &conflict, Some(&msg_id))
             .await
-            .context("publish InstanceConflict (the spool files are kept)")
-            .map_err(Failure::OutOfResources)?;
+            .context("publish InstanceConflict (the spool files are kept)")?;
     }
-    let event = pb::InstanceStored {
-        study_instance_uid: attrs.study.to_string(),
-        series_instance_uid: attrs.series.to_string(),
-        sop_instance_uid: attrs.sop.to_string(),
-        sop_class_uid: request.sop_class_uid.clone(),
-        transfer_syntax_uid: request.transfer_syntax_uid.clone(),
-        spool_path: placed.relative_path.clone(),
-        file_size: placed.file_size,
-        dataset_sha256: part.dataset_sha256.clone(),
-        calling_ae_title: request.calling_ae_title.clone(),
-        called_ae_title: request.called_ae_title.clone(),
-        received_at_unix_ms,
-        modality: attrs.modality,
-        series_description: attrs.series_description,
-        series_number: attrs.series_number,
-        attributes: Default::default(),
-    };
-    let dataset_len = part.dataset_len;
-    // The temp file goes now: the spool file (or the identical one already there) is durable.
-    drop(part);
     let msg_id = subjects::instance_msg_id(&event.sop_instance_uid, &event.dataset_sha256);
-    ctx.bus
-        .publish(subjects::INSTANCE_STORED, &event, Some(&msg_id))
+    bus.publish(subjects::INSTANCE_STORED, event, Some(&msg_id))
         .await
-        .context("publish InstanceStored (the spool file is kept)")
-        .map_err(Failure::OutOfResources)?;
-    Ok((placed.placement, dataset_len))
+        .context("publish InstanceStored (the spool file is kept)")?;
+    Ok(())
 }
 
 /// Reads the header of the data set that starts `offset` bytes into a spooled temp file: at most
 /// [`header::MAX_HEADER`] bytes, walked and checked by [`header::header_len`] before anything is
 /// parsed.
-fn inspect_file(path: &Path, offset: u64, ts_uid: &str) -> anyhow::Result<Attributes> {
+fn inspect_file(path: &Path, offset: u64, ts_uid: &str, wanted: &RuleAttributes) -> anyhow::Result<Attributes> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut file = std::fs::File::open(path).context("open spool temp file")?;
     file.seek(SeekFrom::Start(offset)).context("seek to the data set")?;
     let (enc, deflated) = header::Encoding::of(ts_uid);
     if deflated {
         // Inflated in a bounded stream; the walk sees at most MAX_HEADER bytes.
-        return inspect_prefix(&[], ts_uid, false, &mut file);
+        return inspect_prefix(&[], ts_uid, false, &mut file, wanted);
     }
     // Read a small prefix first and grow it only for unusually large headers: memory stays
     // bounded by MAX_HEADER whatever the instance size.
@@ -339,21 +422,31 @@ fn inspect_file(path: &Path, offset: u64, ts_uid: &str) -> anyhow::Result<Attrib
         (&mut file).take(limit as u64 + 1).read_to_end(&mut prefix).context("read data set header")?;
         let complete = prefix.len() <= limit;
         prefix.truncate(limit);
-        match header::header_len(&prefix, enc, complete) {
+        match header_len(&prefix, enc, complete, wanted) {
             Err(header::HeaderError::TooLarge) if limit < header::MAX_HEADER => limit = header::MAX_HEADER,
-            Ok(len) => return parse_header(&prefix[..len], enc),
+            Ok(len) => return parse_header(&prefix[..len], enc, wanted),
             Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Reads the header of a whole data set held in memory.
-pub fn inspect_dataset(dataset: &[u8], ts_uid: &str) -> anyhow::Result<Attributes> {
-    inspect_prefix(dataset, ts_uid, true, &mut std::io::empty())
+pub fn inspect_dataset(dataset: &[u8], ts_uid: &str, wanted: &RuleAttributes) -> anyhow::Result<Attributes> {
+    inspect_prefix(dataset, ts_uid, true, &mut std::io::empty(), wanted)
+}
+
+/// Where the header walk ends: past (0020,0011), and past every attribute rules want.
+fn header_len(
+    bytes: &[u8],
+    enc: header::Encoding,
+    complete: bool,
+    wanted: &RuleAttributes,
+) -> Result<usize, header::HeaderError> {
+    header::header_len_until(bytes, enc, complete, wanted.stop_after().unwrap_or(header::STOP))
 }
 
 /// Reads the header of Part 10 bytes from any source (their meta group is parsed for the
-/// transfer syntax). Public for `fuzz/`.
+/// transfer syntax), extracting the default rule attributes. Public for `fuzz/`.
 pub fn inspect_bytes(bytes: &[u8]) -> anyhow::Result<Attributes> {
     if bytes.get(128..132) != Some(b"DICM".as_slice()) || bytes.get(132..138) != Some(b"\x02\x00\x00\x00UL".as_slice())
     {
@@ -363,7 +456,8 @@ pub fn inspect_bytes(bytes: &[u8]) -> anyhow::Result<Attributes> {
     let offset =
         144usize.checked_add(len as usize).filter(|o| *o <= bytes.len()).context("meta group runs past the end")?;
     let meta = dicom_object::FileMetaTable::from_reader(&bytes[128..offset]).context("parse file meta group")?;
-    inspect_dataset(&bytes[offset..], meta.transfer_syntax().trim_end_matches(['\0', ' ']))
+    let ts = meta.transfer_syntax().trim_end_matches(['\0', ' ']);
+    inspect_dataset(&bytes[offset..], ts, &RuleAttributes::default_list())
 }
 
 /// Walks and parses the start of a data set (`complete` when it is all of it; `rest` continues a
@@ -373,6 +467,7 @@ fn inspect_prefix(
     ts_uid: &str,
     complete: bool,
     rest: &mut dyn std::io::Read,
+    wanted: &RuleAttributes,
 ) -> anyhow::Result<Attributes> {
     let (enc, deflated) = header::Encoding::of(ts_uid);
     let inflated;
@@ -383,12 +478,12 @@ fn inspect_prefix(
     } else {
         (dataset, complete)
     };
-    let len = header::header_len(bytes, enc, complete)?;
-    parse_header(&bytes[..len], enc)
+    let len = header_len(bytes, enc, complete, wanted)?;
+    parse_header(&bytes[..len], enc, wanted)
 }
 
 /// Parses a header prefix that [`header::header_len`] has checked.
-fn parse_header(checked: &[u8], enc: header::Encoding) -> anyhow::Result<Attributes> {
+fn parse_header(checked: &[u8], enc: header::Encoding, wanted: &RuleAttributes) -> anyhow::Result<Attributes> {
     let ts = match enc {
         header::Encoding::ImplicitLe => uids::IMPLICIT_VR_LITTLE_ENDIAN,
         header::Encoding::ExplicitLe => uids::EXPLICIT_VR_LITTLE_ENDIAN,
@@ -396,11 +491,11 @@ fn parse_header(checked: &[u8], enc: header::Encoding) -> anyhow::Result<Attribu
     };
     let ts = TransferSyntaxRegistry.get(ts).context("transfer syntax registry")?;
     let obj = InMemDicomObject::read_dataset_with_ts(checked, ts).context("parse received data set")?;
-    attributes(&obj)
+    attributes(&obj, wanted)
 }
 
 /// The attributes we file and announce an instance by, its UIDs validated.
-fn attributes(obj: &InMemDicomObject) -> anyhow::Result<Attributes> {
+fn attributes(obj: &InMemDicomObject, wanted: &RuleAttributes) -> anyhow::Result<Attributes> {
     let text = |tag| -> Option<String> {
         obj.element_opt(tag)
             .ok()
@@ -417,5 +512,6 @@ fn attributes(obj: &InMemDicomObject) -> anyhow::Result<Attributes> {
         modality: text(tags::MODALITY).unwrap_or_default(),
         series_description: text(tags::SERIES_DESCRIPTION).unwrap_or_default(),
         series_number: text(tags::SERIES_NUMBER).unwrap_or_default(),
+        extra: wanted.extract(obj),
     })
 }

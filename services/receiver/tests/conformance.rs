@@ -193,7 +193,7 @@ async fn unknown_sop_class_is_refused_per_presentation_context() {
 }
 
 const MISMATCHED_CLASS: &str = r#"
-import sys
+import sys, time
 from io import BytesIO
 from pydicom import dcmread
 from pynetdicom import AE
@@ -216,8 +216,14 @@ req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage, on th
 req.AffectedSOPInstanceUID = ds.SOPInstanceUID
 req.Priority = 2
 req.DataSet = BytesIO(encode(ds, True, True))  # implicit VR LE, as negotiated
+# Pause the association's reactor while we wait for the response, as pynetdicom's own send_c_*
+# do: otherwise a quick response is taken by the reactor as an unexpected message.
+assoc._reactor_checkpoint.clear()
+while not assoc._is_paused:
+    time.sleep(0.0001)
 assoc.dimse.send_msg(req, cx.context_id)
 _, rsp = assoc.dimse.get_msg(block=True)
+assoc._reactor_checkpoint.set()
 print("STATUS 0x%04X" % rsp.Status)
 assoc.release()
 "#;

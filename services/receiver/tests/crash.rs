@@ -101,7 +101,7 @@ fn spool_files(root: &Path) -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(root, &mut out);
-    out.retain(|p| !p.starts_with(root.join(".tmp")));
+    out.retain(|p| !p.starts_with(root.join(".tmp")) && !p.starts_with(root.join(".journal")));
     out
 }
 
@@ -176,6 +176,12 @@ async fn every_instance_that_got_success_survives_a_kill_9() {
         assert_eq!(evs.len(), 1, "duplicate events for {sop}");
     }
     assert_eq!(spool_files(&spool).len(), total, "no conflict or extra files");
-    assert_eq!(std::fs::read_dir(spool.join(".tmp")).unwrap().count(), 0, "temp files left");
+    let left = std::fs::read_dir(spool.join(".tmp"))
+        .unwrap()
+        .filter(|e| {
+            !e.as_ref().unwrap().file_name().to_string_lossy().starts_with(bidsflux_receiver::spool::pool::PREFIX)
+        })
+        .count();
+    assert_eq!(left, 0, "temp files left");
     receiver.kill().await.unwrap();
 }

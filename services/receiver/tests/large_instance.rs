@@ -202,7 +202,7 @@ fn free_bytes(dir: &Path) -> u64 {
     line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unexpected df line: {line}"))
 }
 
-/// Files under the spool root, its temp directory excluded.
+/// Files under the spool root, its temp and journal directories excluded.
 fn spool_files(spool: &Path) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -212,7 +212,7 @@ fn spool_files(spool: &Path) -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(spool, &mut out);
-    out.retain(|p| !p.starts_with(spool.join(".tmp")));
+    out.retain(|p| !p.starts_with(spool.join(".tmp")) && !p.starts_with(spool.join(".journal")));
     out
 }
 

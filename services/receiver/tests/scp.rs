@@ -66,6 +66,9 @@ async fn stores_studies_and_deduplicates_resends() {
         assert_eq!(ev.calling_ae_title, "SCANNER");
         assert_eq!(ev.called_ae_title, AE);
         assert_eq!(ev.modality, "MR");
+        // Rule attributes: the default keywords present in the data set, and no patient value.
+        assert_eq!(ev.attributes.get("StudyDescription").map(String::as_str), Some(spec.study_description.as_str()));
+        assert!(!ev.attributes.contains_key("PatientName") && !ev.attributes.contains_key("PatientID"));
         assert_eq!(ev.sop_class_uid, "1.2.840.10008.5.1.4.1.1.4");
         assert_eq!(ev.transfer_syntax_uid, "1.2.840.10008.1.2.1");
         assert!(["1", "2"].contains(&ev.series_number.as_str()));

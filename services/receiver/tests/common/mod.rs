@@ -138,18 +138,24 @@ impl Harness {
     pub fn spool_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         walk(self.spool.path(), &mut out);
-        out.retain(|p| !p.starts_with(self.spool.path().join(".tmp")));
+        out.retain(|p| {
+            !p.starts_with(self.spool.path().join(".tmp")) && !p.starts_with(self.spool.path().join(".journal"))
+        });
         out.sort();
         out
     }
 
-    /// Files in the spool's temp directory.
+    /// Files in the spool's temp directory, the empty ones created ahead of need excluded.
     pub fn temp_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         walk(&self.spool.path().join(".tmp"), &mut out);
+        out.retain(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(POOL_PREFIX)));
         out
     }
 }
+
+/// Name prefix of the temp files the spool creates ahead of need.
+pub const POOL_PREFIX: &str = bidsflux_receiver::spool::pool::PREFIX;
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
