@@ -12,12 +12,21 @@
 //! every dataset's git-annex S3 remote names it, so a new port would leave the
 //! earlier datasets pointing at a dead one. NATS takes any free port (clients
 //! read it from `dev.env`).
+//!
+//! Everything else comes from the environment, as for the services: e.g.
+//! `BIDSFLUX_COMPLETION_RULES=rules.toml` gives study-completion a rules file.
+//! Its admin API listens on `127.0.0.1:50051` (where `bidsflux-ctl` looks by
+//! default) and the metrics on `127.0.0.1:9464` (receiver) and `:9465`
+//! (study-completion), unless their variables say otherwise. Tests running
+//! the pipeline leave those unset and get free ports instead (see the library).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use bidsflux_config::Env;
+use bidsflux_dev::{COMPLETION_GRPC_BIND_VAR, COMPLETION_HTTP_BIND_VAR, RECEIVER_HTTP_BIND_VAR, client_url};
 use bidsflux_testsupport::{NatsServer, S3Server, free_port};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -126,6 +135,10 @@ async fn dev() -> anyhow::Result<()> {
         ("BIDSFLUX_AE_TITLE", "BIDSFLUX"),
         ("BIDSFLUX_QUIET_PERIOD", "60s"),
         ("GITLAB_INDEXER_GROUP_TEMPLATE", "{ReferringPhysicianName}/{StudyDescriptionPath[1]}"),
+        // Fixed ports, on loopback like everything here; 50051 is bidsflux-ctl's default server.
+        (RECEIVER_HTTP_BIND_VAR, "127.0.0.1:9464"),
+        (COMPLETION_HTTP_BIND_VAR, "127.0.0.1:9465"),
+        (COMPLETION_GRPC_BIND_VAR, "127.0.0.1:50051"),
     ];
     for (k, v) in defaults {
         if user.get(k).is_none() {
@@ -179,23 +192,40 @@ async fn dev() -> anyhow::Result<()> {
     };
     std::fs::write(dir.join("dev.env"), dev_env).context("write dev.env")?;
 
+    let rules = match env.get(bidsflux_study_completion::RULES_VAR) {
+        Some(path) => std::fs::canonicalize(path).map_or_else(|_| path.to_owned(), |p| p.display().to_string()),
+        None => format!(
+            "built in: every study indexed after {} without a new instance (BIDSFLUX_COMPLETION_RULES=FILE for yours)",
+            env.get_or("BIDSFLUX_QUIET_PERIOD", "60s")
+        ),
+    };
+    let receiver_http = env.get(RECEIVER_HTTP_BIND_VAR).and_then(|v| v.parse::<SocketAddr>().ok());
     let pipeline = tokio::select! {
-        p = bidsflux_dev::Pipeline::start(env, dicom) => p?,
+        p = bidsflux_dev::Pipeline::start(env, dicom) => p.context("start the services")?,
         _ = stop.cancelled() => {
             tracing::info!("stopped during start-up");
             return Ok(());
         }
     };
+    let admin = pipeline.admin_addr().map(client_url);
+    if let Some(url) = &admin {
+        // Sourcing dev.env points bidsflux-ctl at it.
+        let file = dir.join("dev.env");
+        let text = std::fs::read_to_string(&file).context("read dev.env")?;
+        std::fs::write(&file, format!("{text}BIDSFLUX_CTL_SERVER={url}\n")).context("write dev.env")?;
+    }
     println!(
-        "\nbidsflux is running (Ctrl-C to stop)\n  DICOM      127.0.0.1:{dicom_port}  AE title BIDSFLUX\n  NATS       {}\n  S3         {}\n  forge      {}\n  settings   {}\n\n\
-         Send a study:   TCP_NODELAY=1 /usr/bin/storescu -aec BIDSFLUX 127.0.0.1 {dicom_port} +sd +r DIR\n\
-         Then, after the quiet period:\n  set -a; . {}; set +a\n  datalad clone {}/<group>/sourcedata/dicoms/<StudyInstanceUID>.git x && cd x && datalad get .\n",
-        nats.url,
-        s3.endpoint,
-        forge.display(),
-        dir.join("dev.env").display(),
-        dir.join("dev.env").display(),
-        forge.display(),
+        "{}",
+        banner(&Banner {
+            dicom_port,
+            nats: &nats.url,
+            s3: &s3.endpoint,
+            forge: &forge,
+            dev_env: &dir.join("dev.env"),
+            rules: &rules,
+            admin: admin.as_deref(),
+            metrics: [("receiver", receiver_http), ("study-completion", pipeline.completion_http_addr())],
+        })
     );
     tokio::select! {
         _ = stop.cancelled() => {}
@@ -206,6 +236,72 @@ async fn dev() -> anyhow::Result<()> {
     drop(nats);
     tracing::info!("everything stopped");
     Ok(())
+}
+
+/// What the start-up banner shows.
+struct Banner<'a> {
+    dicom_port: u16,
+    nats: &'a str,
+    s3: &'a str,
+    forge: &'a Path,
+    dev_env: &'a Path,
+    rules: &'a str,
+    /// URL of the admin API, `None` when it is off.
+    admin: Option<&'a str>,
+    metrics: [(&'static str, Option<SocketAddr>); 2],
+}
+
+/// The start-up banner: where everything is and what to type next.
+fn banner(b: &Banner<'_>) -> String {
+    let metrics: Vec<String> = b
+        .metrics
+        .iter()
+        .map(|(name, addr)| {
+            format!("{name} {}", addr.map_or_else(|| "off".to_owned(), |a| format!("{}/metrics", client_url(a))))
+        })
+        .collect();
+    let (admin, ctl) = match b.admin {
+        Some(url) => {
+            // bidsflux-ctl looks at the service's default address unless told otherwise.
+            let server = if url == client_url(bidsflux_study_completion::DEFAULT_GRPC_BIND) {
+                String::new()
+            } else {
+                format!("--server {url} ")
+            };
+            (
+                format!("{url} (gRPC, no authentication)"),
+                format!(
+                    "Where studies stand, and why one waits:\n  \
+                     cargo run -q --bin bidsflux-ctl -- {server}studies   \
+                     (also: study UID, hold|release|complete|discard|reindex UID, --help)\n"
+                ),
+            )
+        }
+        None => (format!("off ({COMPLETION_GRPC_BIND_VAR}=off): no bidsflux-ctl"), String::new()),
+    };
+    format!(
+        "\nbidsflux is running (Ctrl-C to stop)\n  \
+         DICOM      127.0.0.1:{port}  AE title BIDSFLUX\n  \
+         NATS       {nats}\n  \
+         S3         {s3}\n  \
+         forge      {forge}\n  \
+         settings   {env}\n  \
+         rules      {rules}\n  \
+         admin API  {admin}\n  \
+         metrics    {metrics}\n\n\
+         Send a study:   TCP_NODELAY=1 /usr/bin/storescu -aec BIDSFLUX 127.0.0.1 {port} +sd +r DIR\n\
+         {ctl}\
+         Then, after the quiet period:\n  \
+         set -a; . {env}; set +a\n  \
+         datalad clone {forge}/<group>/sourcedata/dicoms/<StudyInstanceUID>.git x && cd x && datalad get .\n",
+        port = b.dicom_port,
+        nats = b.nats,
+        s3 = b.s3,
+        forge = b.forge.display(),
+        env = b.dev_env.display(),
+        rules = b.rules,
+        metrics = metrics.join(", "),
+    )
 }
 
 /// Returns when a service ends on its own (it should not).
