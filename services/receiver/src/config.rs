@@ -65,7 +65,7 @@ pub struct Config {
     pub http_bind: Option<SocketAddr>,
     /// Data set attributes copied into `InstanceStored.attributes` for the completion rules
     /// (`BIDSFLUX_RULE_ATTRIBUTES`, comma-separated keywords, default
-    /// [`crate::rule_attributes::DEFAULT`]; empty: none). Patient attributes only with
+    /// [`crate::rule_attributes::DEFAULT`] when unset or empty; `none`: none). Patient attributes only with
     /// `BIDSFLUX_RULE_ATTRIBUTES_ALLOW_PATIENT=true`.
     pub rule_attributes: RuleAttributes,
 }
@@ -167,6 +167,7 @@ impl Config {
         };
         let allow_patient = env.bool_or(rule_attributes::ALLOW_PATIENT_VAR, false)?;
         let rule_attributes = match env.get(rule_attributes::VAR) {
+            Some("none") => RuleAttributes::default(),
             Some(list) => {
                 RuleAttributes::parse(list, allow_patient).map_err(|e| ConfigError::invalid(rule_attributes::VAR, e))?
             }
