@@ -9,6 +9,7 @@
 //!   back-off and dead letters.
 
 pub mod consume;
+pub mod http;
 pub mod manifest;
 pub mod subjects;
 pub mod topology;

@@ -14,7 +14,7 @@
 //! - [`store`]: one C-STORE, from fragments to the published event;
 //! - [`spool`]: temp files, the spool layout, atomic placement;
 //! - [`space`]: refuses stores while the spool's disk is nearly full;
-//! - [`metrics`], [`http`]: Prometheus metrics, `/metrics` and `/healthz`.
+//! - [`metrics`]: Prometheus metrics, served with `/healthz` by [`bidsflux_messaging::http`].
 //!
 //! Patient values never reach logs, spans or error messages: only UIDs,
 //! sizes, AE titles and peer addresses do.
@@ -25,7 +25,6 @@ pub mod config;
 pub mod conformance;
 pub mod dimse;
 pub mod header;
-pub mod http;
 pub mod metrics;
 pub mod rule_attributes;
 mod sop_classes;
@@ -116,8 +115,9 @@ pub async fn run_with(
         if let Ok(addr) = http.local_addr() {
             info!(addr = %addr, "health and metrics listening");
         }
-        let health = http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
-        tokio::spawn(http::serve(http, health, http_stop.clone()))
+        let health =
+            bidsflux_messaging::http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
+        tokio::spawn(bidsflux_messaging::http::serve(http, health, http_stop.clone()))
     });
     let recovered = spool.take_recovered();
     if !recovered.is_empty() {

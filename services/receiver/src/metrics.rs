@@ -163,6 +163,12 @@ impl Drop for ActiveAssociation<'_> {
     }
 }
 
+impl bidsflux_messaging::http::MetricsText for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

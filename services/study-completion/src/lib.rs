@@ -15,7 +15,6 @@ mod admin;
 mod config;
 mod core;
 pub mod decide;
-mod http;
 mod metrics;
 mod outbox;
 pub mod rules;
@@ -119,9 +118,13 @@ pub async fn serve(config: Config, bus: Bus, listeners: Listeners, shutdown: Can
     );
 
     if let Some(listener) = listeners.http {
-        let health = http::Health { bus: bus.clone(), metrics: core.metrics.clone(), shutdown: shutdown.clone() };
+        let health = bidsflux_messaging::http::Health {
+            bus: bus.clone(),
+            metrics: core.metrics.clone(),
+            shutdown: shutdown.clone(),
+        };
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
-        tokio::spawn(http::serve(listener, health, shutdown.clone()));
+        tokio::spawn(bidsflux_messaging::http::serve(listener, health, shutdown.clone()));
     }
     if let Some(listener) = listeners.grpc {
         let (core, timers, shutdown) = (core.clone(), timers.clone(), shutdown.clone());

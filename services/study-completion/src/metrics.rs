@@ -156,6 +156,12 @@ impl Metrics {
     }
 }
 
+impl bidsflux_messaging::http::MetricsText for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,26 @@
-//! A tiny HTTP/1.1 listener for orchestrators and Prometheus: `GET /healthz` and `GET /metrics`
-//! (the same minimal design as the receiver's: one request per connection, `Connection: close`,
-//! a capped request head, a few connections at once, each bounded in time).
+//! A tiny HTTP/1.1 listener every service uses for orchestrators and Prometheus: `GET /healthz`
+//! (200 while running and connected to NATS, 503 otherwise) and `GET /metrics` (the service's
+//! Prometheus text).
+//!
+//! Deliberately minimal (one request per connection, `Connection: close`, request head capped
+//! at [`MAX_HEAD`], a few connections at once, each bounded in time): it serves scrapes and
+//! probes, not browsers, and must cost nothing next to the service's real work.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bidsflux_messaging::Bus;
+use crate::Bus;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
+/// A service's metrics, rendered in the Prometheus text format.
+pub trait MetricsText: std::fmt::Debug + Send + Sync {
+    /// The current values.
+    fn render(&self) -> String;
+}
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -23,16 +32,16 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the endpoints report on.
 #[derive(Debug, Clone)]
 pub struct Health {
-    /// Healthy only while its connection is up.
+    /// The bus: healthy only while its connection is up.
     pub bus: Bus,
     /// The service's metrics.
-    pub metrics: Arc<Metrics>,
-    /// Unhealthy once cancelled.
+    pub metrics: Arc<dyn MetricsText>,
+    /// The service's shutdown token: unhealthy once it is cancelled.
     pub shutdown: CancellationToken,
 }
 
 impl Health {
-    /// Running and connected to NATS.
+    /// Whether the service can do its work: running and connected to NATS.
     pub fn healthy(&self) -> bool {
         !self.shutdown.is_cancelled() && self.bus.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -47,22 +56,22 @@ pub async fn serve(listener: TcpListener, health: Health, stop: CancellationToke
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "failed to accept http connection");
+                    warn!(error = %e, "failed to accept http connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(peer = %peer, "too many http connections, closed");
+            debug!(peer = %peer, "too many http connections, closed");
             continue;
         };
         let health = health.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(CONNECTION_TIMEOUT, handle(socket, &health)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "http connection failed"),
-                Err(_) => tracing::debug!(peer = %peer, "http connection timed out"),
+                Ok(Err(e)) => debug!(peer = %peer, error = %e, "http connection failed"),
+                Err(_) => debug!(peer = %peer, "http connection timed out"),
             }
             drop(slot);
         });
