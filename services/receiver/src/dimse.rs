@@ -75,15 +75,16 @@ fn trimmed(value: &str) -> String {
     value.trim_end_matches(['\0', ' ']).trim_start().to_owned()
 }
 
-/// Checks that a command set is a flat list of implicit VR LE elements whose
-/// declared lengths stay inside `bytes`.
+/// Walks a command set: a flat list of implicit VR LE elements of group 0000 whose declared
+/// lengths stay inside `bytes`, each handed to `each` as (element, value).
 ///
-/// The DICOM parser allocates a buffer of the declared length before reading
-/// the value, so a hostile 8-byte command set declaring a 3.5 GB element
-/// would make it commit gigabytes (found by `fuzz/fuzz_targets/dimse_command`).
-/// Command sets (group 0000) have no sequences and no undefined lengths, so a
-/// flat walk is exact.
-fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
+/// Command sets are read here, not with the DICOM parser: that parser allocates a buffer of the
+/// declared length before reading a value, so a hostile 8-byte command set declaring a 3.5 GB
+/// element would make it commit gigabytes (found by `fuzz/fuzz_targets/dimse_command`), and it
+/// ends every read with an end-of-input error whose backtrace it captures when `RUST_BACKTRACE`
+/// is set. Command sets (group 0000) have no sequences and no undefined lengths, so a flat walk
+/// is exact.
+fn walk(bytes: &[u8], mut each: impl FnMut(u16, &[u8])) -> Result<(), CommandError> {
     let mut at = 0usize;
     while at < bytes.len() {
         let header = bytes
@@ -91,15 +92,13 @@ fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
             .ok_or_else(|| CommandError::Parse(format!("truncated element header at byte {at}")))?;
         let group = u16::from_le_bytes([header[0], header[1]]);
         if group != 0x0000 {
-            // A command set is group 0000 only (PS3.7 §6.3). Anything else could be looked up as a
-            // sequence by the parser, with nested lengths this walk does not see.
+            // A command set is group 0000 only (PS3.7 §6.3).
             return Err(CommandError::Parse(format!("element of group {group:04X} at byte {at} in a command set")));
         }
         let element = u16::from_le_bytes([header[2], header[3]]);
         let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        // Only the command elements of PS3.7 table E.1-1, binary ones with their exact size: the
-        // parser misbehaves badly (seconds of CPU, gigabytes of memory) on a UL or US value of
-        // another length, and retired elements such as (0000,0001) are binary too.
+        // Only the command elements of PS3.7 table E.1-1, binary ones with their exact size
+        // (retired elements such as (0000,0001) are binary too).
         let size = match element {
             0x0000 => Some(4),
             0x0100 | 0x0110 | 0x0120 | 0x0700 | 0x0800 | 0x0900 | 0x0903 | 0x1002 | 0x1008 | 0x1020 | 0x1021
@@ -124,6 +123,7 @@ fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
             at.checked_add(8).and_then(|v| v.checked_add(len as usize)).filter(|end| *end <= bytes.len()).ok_or_else(
                 || CommandError::Parse(format!("element at byte {at} declares {len} bytes, past the end")),
             )?;
+        each(element, bytes.get(at + 8..end).unwrap_or_default());
         at = end;
     }
     Ok(())
@@ -131,19 +131,27 @@ fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
 
 /// Parses a complete command set.
 pub fn parse_command(bytes: &[u8]) -> Result<Command, CommandError> {
-    check_lengths(bytes)?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &implicit_le())
-        .map_err(|e| CommandError::Parse(e.to_string()))?;
-    let int = |tag, name| -> Result<u16, CommandError> {
-        obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<u16>().ok()).ok_or(CommandError::Missing(name))
-    };
-    let text = |tag| obj.element_opt(tag).ok().flatten().and_then(|e| e.to_str().ok()).map(|s| trimmed(&s));
+    let (mut field, mut message_id, mut data_set_type) = (None, None, None);
+    let (mut sop_class, mut sop_instance) = (None, None);
+    walk(bytes, |element, value| {
+        // Binary values have their exact size (checked by the walk).
+        let us = || u16::from_le_bytes([value.first().copied().unwrap_or(0), value.get(1).copied().unwrap_or(0)]);
+        let text = || trimmed(&String::from_utf8_lossy(value));
+        match element {
+            0x0100 => field = Some(us()),
+            0x0110 => message_id = Some(us()),
+            0x0800 => data_set_type = Some(us()),
+            0x0002 => sop_class = Some(text()),
+            0x1000 => sop_instance = Some(text()),
+            _ => {}
+        }
+    })?;
     Ok(Command {
-        field: int(tags::COMMAND_FIELD, "CommandField")?,
-        message_id: int(tags::MESSAGE_ID, "MessageID")?,
-        has_data_set: int(tags::COMMAND_DATA_SET_TYPE, "CommandDataSetType")? != NO_DATA_SET,
-        affected_sop_class_uid: text(tags::AFFECTED_SOP_CLASS_UID),
-        affected_sop_instance_uid: text(tags::AFFECTED_SOP_INSTANCE_UID),
+        field: field.ok_or(CommandError::Missing("CommandField"))?,
+        message_id: message_id.ok_or(CommandError::Missing("MessageID"))?,
+        has_data_set: data_set_type.ok_or(CommandError::Missing("CommandDataSetType"))? != NO_DATA_SET,
+        affected_sop_class_uid: sop_class,
+        affected_sop_instance_uid: sop_instance,
     })
 }
 
@@ -285,5 +293,18 @@ mod tests {
         let mut bytes = Vec::new();
         obj.write_dataset_with_ts(&mut bytes, &implicit_le()).unwrap();
         assert!(matches!(parse_command(&bytes), Err(CommandError::Missing("MessageID"))));
+    }
+
+    #[test]
+    fn fuzz_regressions_are_refused_cheaply() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/dimse_command");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            // Each once made the old parser commit gigabytes or spin; now refused by the walk.
+            assert!(parse_command(&bytes).is_err());
+            n += 1;
+        }
+        assert!(n >= 4, "regression inputs found in {}", dir.display());
     }
 }
