@@ -12,7 +12,7 @@
 //!   [`journal`]: [`Spool::decide`] picks its name (new, identical file already
 //!   there, or conflict), the record (event + file bytes) is appended to the
 //!   journal and flushed — one `fdatasync`, shared by every store waiting at that
-//!   moment — and only then is the spool file created under that name and written.
+//!   moment — and only then is the instance's temp file renamed to that name.
 //!   The files are flushed in bulk by the journal's checkpoints; after a crash,
 //!   [`Spool::open`] rewrites from the journal every file written since the last
 //!   checkpoint (a file it finds different is kept beside it as `.torn-<seq>`).
@@ -125,8 +125,10 @@ impl Spool {
             let root = root_dir;
             let (opened, records) = Journal::open(&root.join(JOURNAL_DIR), options)?;
             let mut recovered = Vec::with_capacity(records.len());
-            for record in &records {
-                if let Some(r) = restore(&root, &tmp_dir, record)? {
+            for position in &records {
+                // One record in memory at a time.
+                let record = opened.read(position)?;
+                if let Some(r) = restore(&root, &tmp_dir, &record)? {
                     recovered.push(r);
                 }
             }
@@ -548,13 +550,12 @@ fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<Rec
     match fs::read(&target) {
         Ok(bytes) if bytes == record.data => {}
         Ok(_) => {
-            let aside = series_dir.join(format!("{file}.torn-{}", record.seq));
+            let aside = keep_aside(&series_dir, file, record.seq, &target)?;
             tracing::warn!(
                 spool_path = %event.spool_path,
                 kept_as = %aside.display(),
                 "a spool file differs from its journal record: rewritten, the other kept aside"
             );
-            fs::rename(&target, &aside)?;
             write_new(tmp, &target, &record.data)?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => write_new(tmp, &target, &record.data)?,
@@ -568,6 +569,28 @@ fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<Rec
         None => None,
     };
     Ok(Some(RecoveredInstance { event, existing }))
+}
+
+/// Renames `target` to `<file>.torn-<seq>` (or `.torn-<seq>-<n>` if that exists: an interrupted
+/// restore run again), never replacing anything.
+fn keep_aside(dir: &Path, file: &str, seq: u64, target: &Path) -> io::Result<PathBuf> {
+    for n in 0..1000 {
+        let name = if n == 0 { format!("{file}.torn-{seq}") } else { format!("{file}.torn-{seq}-{n}") };
+        let aside = dir.join(name);
+        let renamed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            target,
+            rustix::fs::CWD,
+            &aside,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => return Ok(aside),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "too many files kept aside"))
 }
 
 /// Writes `bytes` to a temp file and renames it to `target` (blocking).

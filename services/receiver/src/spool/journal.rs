@@ -2,7 +2,8 @@
 //!
 //! An instance that fits in memory is made durable by appending it (the Part 10 bytes and the
 //! event that announces it) to a journal segment and flushing that segment with `fdatasync`; its
-//! spool file is then created under its final name and written, without a flush of its own. The
+//! temp file (written by the store meanwhile) is then renamed to its final name, without a flush
+//! of its own. The
 //! spool files are flushed in bulk later (a *checkpoint*: one `syncfs`, then the checkpoint file
 //! records the sequence number up to which every record's file is durable), so the journal only
 //! has to hold the records written since the last checkpoint.
@@ -16,11 +17,19 @@
 //! acknowledged is in a segment, checksummed; records after the checkpoint are handed back to
 //! the spool, which makes sure each one's file exists with the record's bytes before the
 //! receiver serves anyone (see `Spool::open`). A record torn by the crash was never
-//! acknowledged: the scan of its segment stops there.
+//! acknowledged: the scan of its segment stops there. A record whose store failed after it was
+//! written (a flush or rename error: the sender got a failure status) is marked *cancelled* in
+//! place before the failure is answered, so that a restart never puts it back; if even that
+//! mark cannot be written, the journal refuses every further append until a restart.
+//!
+//! A failed checkpoint is never retried: after a write-back error, a later `syncfs` may report
+//! success for data that was lost, so the journal keeps every record since the last good
+//! checkpoint (stores fail with 0xA700 once the segments are full) and a restart rewrites them.
 //!
 //! Layout, under `<spool>/.journal/`:
-//! - `segment-<n>` (n < [`JournalOptions::segments`]): records, back to back, each a [`HEADER_LEN`]-byte header
-//!   (`BFJR`, CRC-32C, sequence number, lengths) then the event bytes then the file bytes. A
+//! - `segment-<n>` (n < [`JournalOptions::segments`]): records, back to back, each a
+//!   [`HEADER_LEN`]-byte header (`BFJR`, CRC-32C, sequence number, lengths, a flags byte outside
+//!   the CRC whose bit 0 cancels the record) then the event bytes then the file bytes. A
 //!   segment grows to at most [`JournalOptions::segment_size`], then the writer moves to the next one, which it
 //!   reuses only once the checkpoint has passed every record in it.
 //! - `checkpoint`: two slots of 4 KiB (written alternately, so a torn write leaves the other),
@@ -125,8 +134,10 @@ struct State {
     segment_max: Vec<u64>,
     /// The writer waits for a segment to be freed.
     checkpoint_wanted: bool,
-    /// The last checkpoint failed (its error, for appends that wait on it).
+    /// A checkpoint failed: none is taken any more (its error, for appends that wait on one).
     checkpoint_error: Option<String>,
+    /// The journal cannot be trusted (a failed record could not be cancelled): appends fail.
+    broken: Option<String>,
     closed: bool,
 }
 
@@ -158,7 +169,13 @@ impl Journal {
     /// Opens (creating) the journal in `dir` and returns the records written after the last
     /// checkpoint, in order. The threads are not started yet: the caller repairs the spool
     /// from the records, makes it durable, and calls [`Journal::start`].
-    pub fn open(dir: &Path, options: JournalOptions) -> io::Result<(Opened, Vec<Recovered>)> {
+    pub fn open(dir: &Path, options: JournalOptions) -> io::Result<(Opened, Vec<Position>)> {
+        if options.segments < 3 || options.segment_size < 64 << 10 || options.segment_size > u64::from(u32::MAX) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a spool journal needs at least 3 segments of 64 KiB to 4 GiB",
+            ));
+        }
         fs::create_dir_all(dir)?;
         let mut segments = Vec::with_capacity(options.segments);
         for n in 0..options.segments {
@@ -167,35 +184,41 @@ impl Journal {
         }
         let checkpoint =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("checkpoint"))?;
-        // The new files' names must be durable before anything relies on them.
+        // The new files' names (and the directory's) must be durable before anything relies on them.
         File::open(dir)?.sync_all()?;
-        let checkpointed = read_checkpoint(&checkpoint)?;
+        if let Some(parent) = dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+        let (checkpointed, slot) = read_checkpoint(&checkpoint)?;
         let mut max_seq = checkpointed;
-        let mut recovered = Vec::new();
-        for segment in &mut segments {
-            for record in scan(segment, options.max_record())? {
-                max_seq = max_seq.max(record.seq);
-                if record.seq > checkpointed {
-                    recovered.push(record);
+        let mut positions = Vec::new();
+        for (n, segment) in segments.iter_mut().enumerate() {
+            for position in scan(segment, n, options.max_record())? {
+                max_seq = max_seq.max(position.seq);
+                if position.seq > checkpointed && !position.cancelled {
+                    positions.push(position);
                 }
             }
         }
-        recovered.sort_by_key(|r| r.seq);
-        let opened = Opened { dir: dir.to_path_buf(), options, segments, checkpoint, checkpointed, max_seq };
-        Ok((opened, recovered))
+        positions.sort_by_key(|p| p.seq);
+        let opened = Opened { dir: dir.to_path_buf(), options, segments, checkpoint, checkpointed, slot, max_seq };
+        Ok((opened, positions))
     }
 
     /// Appends a record and waits until it is durable and its spool file in place.
     ///
     /// `create.path` must not exist, and nobody else may create it meanwhile (the spool holds
-    /// the instance's lock): if it exists the append fails, though the record stays in the
-    /// journal (recovery then keeps both files).
+    /// the instance's lock). If anything fails, the record is cancelled before the error is
+    /// returned: a restart does not put it back.
     pub async fn append(&self, meta: Vec<u8>, data: Bytes, create: CreateFile) -> io::Result<()> {
         let (done, rx) = oneshot::channel();
         {
             let mut state = lock(&self.shared);
             if state.closed {
                 return Err(io::Error::other("the spool journal is closed"));
+            }
+            if let Some(why) = &state.broken {
+                return Err(io::Error::other(format!("the spool journal is unusable until a restart: {why}")));
             }
             let seq = state.next_seq;
             state.next_seq += 1;
@@ -223,18 +246,36 @@ pub struct Opened {
     segments: Vec<File>,
     checkpoint: File,
     checkpointed: u64,
+    /// The checkpoint slot holding `checkpointed` (the next write goes to the other one).
+    slot: u64,
     max_seq: u64,
 }
 
 impl Opened {
+    /// Reads a record found by [`Journal::open`] (one at a time: a journal holds up to
+    /// `segments × segment_size` bytes, more than a small server should hold in memory).
+    pub fn read(&self, position: &Position) -> io::Result<Recovered> {
+        let segment = self.segments.get(position.segment).ok_or_else(|| io::Error::other("no such segment"))?;
+        let mut header = [0_u8; HEADER_LEN];
+        segment.read_exact_at(&mut header, position.offset)?;
+        let parsed = Header::parse(&header).ok_or_else(|| io::Error::other("journal record header changed"))?;
+        let mut meta = vec![0_u8; parsed.meta_len as usize];
+        segment.read_exact_at(&mut meta, position.offset + HEADER_LEN as u64)?;
+        let mut data = vec![0_u8; parsed.data_len as usize];
+        segment.read_exact_at(&mut data, position.offset + HEADER_LEN as u64 + parsed.meta_len)?;
+        if parsed.crc(&header, &meta, &data) != parsed.crc || parsed.seq != position.seq {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "journal record changed since the scan"));
+        }
+        Ok(Recovered { seq: parsed.seq, meta, data })
+    }
+
     /// Records that every record found is now durable in the spool, and starts the writer and
     /// checkpoint threads; `spool_root` is the file system the checkpoints sync.
     pub fn start(self, spool_root: &Path) -> io::Result<Journal> {
-        let Self { dir, options, segments, checkpoint, mut checkpointed, max_seq } = self;
-        let mut slot = checkpointed;
+        let Self { dir, options, segments, checkpoint, mut checkpointed, mut slot, max_seq } = self;
         if max_seq > checkpointed {
-            slot = slot.wrapping_add(1);
-            write_checkpoint(&checkpoint, max_seq, slot)?;
+            write_checkpoint(&checkpoint, max_seq, slot + 1)?;
+            slot += 1;
             checkpointed = max_seq;
         }
         let state = State {
@@ -246,6 +287,7 @@ impl Opened {
             segment_max: vec![0; options.segments],
             checkpoint_wanted: false,
             checkpoint_error: None,
+            broken: None,
             closed: false,
         };
         let shared = Arc::new(Shared {
@@ -293,16 +335,42 @@ impl Writer {
                 if state.queue.is_empty() {
                     return;
                 }
-                std::mem::take(&mut state.queue)
+                // At most half a segment per batch, so that a batch never needs a segment that
+                // holds its own records.
+                let budget = self.segment_size / 2;
+                let (mut bytes, mut n) = (0, 0);
+                for p in &state.queue {
+                    if n > 0 && bytes + p.len() > budget {
+                        break;
+                    }
+                    bytes += p.len();
+                    n += 1;
+                }
+                state.queue.drain(..n).collect::<Vec<_>>()
             };
-            let written = self.write_batch(shared, &batch);
+            let mut written = Vec::with_capacity(batch.len());
+            let result = self.write_batch(shared, &batch, &mut written);
             let mut placed = Vec::with_capacity(batch.len());
-            for pending in batch {
-                let result = match &written {
+            let mut cancel = Vec::new();
+            for (i, pending) in batch.into_iter().enumerate() {
+                let result = match &result {
                     Ok(()) => rename_new(&pending.create.tmp, &pending.create.path),
                     Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 };
+                if result.is_err()
+                    && let Some(position) = written.get(i)
+                {
+                    cancel.push(*position);
+                }
                 placed.push((pending.seq, pending.done, result));
+            }
+            // Before any failure is answered: a restart must not put back what the sender was
+            // told failed (another version may take the name meanwhile).
+            if !cancel.is_empty()
+                && let Err(e) = self.cancel(&cancel)
+            {
+                tracing::error!(error = %e, "cannot cancel failed spool journal records: the journal stops");
+                lock(shared).broken = Some(format!("cancelling failed records: {e}"));
             }
             {
                 let mut state = lock(shared);
@@ -317,9 +385,28 @@ impl Writer {
         }
     }
 
-    /// Writes and flushes a batch; on failure the segment is left for the next one.
-    fn write_batch(&mut self, shared: &Shared, batch: &[Pending]) -> io::Result<()> {
-        let result = self.try_write_batch(shared, batch);
+    /// Marks records cancelled (flags byte, outside their CRC) and flushes the mark.
+    fn cancel(&self, positions: &[(usize, u64)]) -> io::Result<()> {
+        let mut segments: Vec<usize> = Vec::new();
+        for (segment, offset) in positions {
+            let file = self.segments.get(*segment).ok_or_else(|| io::Error::other("no such segment"))?;
+            file.write_all_at(&[FLAG_CANCELLED], offset + FLAGS_AT as u64)?;
+            if !segments.contains(segment) {
+                segments.push(*segment);
+            }
+        }
+        for segment in segments {
+            if let Some(file) = self.segments.get(segment) {
+                rustix::fs::fdatasync(file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes and flushes a batch, noting where each record went; on failure the segment is
+    /// left for the next one.
+    fn write_batch(&mut self, shared: &Shared, batch: &[Pending], written: &mut Vec<(usize, u64)>) -> io::Result<()> {
+        let result = self.try_write_batch(shared, batch, written);
         if let Err(e) = &result {
             tracing::error!(error = %e, records = batch.len(), "failed to write the spool journal");
             self.must_rotate = true;
@@ -327,7 +414,12 @@ impl Writer {
         result
     }
 
-    fn try_write_batch(&mut self, shared: &Shared, batch: &[Pending]) -> io::Result<()> {
+    fn try_write_batch(
+        &mut self,
+        shared: &Shared,
+        batch: &[Pending],
+        written: &mut Vec<(usize, u64)>,
+    ) -> io::Result<()> {
         let mut segment_max = 0;
         for pending in batch {
             let len = pending.len();
@@ -348,9 +440,10 @@ impl Writer {
             header.extend_from_slice(&(pending.meta.len() as u32).to_le_bytes());
             header.extend_from_slice(&(pending.data.len() as u32).to_le_bytes());
             header.extend_from_slice(&[0; 8]);
-            header.extend_from_slice(&pending.meta);
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&header[8..]), &pending.data);
+            let crc = record_crc(&header, &pending.meta, &pending.data);
             header[4..8].copy_from_slice(&crc.to_le_bytes());
+            header.extend_from_slice(&pending.meta);
+            written.push((self.current, self.offset));
             write_all_at(&self.segments[self.current], &[&header, &pending.data], self.offset)?;
             self.offset += len;
             segment_max = segment_max.max(pending.seq);
@@ -371,12 +464,14 @@ impl Writer {
         let deadline = Instant::now() + FREE_SEGMENT_TIMEOUT;
         let mut state = lock(shared);
         while state.segment_max[next] > state.checkpointed {
+            if let Some(why) = &state.checkpoint_error {
+                return Err(io::Error::other(format!("no free spool journal segment: a checkpoint failed: {why}")));
+            }
             state.checkpoint_wanted = true;
             shared.checkpointer_wake.notify_one();
             let now = Instant::now();
             if now >= deadline {
-                let why = state.checkpoint_error.clone().unwrap_or_else(|| "no checkpoint in time".to_owned());
-                return Err(io::Error::other(format!("no free spool journal segment: {why}")));
+                return Err(io::Error::other("no free spool journal segment: no checkpoint in time"));
             }
             state = shared
                 .writer_wake
@@ -455,24 +550,30 @@ fn checkpointer(shared: &Shared, fs_handle: &File, checkpoint: &File, mut slot: 
         };
         last = Instant::now();
         let started = Instant::now();
-        let result = rustix::fs::syncfs(fs_handle).map_err(io::Error::from).and_then(|()| {
-            slot = slot.wrapping_add(1);
-            write_checkpoint(checkpoint, target, slot)
-        });
+        // The slot not holding the last good checkpoint: a torn write leaves that one.
+        let result = rustix::fs::syncfs(fs_handle)
+            .map_err(io::Error::from)
+            .and_then(|()| write_checkpoint(checkpoint, target, slot + 1));
         let mut state = lock(shared);
         match result {
             Ok(()) => {
+                slot += 1;
                 state.checkpointed = target;
                 state.checkpoint_wanted = false;
-                state.checkpoint_error = None;
                 tracing::trace!(seq = target, micros = started.elapsed().as_micros() as u64, "spool checkpoint");
             }
             Err(e) => {
-                tracing::error!(error = %e, "failed to checkpoint the spool journal (retrying)");
+                // Never retried: after a write-back error a later syncfs can succeed for data
+                // that was dropped. The journal keeps what it has; a restart rewrites it.
+                tracing::error!(
+                    error = %e,
+                    "failed to checkpoint the spool journal: no more checkpoints until a restart \
+                     (stores fail once the journal is full; restart the receiver)"
+                );
                 state.checkpoint_error = Some(e.to_string());
                 drop(state);
-                std::thread::sleep(Duration::from_millis(200));
-                state = lock(shared);
+                shared.writer_wake.notify_all();
+                return;
             }
         }
         drop(state);
@@ -480,8 +581,10 @@ fn checkpointer(shared: &Shared, fs_handle: &File, checkpoint: &File, mut slot: 
     }
 }
 
-fn read_checkpoint(file: &File) -> io::Result<u64> {
-    let mut best = 0;
+/// The newest valid checkpoint and the slot (0 or 1, as a counter whose parity is the slot) it
+/// is in; `(0, 1)` when there is none, so that the first write goes to slot 0.
+fn read_checkpoint(file: &File) -> io::Result<(u64, u64)> {
+    let mut best = (0, 1);
     for n in 0..2 {
         let mut slot = [0_u8; 16];
         match file.read_exact_at(&mut slot, n * CHECKPOINT_SLOT) {
@@ -493,7 +596,10 @@ fn read_checkpoint(file: &File) -> io::Result<u64> {
         if &slot[..4] == CHECKPOINT_MAGIC && crc32c::crc32c(&slot[..12]) == crc {
             let mut seq = [0_u8; 8];
             seq.copy_from_slice(&slot[4..12]);
-            best = best.max(u64::from_le_bytes(seq));
+            let seq = u64::from_le_bytes(seq);
+            if seq >= best.0 {
+                best = (seq, n);
+            }
         }
     }
     Ok(best)
@@ -510,44 +616,94 @@ fn write_checkpoint(file: &File, seq: u64, slot: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The valid records of a segment, up to the first one that is not (torn, or never written).
-fn scan(segment: &mut File, max_record: u64) -> io::Result<Vec<Recovered>> {
+/// Where a record found at start is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Sequence number.
+    pub seq: u64,
+    /// Segment index.
+    pub segment: usize,
+    /// Byte offset of its header in the segment.
+    pub offset: u64,
+    /// Cancelled: its store failed after it was written.
+    pub cancelled: bool,
+}
+
+/// Offset of the flags byte in a record header (not covered by the CRC, so it can be set later).
+const FLAGS_AT: usize = 24;
+/// Flags bit: the record's store failed; never restore it.
+const FLAG_CANCELLED: u8 = 1;
+
+/// A record header, parsed.
+struct Header {
+    crc: u32,
+    seq: u64,
+    meta_len: u64,
+    data_len: u64,
+    flags: u8,
+}
+
+impl Header {
+    fn parse(h: &[u8; HEADER_LEN]) -> Option<Self> {
+        if &h[..4] != RECORD_MAGIC {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let mut seq = [0_u8; 8];
+        seq.copy_from_slice(&h[8..16]);
+        Some(Self {
+            crc: u32_at(4),
+            seq: u64::from_le_bytes(seq),
+            meta_len: u64::from(u32_at(16)),
+            data_len: u64::from(u32_at(20)),
+            flags: h[FLAGS_AT],
+        })
+    }
+
+    fn total(&self) -> u64 {
+        HEADER_LEN as u64 + self.meta_len + self.data_len
+    }
+
+    fn crc(&self, header: &[u8], meta: &[u8], data: &[u8]) -> u32 {
+        record_crc(header, meta, data)
+    }
+}
+
+/// CRC-32C of a record: its header after the CRC field except the flags byte, then the event
+/// and the file bytes.
+fn record_crc(header: &[u8], meta: &[u8], data: &[u8]) -> u32 {
+    let head = crc32c::crc32c(header.get(8..FLAGS_AT).unwrap_or_default());
+    let head = crc32c::crc32c_append(head, header.get(FLAGS_AT + 1..HEADER_LEN).unwrap_or_default());
+    crc32c::crc32c_append(crc32c::crc32c_append(head, meta), data)
+}
+
+/// The records of a segment from its start, while they are valid and their sequence numbers
+/// grow: a torn record, bytes never written, or a record left from the segment's previous use
+/// (smaller number, already checkpointed) ends the scan. Only positions are kept.
+fn scan(segment: &mut File, index: usize, max_record: u64) -> io::Result<Vec<Position>> {
     let len = segment.metadata()?.len();
     segment.rewind()?;
     let mut reader = io::BufReader::with_capacity(1 << 20, &*segment);
-    let mut records = Vec::new();
+    let mut found: Vec<Position> = Vec::new();
     let mut offset = 0_u64;
-    loop {
-        if offset + HEADER_LEN as u64 > len {
-            break;
-        }
+    let mut body = Vec::new();
+    while offset + HEADER_LEN as u64 <= len {
         let mut header = [0_u8; HEADER_LEN];
         reader.read_exact(&mut header)?;
-        if &header[..4] != RECORD_MAGIC {
+        let Some(h) = Header::parse(&header) else { break };
+        if h.total() > max_record || offset + h.total() > len || found.last().is_some_and(|p| h.seq <= p.seq) {
             break;
         }
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let mut seq = [0_u8; 8];
-        seq.copy_from_slice(&header[8..16]);
-        let seq = u64::from_le_bytes(seq);
-        let meta_len = u32::from_le_bytes([header[16], header[17], header[18], header[19]]) as u64;
-        let data_len = u32::from_le_bytes([header[20], header[21], header[22], header[23]]) as u64;
-        let total = HEADER_LEN as u64 + meta_len + data_len;
-        if total > max_record || offset + total > len {
+        body.resize((h.meta_len + h.data_len) as usize, 0);
+        reader.read_exact(&mut body)?;
+        let (meta, data) = body.split_at(h.meta_len as usize);
+        if h.crc(&header, meta, data) != h.crc {
             break;
         }
-        let mut meta = vec![0_u8; meta_len as usize];
-        reader.read_exact(&mut meta)?;
-        let mut data = vec![0_u8; data_len as usize];
-        reader.read_exact(&mut data)?;
-        let computed = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&header[8..]), &meta), &data);
-        if computed != crc {
-            break;
-        }
-        records.push(Recovered { seq, meta, data });
-        offset += total;
+        found.push(Position { seq: h.seq, segment: index, offset, cancelled: h.flags & FLAG_CANCELLED != 0 });
+        offset += h.total();
     }
-    Ok(records)
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -561,14 +717,47 @@ mod tests {
         journal.append(name.as_bytes().to_vec(), Bytes::copy_from_slice(data), create).await
     }
 
+    fn state(segments: usize) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                queue: Vec::new(),
+                next_seq: 1,
+                inflight: BTreeSet::new(),
+                last_flushed: 0,
+                checkpointed: 0,
+                segment_max: vec![0; segments],
+                checkpoint_wanted: false,
+                checkpoint_error: None,
+                broken: None,
+                closed: false,
+            }),
+            writer_wake: Condvar::new(),
+            checkpointer_wake: Condvar::new(),
+        }
+    }
+
+    fn pending(dir: &Path, seq: u64) -> Pending {
+        let (done, _rx) = oneshot::channel();
+        Pending {
+            seq,
+            meta: format!("meta {seq}").into_bytes(),
+            data: Bytes::from(vec![seq as u8; 1000 + seq as usize]),
+            create: CreateFile { tmp: dir.join(format!("t{seq}")), path: dir.join(format!("x{seq}")) },
+            done,
+        }
+    }
+
+    fn seqs(positions: &[Position]) -> Vec<u64> {
+        positions.iter().map(|p| p.seq).collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn appended_records_create_their_files_and_are_checkpointed_on_close() {
+    async fn appended_records_place_their_files_and_are_checkpointed_on_close() {
         let dir = tempfile::tempdir().unwrap();
         let (opened, recovered) = Journal::open(&dir.path().join(".journal"), JournalOptions::default()).unwrap();
         assert!(recovered.is_empty());
-        let journal = opened.start(dir.path()).unwrap();
+        let journal = Arc::new(opened.start(dir.path()).unwrap());
         let mut tasks = Vec::new();
-        let journal = Arc::new(journal);
         for i in 0..50 {
             let (journal, dir) = (journal.clone(), dir.path().to_path_buf());
             tasks.push(tokio::spawn(async move {
@@ -581,7 +770,7 @@ mod tests {
         for i in 0..50 {
             assert_eq!(fs::read(dir.path().join(format!("f{i}"))).unwrap(), format!("data {i}").as_bytes());
         }
-        // An existing file is never overwritten.
+        // An existing file is never replaced.
         let err = append(&journal, dir.path(), "f0", b"other").await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(dir.path().join("f0")).unwrap(), b"data 0");
@@ -598,6 +787,27 @@ mod tests {
         assert!(recovered.is_empty(), "{} records after a clean close", recovered.len());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_store_is_cancelled_and_never_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join(".journal");
+        let options = JournalOptions { checkpoint_interval: Duration::from_secs(3600), ..Default::default() };
+        let (opened, _) = Journal::open(&jdir, options).unwrap();
+        let journal = opened.start(dir.path()).unwrap();
+        append(&journal, dir.path(), "ok1", b"one").await.unwrap();
+        // The rename fails (its temp file is gone): the sender gets a failure status.
+        let create = CreateFile { tmp: dir.path().join("missing.part"), path: dir.path().join("failed") };
+        let err = journal.append(b"failed".to_vec(), Bytes::from_static(b"refused"), create).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        append(&journal, dir.path(), "ok2", b"two").await.unwrap();
+        // Crash before any checkpoint: the stores that got Success come back, the failed one
+        // does not (another version may have taken its name since).
+        std::mem::forget(journal);
+        let (opened, positions) = Journal::open(&jdir, options).unwrap();
+        let metas: Vec<Vec<u8>> = positions.iter().map(|p| opened.read(p).unwrap().meta).collect();
+        assert_eq!(metas, [b"ok1".to_vec(), b"ok2".to_vec()]);
+    }
+
     #[test]
     fn records_after_the_checkpoint_are_recovered_in_order_up_to_a_torn_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -605,36 +815,10 @@ mod tests {
         let (opened, _) = Journal::open(&jdir, JournalOptions::default()).unwrap();
         // Write records by hand as the writer would, then "crash" (no checkpoint).
         let mut writer = Writer::new(opened.segments, JournalOptions::default());
-        let shared = Shared {
-            state: Mutex::new(State {
-                queue: Vec::new(),
-                next_seq: 1,
-                inflight: BTreeSet::new(),
-                last_flushed: 0,
-                checkpointed: 0,
-                segment_max: vec![0; 8],
-                checkpoint_wanted: false,
-                checkpoint_error: None,
-                closed: false,
-            }),
-            writer_wake: Condvar::new(),
-            checkpointer_wake: Condvar::new(),
-        };
-        let pending = |seq: u64| {
-            let (done, _rx) = oneshot::channel();
-            Pending {
-                seq,
-                meta: format!("meta {seq}").into_bytes(),
-                data: Bytes::from(vec![seq as u8; 1000 + seq as usize]),
-                create: CreateFile {
-                    tmp: dir.path().join(format!("t{seq}")),
-                    path: dir.path().join(format!("x{seq}")),
-                },
-                done,
-            }
-        };
-        writer.write_batch(&shared, &[pending(1), pending(2)]).unwrap();
-        writer.write_batch(&shared, &[pending(3)]).unwrap();
+        let shared = state(8);
+        let mut written = Vec::new();
+        writer.write_batch(&shared, &[pending(dir.path(), 1), pending(dir.path(), 2)], &mut written).unwrap();
+        writer.write_batch(&shared, &[pending(dir.path(), 3)], &mut written).unwrap();
         let segment_len = writer.offset;
         drop(writer);
         // A torn fourth record: its header made it, its bytes did not all.
@@ -648,20 +832,76 @@ mod tests {
         torn.extend_from_slice(&[0; 8]);
         torn.extend_from_slice(b"meta 4 and a bit");
         segment.write_all_at(&torn, segment_len).unwrap();
-        // Stale bytes further on are never reached.
         segment.write_all_at(RECORD_MAGIC, segment_len + 500).unwrap();
 
-        let (opened, recovered) = Journal::open(&jdir, JournalOptions::default()).unwrap();
-        let seqs: Vec<u64> = recovered.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, [1, 2, 3]);
-        assert_eq!(recovered[1].meta, b"meta 2");
-        assert_eq!(recovered[1].data, vec![2_u8; 1002]);
+        let (opened, positions) = Journal::open(&jdir, JournalOptions::default()).unwrap();
+        assert_eq!(seqs(&positions), [1, 2, 3]);
+        let second = opened.read(&positions[1]).unwrap();
+        assert_eq!(second.meta, b"meta 2");
+        assert_eq!(second.data, vec![2_u8; 1002]);
         // Once started, the records found are checkpointed, and numbering goes on after them.
         let journal = opened.start(dir.path()).unwrap();
         assert_eq!(lock(&journal.shared).next_seq, 4);
         drop(journal);
-        let (_, recovered) = Journal::open(&jdir, JournalOptions::default()).unwrap();
-        assert!(recovered.is_empty());
+        let (_, positions) = Journal::open(&jdir, JournalOptions::default()).unwrap();
+        assert!(positions.is_empty());
+    }
+
+    #[test]
+    fn a_reused_segment_is_read_up_to_its_previous_records_and_cancelled_ones_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join(".journal");
+        let (opened, _) = Journal::open(&jdir, JournalOptions::default()).unwrap();
+        let mut writer = Writer::new(opened.segments, JournalOptions::default());
+        let shared = state(8);
+        let mut written = Vec::new();
+        // An earlier use of segment 0: larger records 1..=5, all checkpointed.
+        let big = |seq: u64| {
+            let mut p = pending(dir.path(), seq);
+            p.data = Bytes::from(vec![9_u8; 5000]);
+            p
+        };
+        writer.write_batch(&shared, &(1..=5).map(big).collect::<Vec<_>>(), &mut written).unwrap();
+        write_checkpoint(&opened.checkpoint, 5, 0).unwrap();
+        // Reused from its start (as after a rotation): records 6 and 7 overwrite the first.
+        writer.offset = 0;
+        written.clear();
+        writer.write_batch(&shared, &[pending(dir.path(), 6), pending(dir.path(), 7)], &mut written).unwrap();
+        writer.write_batch(&shared, &[pending(dir.path(), 8)], &mut written).unwrap();
+        // Record 7's store failed after it was written.
+        writer.cancel(&[written[1]]).unwrap();
+        drop(writer);
+        let (opened, positions) = Journal::open(&jdir, JournalOptions::default()).unwrap();
+        assert_eq!(seqs(&positions), [6, 8], "7 cancelled; the stale 2..=5 behind them are not read");
+        assert_eq!(opened.max_seq, 8);
+        assert_eq!(opened.checkpointed, 5);
+    }
+
+    #[test]
+    fn checkpoints_alternate_slots_and_survive_a_torn_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.path().join("c")).unwrap();
+        assert_eq!(read_checkpoint(&file).unwrap(), (0, 1));
+        write_checkpoint(&file, 10, 0).unwrap();
+        assert_eq!(read_checkpoint(&file).unwrap(), (10, 0));
+        write_checkpoint(&file, 20, 1).unwrap();
+        assert_eq!(read_checkpoint(&file).unwrap(), (20, 1));
+        // A torn write of the next one (slot 0) leaves 20 in slot 1.
+        file.write_all_at(b"BFJC\xff\xff", 0).unwrap();
+        assert_eq!(read_checkpoint(&file).unwrap(), (20, 1));
+    }
+
+    #[test]
+    fn journal_options_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            JournalOptions { segments: 2, ..Default::default() },
+            JournalOptions { segment_size: 4096, ..Default::default() },
+        ] {
+            let err = Journal::open(&dir.path().join("j"), bad).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -670,20 +910,33 @@ mod tests {
         let jdir = dir.path().join(".journal");
         let options = JournalOptions { segment_size: 64 << 10, segments: 3, ..JournalOptions::default() };
         let (opened, _) = Journal::open(&jdir, options).unwrap();
-        let journal = opened.start(dir.path()).unwrap();
-        // Enough data to go around every segment more than once.
-        let chunk = vec![7_u8; (options.max_record() as usize) - 1024];
+        let journal = Arc::new(opened.start(dir.path()).unwrap());
+        // Enough data to go around every segment several times, several stores at once (so
+        // batches hold more than one record and rotate in the middle).
+        let chunk = vec![7_u8; 6000];
         let rounds = (options.segments as u64 * options.segment_size / chunk.len() as u64) * 3;
-        for i in 0..rounds {
-            append(&journal, dir.path(), &format!("big{i}"), &chunk).await.unwrap();
-            // Keep the test's disk use bounded.
-            fs::remove_file(dir.path().join(format!("big{i}"))).unwrap();
+        for i in 0..rounds / 4 {
+            let mut tasks = Vec::new();
+            for k in 0..4 {
+                let (journal, dir, chunk) = (journal.clone(), dir.path().to_path_buf(), chunk.clone());
+                tasks.push(tokio::spawn(async move { append(&journal, &dir, &format!("big{i}-{k}"), &chunk).await }));
+            }
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
         }
         for n in 0..options.segments {
             let len = fs::metadata(jdir.join(format!("segment-{n}"))).unwrap().len();
             assert!(len <= options.segment_size, "segment {n} is {len} bytes");
             assert!(len > 0, "segment {n} was used");
         }
-        drop(journal);
+        // A crash now: what the journal hands back is exactly what was not checkpointed, in order.
+        std::mem::forget(Arc::into_inner(journal).unwrap());
+        let (opened, positions) = Journal::open(&jdir, options).unwrap();
+        assert!(seqs(&positions).windows(2).all(|w| w[0] < w[1]));
+        assert!(positions.iter().all(|p| p.seq > opened.checkpointed));
+        for p in &positions {
+            assert_eq!(opened.read(p).unwrap().data, chunk);
+        }
     }
 }
