@@ -1,5 +1,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
@@ -21,6 +24,10 @@ pub struct S3Server {
     /// Secret key accepted by the server.
     pub secret_key: String,
     root: PathBuf,
+    /// Every request served, as `METHOD /path?query`.
+    requests: Arc<Mutex<Vec<String>>>,
+    /// Milliseconds each UploadPart waits before it is served (0: none).
+    part_delay_ms: Arc<AtomicU64>,
     _tmp: Option<tempfile::TempDir>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -45,6 +52,24 @@ impl S3Server {
             b.set_auth(SimpleAuth::from_single(access_key, secret_key));
             b.build()
         };
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let part_delay_ms = Arc::new(AtomicU64::new(0));
+        let (log, delay) = (requests.clone(), part_delay_ms.clone());
+        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            if let Ok(mut l) = log.lock() {
+                l.push(format!("{} {}", req.method(), req.uri()));
+            }
+            let is_part = req.uri().query().is_some_and(|q| q.contains("partNumber="));
+            let pause = if is_part { delay.load(Ordering::Relaxed) } else { 0 };
+            // Lazy: the request (body included) is read only when polled.
+            let served = hyper::service::Service::call(&service, req);
+            async move {
+                if pause > 0 {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                served.await
+            }
+        });
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
@@ -65,6 +90,8 @@ impl S3Server {
             access_key: access_key.to_owned(),
             secret_key: secret_key.to_owned(),
             root: root.to_path_buf(),
+            requests,
+            part_delay_ms,
             _tmp: None,
             task,
         })
@@ -73,6 +100,33 @@ impl S3Server {
     /// Directory holding the buckets.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Every request this server received so far, as `METHOD /path?query`
+    /// (e.g. `PUT /bucket/key?partNumber=3&uploadId=…` for an UploadPart).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Makes every UploadPart wait `delay` before it is served, so a test can
+    /// act in the middle of a multipart upload (e.g. stop the server).
+    pub fn delay_parts(&self, delay: Duration) {
+        self.part_delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Multipart uploads the server still holds (started, neither completed
+    /// nor aborted): s3s-fs keeps each as `<root>/.upload-<id>.json` (plus
+    /// `….upload-<id>.metadata.json`) and its parts as
+    /// `<root>/.upload_id-<id>.part-<n>`. It does not implement
+    /// ListMultipartUploads, hence this look at its files.
+    pub fn pending_uploads(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains(".upload-") || n.starts_with(".upload_id-"))
+            .collect();
+        names.sort();
+        names
     }
 
     /// Stops serving (an outage); objects stay on disk.

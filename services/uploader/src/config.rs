@@ -47,6 +47,21 @@ pub struct Config {
     /// `BIDSFLUX_S3_MAX_ATTEMPTS`: attempts per S3 request inside the SDK's
     /// standard retry strategy, before the message itself is retried later.
     pub s3_max_attempts: u32,
+    /// `BIDSFLUX_S3_PART_SIZE`: archives larger than this are uploaded in
+    /// parts of this size (multipart upload), smaller ones with one
+    /// PutObject. S3 wants parts of at least 5 MiB and at most 10 000 of
+    /// them: the part size grows for archives larger than 10 000 parts.
+    pub part_size: u64,
+    /// `BIDSFLUX_S3_UPLOAD_CONCURRENCY`: parts of one archive uploaded at once.
+    /// Each holds one part in memory, so an upload buffers at most
+    /// concurrency × part size.
+    pub upload_concurrency: usize,
+    /// `BIDSFLUX_S3_PART_ATTEMPTS`: attempts per part (and per
+    /// CompleteMultipartUpload), each with the SDK's own retries, with
+    /// exponential backoff in between (1 s, 2 s, 4 s … at most 16 s), so an
+    /// S3 outage of a few seconds costs a retry of the parts in flight, not
+    /// of the whole archive.
+    pub part_attempts: u32,
     /// `BIDSFLUX_7Z`: the 7-Zip program (Debian's p7zip-full `7z`).
     pub sevenzip: PathBuf,
     /// `BIDSFLUX_7Z_LEVEL`: compression level `-mx0`..`-mx9`; 5 is what the
@@ -104,6 +119,24 @@ impl Config {
         if s3_max_attempts == 0 {
             return Err(ConfigError::invalid("BIDSFLUX_S3_MAX_ATTEMPTS", "must be at least 1"));
         }
+        let part_size = match env.get("BIDSFLUX_S3_PART_SIZE") {
+            Some(text) => parse_size(text).map_err(|why| ConfigError::invalid("BIDSFLUX_S3_PART_SIZE", why))?,
+            None => DEFAULT_PART_SIZE,
+        };
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+            return Err(ConfigError::invalid(
+                "BIDSFLUX_S3_PART_SIZE",
+                format!("{part_size} bytes is not between 5 MiB and 5 GiB (S3's limits for a part)"),
+            ));
+        }
+        let upload_concurrency: usize = env.parse_or("BIDSFLUX_S3_UPLOAD_CONCURRENCY", 4)?;
+        if upload_concurrency == 0 {
+            return Err(ConfigError::invalid("BIDSFLUX_S3_UPLOAD_CONCURRENCY", "must be at least 1"));
+        }
+        let part_attempts: u32 = env.parse_or("BIDSFLUX_S3_PART_ATTEMPTS", 6)?;
+        if part_attempts == 0 {
+            return Err(ConfigError::invalid("BIDSFLUX_S3_PART_ATTEMPTS", "must be at least 1"));
+        }
         let concurrency: usize = env.parse_or("BIDSFLUX_UPLOADER_CONCURRENCY", 1)?;
         if concurrency == 0 {
             return Err(ConfigError::invalid("BIDSFLUX_UPLOADER_CONCURRENCY", "must be at least 1"));
@@ -121,6 +154,9 @@ impl Config {
             path_style: env.bool_or("BIDSFLUX_S3_PATH_STYLE", true)?,
             create_bucket: env.bool_or("BIDSFLUX_S3_CREATE_BUCKET", true)?,
             s3_max_attempts,
+            part_size,
+            upload_concurrency,
+            part_attempts,
             sevenzip: env.path_or("BIDSFLUX_7Z", "7z"),
             sevenzip_level,
             concurrency,
@@ -129,6 +165,34 @@ impl Config {
                 .map(|n| (n > 0).then_some(n))?,
         })
     }
+}
+
+/// Default `BIDSFLUX_S3_PART_SIZE`: 64 MiB.
+pub const DEFAULT_PART_SIZE: u64 = 64 * 1024 * 1024;
+/// Smallest part S3 accepts (but for the last one).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// Largest part S3 accepts.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// A size in bytes: a number with an optional `KiB`, `MiB` or `GiB` suffix.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, ""),
+    };
+    let unit: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("{text:?} is not a size (bytes, or a number with KiB, MiB or GiB)")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{text:?} is not a size (bytes, or a number with KiB, MiB or GiB)"))
 }
 
 /// Checks a public S3 URL: `http(s)://host[:port]`, no path, query or
@@ -187,8 +251,22 @@ mod tests {
         assert!(c.path_style && c.create_bucket);
         assert_eq!((c.sevenzip_level, c.s3_max_attempts, c.concurrency), (5, 5, 1));
         assert_eq!(c.sevenzip, PathBuf::from("7z"));
+        assert_eq!((c.part_size, c.upload_concurrency, c.part_attempts), (64 << 20, 4, 6));
         let debug = format!("{c:?}");
         assert!(!debug.contains("secret\""), "{debug}");
+    }
+
+    #[test]
+    fn part_sizes() {
+        assert_eq!(parse_size("5242880").unwrap(), 5 << 20);
+        assert_eq!(parse_size("8 MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("16KiB").unwrap(), 16 << 10);
+        for bad in ["", "MiB", "1.5MiB", "-1", "8mb", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+        let c = Config::from_env(&base().with("BIDSFLUX_S3_PART_SIZE", "5MiB")).unwrap();
+        assert_eq!(c.part_size, MIN_PART_SIZE);
     }
 
     #[test]
@@ -229,6 +307,11 @@ mod tests {
             ("BIDSFLUX_S3_PATH_STYLE", "sometimes"),
             ("BIDSFLUX_S3_MAX_ATTEMPTS", "0"),
             ("BIDSFLUX_UPLOADER_CONCURRENCY", "x"),
+            ("BIDSFLUX_S3_PART_SIZE", "4MiB"),
+            ("BIDSFLUX_S3_PART_SIZE", "6GiB"),
+            ("BIDSFLUX_S3_PART_SIZE", "64MB"),
+            ("BIDSFLUX_S3_UPLOAD_CONCURRENCY", "0"),
+            ("BIDSFLUX_S3_PART_ATTEMPTS", "0"),
         ] {
             let e = Config::from_env(&base().with(var, value)).unwrap_err().to_string();
             assert!(e.contains(var), "{var}: {e}");

@@ -11,7 +11,9 @@
 //!    work dir, one file per block;
 //! 4. [`store`]: the archive is stored in the bucket the `S3_URL_PATTERN`
 //!    gives for the study, at `<fileprefix><MD5E annex key>` where git-annex's
-//!    S3 remote will look for it; an identical object already there is kept;
+//!    S3 remote will look for it — one PutObject, or a parallel [`multipart`]
+//!    upload above `BIDSFLUX_S3_PART_SIZE` — and verified by HEAD (size,
+//!    `x-amz-meta-sha256`, ETag); an identical object already there is kept;
 //! 5. `ArchiveStored` is published with the location, hashes and manifest,
 //!    de-duplicated by `archive:<study>:<generation>:<md5>`, and the temp
 //!    archive is removed.
@@ -24,6 +26,7 @@
 pub mod archive;
 pub mod completion;
 pub mod config;
+pub mod multipart;
 pub mod spool;
 pub mod store;
 

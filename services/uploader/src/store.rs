@@ -1,13 +1,29 @@
-//! Storing archives in S3, idempotently.
+//! Storing archives in S3, idempotently and verified.
 //!
 //! For each archive: make sure the bucket exists (HeadBucket, then
 //! CreateBucket when allowed), skip the upload when the object is already
-//! there with the same size and MD5 ETag, else PutObject with `Content-MD5`
-//! (the server checks the bytes) and HeadObject again to verify.
+//! there with the same content (below), else upload it and HEAD it again to
+//! verify it.
 //!
-//! Uploads are a single PutObject for now, which S3 caps at 5 GiB: multipart
-//! upload (and with it resumable uploads of large studies) comes in a later
-//! issue. Larger archives are refused with a clear reason.
+//! - Archives up to `BIDSFLUX_S3_PART_SIZE` go in one PutObject with
+//!   `Content-MD5` and `x-amz-checksum-sha256` of the whole archive (the
+//!   server checks the bytes).
+//! - Larger ones go in a multipart upload ([`crate::multipart`]): parallel
+//!   parts read by ranges, each with its MD5 and SHA-256, retried on its own.
+//!
+//! Every object carries the archive's SHA-256 as user metadata
+//! (`x-amz-meta-sha256`), because a multipart object has no whole-object
+//! digest S3 servers agree on: its ETag is not an MD5 of the content, and a
+//! composite checksum is returned only by some servers (MinIO, AWS) and not
+//! by others (s3s-fs). The verification HEAD checks the size, that
+//! metadata, the ETag (the MD5 for one PutObject, `md5(part MD5s)-n` for
+//! multipart) and the SHA-256 checksum when the server returns one.
+//!
+//! An object already there is the same archive when it has the same size
+//! and its `x-amz-meta-sha256`, or failing that its full-object SHA-256
+//! checksum or its single-part (MD5) ETag, agrees. Otherwise (say, a
+//! multipart object from another client, without our metadata) it is
+//! uploaded again: same key, same bytes.
 //!
 //! Errors are sorted once, in [`classify`]: network trouble, timeouts, 5xx and
 //! throttling are worth retrying; refused credentials or permissions (403),
@@ -29,14 +45,15 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+use aws_sdk_s3::types::{BucketLocationConstraint, ChecksumMode, CreateBucketConfiguration};
 use bidsflux_session::s3::Placement;
 
 use crate::config::Config;
+use crate::multipart::{self, Expected};
 use crate::spool::Digests;
 
-/// Largest object a single PutObject may create (S3's limit).
-pub const MAX_SINGLE_PUT: u64 = 5 * 1024 * 1024 * 1024;
+/// User metadata key holding the archive's hex SHA-256 (`x-amz-meta-sha256`).
+pub const SHA256_METADATA: &str = "sha256";
 
 /// An S3 failure, sorted by whether a retry can help.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +123,7 @@ fn class_of(status: u16, code: &str) -> Class {
     ];
     if CREDENTIALS.contains(&code) || status == 401 || status == 403 {
         Class::Credentials
-    } else if RETRY.contains(&code) || status >= 500 || status == 408 || status == 429 {
+    } else if RETRY.contains(&code) || status >= 500 || status == 408 || status == 429 || status == 0 {
         Class::Retry
     } else {
         Class::Refused
@@ -114,7 +131,7 @@ fn class_of(status: u16, code: &str) -> Class {
 }
 
 /// Turns an SDK error about `placement` into an [`S3Error`].
-fn classify<E>(op: &'static str, placement: &Placement, err: &SdkError<E>) -> S3Error
+pub(crate) fn classify<E>(op: &'static str, placement: &Placement, err: &SdkError<E>) -> S3Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -147,24 +164,65 @@ fn status_of<E>(err: &SdkError<E>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())
 }
 
-/// Size and ETag of an existing object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What HEAD says about an existing object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct ObjectHead {
     size: Option<i64>,
+    /// Without quotes, lower case.
     etag: Option<String>,
+    /// `x-amz-meta-sha256`, lower case.
+    sha256_meta: Option<String>,
+    /// `x-amz-checksum-sha256`: base64, with `-n` when composite (multipart).
+    checksum_sha256: Option<String>,
 }
 
 impl ObjectHead {
-    /// Whether the object holds these bytes: same size, and for single-part
-    /// objects (whose ETag is the MD5) the same MD5.
+    fn size_is(&self, d: &Digests) -> bool {
+        self.size.and_then(|s| u64::try_from(s).ok()) == Some(d.size)
+    }
+
+    /// Whether the object holds the archive with these digests, judged
+    /// without knowing how it was uploaded (see the module docs).
     fn matches(&self, d: &Digests) -> bool {
-        let size_ok = self.size.and_then(|s| u64::try_from(s).ok()) == Some(d.size);
-        let etag_ok = match self.etag.as_deref().map(|e| e.trim_matches('"').to_ascii_lowercase()) {
-            Some(e) if e.contains('-') => true, // multipart: not an MD5 of the content
-            Some(e) => e == d.md5,
-            None => true,
+        if !self.size_is(d) {
+            return false;
+        }
+        if let Some(sha) = &self.sha256_meta {
+            return *sha == d.sha256;
+        }
+        if let Some(sum) = self.checksum_sha256.as_deref().filter(|c| !c.contains('-')) {
+            return hex::decode(&d.sha256).is_ok_and(|raw| aws_smithy_types::base64::encode(raw) == sum);
+        }
+        matches!(&self.etag, Some(e) if !e.contains('-') && *e == d.md5)
+    }
+
+    /// Why the object just uploaded is not the archive, if it is not.
+    fn mismatch(&self, d: &Digests, multipart: Option<&Expected>) -> Option<String> {
+        if !self.size_is(d) {
+            return Some(format!("size {:?}, expected {}", self.size, d.size));
+        }
+        if self.sha256_meta.as_deref() != Some(d.sha256.as_str()) {
+            return Some(format!("x-amz-meta-sha256 {:?}, expected {}", self.sha256_meta, d.sha256));
+        }
+        let etag = self.etag.as_deref().unwrap_or("");
+        let (want_etag, want_sum) = match multipart {
+            Some(e) => (e.etag.clone(), e.composite_sha256.clone()),
+            None => {
+                let raw = hex::decode(&d.sha256).unwrap_or_default();
+                (d.md5.clone(), aws_smithy_types::base64::encode(raw))
+            }
         };
-        size_ok && etag_ok
+        // ETags that are neither form (encrypted objects) are not checked.
+        let comparable = if multipart.is_some() { etag.contains('-') } else { etag.len() == 32 };
+        if comparable && etag != want_etag {
+            return Some(format!("ETag {etag}, expected {want_etag}"));
+        }
+        match &self.checksum_sha256 {
+            Some(sum) if sum.contains('-') == want_sum.contains('-') && *sum != want_sum => {
+                Some(format!("checksum SHA-256 {sum}, expected {want_sum}"))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -174,6 +232,12 @@ pub struct Store {
     client: Client,
     create_bucket: bool,
     region: String,
+    /// `BIDSFLUX_S3_PART_SIZE`: larger archives go in a multipart upload.
+    part_size: u64,
+    /// `BIDSFLUX_S3_UPLOAD_CONCURRENCY`: parts in flight per archive.
+    upload_concurrency: usize,
+    /// `BIDSFLUX_S3_PART_ATTEMPTS`: attempts per part.
+    part_attempts: u32,
     /// Buckets known to exist, so HeadBucket is asked once per bucket.
     known_buckets: Mutex<HashSet<String>>,
 }
@@ -201,8 +265,9 @@ impl Store {
                     .read_timeout(Duration::from_secs(120))
                     .build(),
             )
-            // Content-MD5 is sent instead: understood by every S3 server, and
-            // the body goes out as plain bytes rather than aws-chunked.
+            // Checksums are computed here and sent as headers (Content-MD5,
+            // x-amz-checksum-sha256): the body goes out as plain bytes rather
+            // than aws-chunked with trailers, which not every server reads.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
@@ -210,6 +275,9 @@ impl Store {
             client: Client::from_conf(s3),
             create_bucket: config.create_bucket,
             region: config.region.clone(),
+            part_size: config.part_size,
+            upload_concurrency: config.upload_concurrency,
+            part_attempts: config.part_attempts,
             known_buckets: Mutex::new(HashSet::new()),
         }
     }
@@ -276,8 +344,14 @@ impl Store {
     }
 
     async fn head(&self, placement: &Placement, key: &str) -> Result<Option<ObjectHead>, S3Error> {
-        match self.client.head_object().bucket(&placement.bucket).key(key).send().await {
-            Ok(h) => Ok(Some(ObjectHead { size: h.content_length(), etag: h.e_tag().map(str::to_owned) })),
+        let head = self.client.head_object().bucket(&placement.bucket).key(key).checksum_mode(ChecksumMode::Enabled);
+        match head.send().await {
+            Ok(h) => Ok(Some(ObjectHead {
+                size: h.content_length(),
+                etag: h.e_tag().map(|e| e.trim_matches('"').to_ascii_lowercase()),
+                sha256_meta: h.metadata().and_then(|m| m.get(SHA256_METADATA)).map(|s| s.trim().to_ascii_lowercase()),
+                checksum_sha256: h.checksum_sha256().map(str::to_owned),
+            })),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
             Err(e) => Err(classify("HeadObject", placement, &e)),
         }
@@ -292,19 +366,7 @@ impl Store {
         path: &std::path::Path,
         digests: &Digests,
     ) -> Result<PutOutcome, S3Error> {
-        let bucket = placement.bucket.as_str();
         let shown = placement.bucket_shown();
-        if digests.size > MAX_SINGLE_PUT {
-            return Err(S3Error::Refused {
-                op: "PutObject",
-                bucket: shown.to_owned(),
-                detail: format!(
-                    "the archive has {} bytes, more than a single PutObject can store (5 GiB); \
-                     multipart upload is not implemented yet",
-                    digests.size
-                ),
-            });
-        }
         self.ensure_bucket(placement).await?;
         match self.head(placement, key).await? {
             Some(h) if h.matches(digests) => return Ok(PutOutcome::AlreadyThere),
@@ -312,16 +374,68 @@ impl Store {
             Some(_) => tracing::warn!(bucket = shown, "archive object exists with other content, replacing it"),
             None => {}
         }
+        let started = std::time::Instant::now();
+        let multipart = if digests.size > self.part_size {
+            let upload = multipart::Upload {
+                client: &self.client,
+                placement,
+                key,
+                part_size: self.part_size,
+                concurrency: self.upload_concurrency,
+                attempts: self.part_attempts,
+            };
+            let expected = upload.run(path, digests).await?;
+            tracing::info!(
+                parts = expected.parts,
+                retries = expected.retries,
+                archive_size = digests.size,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "multipart upload complete"
+            );
+            Some(expected)
+        } else {
+            self.put_single(placement, key, path, digests).await?;
+            None
+        };
+        match self.head(placement, key).await? {
+            Some(h) => match h.mismatch(digests, multipart.as_ref()) {
+                None => Ok(PutOutcome::Uploaded),
+                Some(why) => Err(S3Error::Retryable {
+                    op: "HeadObject",
+                    bucket: shown.to_owned(),
+                    detail: format!("verify upload: {why}"),
+                }),
+            },
+            None => Err(S3Error::Retryable {
+                op: "HeadObject",
+                bucket: shown.to_owned(),
+                detail: "verify upload: the object is not there".to_owned(),
+            }),
+        }
+    }
+
+    /// One PutObject with the archive's MD5 and SHA-256 for the server to check.
+    async fn put_single(
+        &self,
+        placement: &Placement,
+        key: &str,
+        path: &std::path::Path,
+        digests: &Digests,
+    ) -> Result<(), S3Error> {
+        let (bucket, shown) = (placement.bucket.as_str(), placement.bucket_shown());
         let body = ByteStream::from_path(path).await.map_err(|e| S3Error::Retryable {
             op: "PutObject",
             bucket: shown.to_owned(),
             detail: format!("open {}: {e}", path.display()),
         })?;
-        let md5 = hex::decode(&digests.md5).map_err(|e| S3Error::Refused {
-            op: "PutObject",
-            bucket: shown.to_owned(),
-            detail: format!("archive md5 is not hex: {e}"),
-        })?;
+        let hex_to_b64 = |what: &str, h: &str| {
+            hex::decode(h).map(aws_smithy_types::base64::encode).map_err(|e| S3Error::Refused {
+                op: "PutObject",
+                bucket: shown.to_owned(),
+                detail: format!("archive {what} is not hex: {e}"),
+            })
+        };
+        let (md5, sha256) = (hex_to_b64("md5", &digests.md5)?, hex_to_b64("sha256", &digests.sha256)?);
         let size = i64::try_from(digests.size).unwrap_or(i64::MAX);
         let put = self
             .client
@@ -330,7 +444,9 @@ impl Store {
             .key(key)
             .body(body)
             .content_length(size)
-            .content_md5(aws_smithy_types::base64::encode(md5))
+            .content_md5(md5)
+            .checksum_sha256(sha256)
+            .metadata(SHA256_METADATA, &digests.sha256)
             .content_type("application/x-7z-compressed")
             .send()
             .await;
@@ -341,17 +457,7 @@ impl Store {
             }
             return Err(err);
         }
-        match self.head(placement, key).await? {
-            Some(h) if h.matches(digests) => Ok(PutOutcome::Uploaded),
-            found => Err(S3Error::Retryable {
-                op: "HeadObject",
-                bucket: shown.to_owned(),
-                detail: format!(
-                    "verify upload: expected {} bytes with md5 {}, found {found:?}",
-                    digests.size, digests.md5
-                ),
-            }),
-        }
+        Ok(())
     }
 }
 
@@ -375,12 +481,52 @@ mod tests {
 
     #[test]
     fn object_matching() {
-        let d = Digests { size: 3, md5: "900150983cd24fb0d6963f7d28e17f72".into(), sha256: String::new() };
-        let h = |size, etag: Option<&str>| ObjectHead { size: Some(size), etag: etag.map(str::to_owned) };
-        assert!(h(3, Some("\"900150983CD24FB0D6963F7D28E17F72\"")).matches(&d));
-        assert!(h(3, Some("\"abc-2\"")).matches(&d));
-        assert!(h(3, None).matches(&d));
-        assert!(!h(4, Some("\"900150983cd24fb0d6963f7d28e17f72\"")).matches(&d));
-        assert!(!h(3, Some("\"00000000000000000000000000000000\"")).matches(&d));
+        let d = Digests {
+            size: 3,
+            md5: "900150983cd24fb0d6963f7d28e17f72".into(),
+            sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into(),
+        };
+        let h = |size, etag: Option<&str>| ObjectHead {
+            size: Some(size),
+            etag: etag.map(str::to_owned),
+            ..ObjectHead::default()
+        };
+        assert!(h(3, Some("900150983cd24fb0d6963f7d28e17f72")).matches(&d));
+        assert!(!h(3, Some("abc-2")).matches(&d), "a multipart ETag alone proves nothing");
+        assert!(!h(3, None).matches(&d));
+        assert!(!h(4, Some("900150983cd24fb0d6963f7d28e17f72")).matches(&d));
+        assert!(!h(3, Some("00000000000000000000000000000000")).matches(&d));
+        let meta = |sha: &str| ObjectHead { sha256_meta: Some(sha.to_owned()), ..h(3, Some("abc-2")) };
+        assert!(meta(&d.sha256).matches(&d), "multipart object with our metadata");
+        assert!(!meta(&"0".repeat(64)).matches(&d));
+        let sum = "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=";
+        let checksum = |c: &str| ObjectHead { checksum_sha256: Some(c.to_owned()), ..h(3, None) };
+        assert!(checksum(sum).matches(&d));
+        assert!(!checksum("AAAA").matches(&d));
+    }
+
+    #[test]
+    fn verification_after_upload() {
+        let d = Digests {
+            size: 3,
+            md5: "900150983cd24fb0d6963f7d28e17f72".into(),
+            sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into(),
+        };
+        let good = ObjectHead {
+            size: Some(3),
+            etag: Some(d.md5.clone()),
+            sha256_meta: Some(d.sha256.clone()),
+            checksum_sha256: Some("ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=".into()),
+        };
+        assert_eq!(good.mismatch(&d, None), None);
+        let no_meta = ObjectHead { sha256_meta: None, ..good.clone() };
+        assert!(no_meta.mismatch(&d, None).unwrap().contains("x-amz-meta-sha256"));
+        let e = Expected { etag: "abc-2".into(), composite_sha256: "xyz-2".into(), parts: 2, retries: 0 };
+        let mp = ObjectHead { etag: Some("abc-2".into()), checksum_sha256: None, ..good.clone() };
+        assert_eq!(mp.mismatch(&d, Some(&e)), None);
+        let wrong = ObjectHead { etag: Some("abd-2".into()), ..mp.clone() };
+        assert!(wrong.mismatch(&d, Some(&e)).unwrap().contains("ETag"));
+        let composite = ObjectHead { checksum_sha256: Some("xyw-2".into()), ..mp };
+        assert!(composite.mismatch(&d, Some(&e)).unwrap().contains("checksum"));
     }
 }

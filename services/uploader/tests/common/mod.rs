@@ -27,8 +27,14 @@ pub struct SpooledStudy {
 
 /// Generates a 2×5 study with `spec` and places its files as the receiver would.
 pub fn spool_study(spool: &Path, spec: StudySpec) -> SpooledStudy {
-    let generated = tempfile::tempdir().unwrap();
-    let study = generate_study(generated.path(), &StudySpec { series: 2, instances_per_series: 5, ..spec }).unwrap();
+    spool_study_sized(spool, &StudySpec { series: 2, instances_per_series: 5, ..spec })
+}
+
+/// Generates a study exactly as `spec` says and moves its files into the
+/// spool as the receiver would (moved, not copied: large studies stay on disk once).
+pub fn spool_study_sized(spool: &Path, spec: &StudySpec) -> SpooledStudy {
+    let generated = tempfile::tempdir_in(spool).unwrap();
+    let study = generate_study(generated.path(), spec).unwrap();
     let mut rel_paths = Vec::new();
     for f in &study.files {
         let obj = dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(f).unwrap();
@@ -41,7 +47,7 @@ pub fn spool_study(spool: &Path, spec: StudySpec) -> SpooledStudy {
         );
         let dest = spool.join(&rel);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(f, &dest).unwrap();
+        std::fs::rename(f, &dest).unwrap();
         rel_paths.push(rel);
     }
     rel_paths.sort();
