@@ -562,10 +562,15 @@ fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<Rec
         Err(e) => return Err(e),
     }
     let existing = match event.spool_path.split_once(".conflict-") {
-        Some((plain, _)) => {
-            let path = root.join(plain);
-            Some(Existing { relative_path: plain.to_owned(), dataset_sha256: dataset_sha256_of_file(&path)? })
-        }
+        // The file that had the plain name may be gone since (indexed and removed): the conflict
+        // event then goes without it; a restart must never fail for that.
+        Some((plain, _)) => match dataset_sha256_of_file(&root.join(plain)) {
+            Ok(dataset_sha256) => Some(Existing { relative_path: plain.to_owned(), dataset_sha256 }),
+            Err(e) => {
+                tracing::warn!(error = %e, spool_path = %plain, "the original of a restored conflict file is unreadable");
+                None
+            }
+        },
         None => None,
     };
     Ok(Some(RecoveredInstance { event, existing }))
