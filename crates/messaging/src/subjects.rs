@@ -4,10 +4,10 @@
 //! |---|---|---|---|
 //! | InstanceStored | `bidsflux.v1.instance.stored` | `BIDSFLUX_V1_INSTANCES` | `study-completion` |
 //! | StudyCompleted | `bidsflux.v1.study.completed` | `BIDSFLUX_V1_STUDIES` | `uploader` |
-//! | StudyDiscarded | `bidsflux.v1.study.discarded` | `BIDSFLUX_V1_STUDIES` | — (spool lifecycle, operators) |
+//! | StudyDiscarded | `bidsflux.v1.study.discarded` | `BIDSFLUX_V1_STUDIES` | `uploader-lifecycle` (spool lifecycle) |
 //! | StudyHeld | `bidsflux.v1.study.held` | `BIDSFLUX_V1_STUDIES` | — (operators) |
 //! | ArchiveStored | `bidsflux.v1.archive.stored` | `BIDSFLUX_V1_ARCHIVES` | `indexer` (work queue shared by replicas) |
-//! | StudyIndexed | `bidsflux.v1.study.indexed` | `BIDSFLUX_V1_INDEXED` | — |
+//! | StudyIndexed | `bidsflux.v1.study.indexed` | `BIDSFLUX_V1_INDEXED` | `uploader-lifecycle` (spool lifecycle) |
 //! | InstanceConflict | `bidsflux.v1.instance.conflict` | `BIDSFLUX_V1_CONFLICTS` | — (operators) |
 //! | DeadLetter | `bidsflux.v1.deadletter.<service>` | `BIDSFLUX_V1_DEADLETTER` | — (operators) |
 
@@ -53,6 +53,9 @@ pub const STREAM_DEADLETTER: &str = "BIDSFLUX_V1_DEADLETTER";
 pub const CONSUMER_STUDY_COMPLETION: &str = "study-completion";
 /// Durable consumer of the uploader on [`STREAM_STUDIES`].
 pub const CONSUMER_UPLOADER: &str = "uploader";
+/// Durable consumer of the uploader's spool lifecycle, on [`STREAM_INDEXED`]
+/// (`StudyIndexed`) and on [`STREAM_STUDIES`] (`StudyDiscarded`): one name, one consumer per stream.
+pub const CONSUMER_UPLOADER_LIFECYCLE: &str = "uploader-lifecycle";
 /// Durable consumer shared by all indexer replicas on [`STREAM_ARCHIVES`].
 pub const CONSUMER_INDEXER: &str = "indexer";
 

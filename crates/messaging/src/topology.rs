@@ -111,6 +111,9 @@ pub fn consumers() -> Vec<(&'static str, consumer::pull::Config)> {
         (s::STREAM_INSTANCES, c(s::CONSUMER_STUDY_COMPLETION, s::INSTANCE_STORED, Duration::from_secs(30))),
         (s::STREAM_STUDIES, c(s::CONSUMER_UPLOADER, s::STUDY_COMPLETED, Duration::from_secs(120))),
         (s::STREAM_ARCHIVES, c(s::CONSUMER_INDEXER, s::ARCHIVE_STORED, Duration::from_secs(120))),
+        // The uploader's spool lifecycle: delete a study's files once indexed or discarded.
+        (s::STREAM_INDEXED, c(s::CONSUMER_UPLOADER_LIFECYCLE, s::STUDY_INDEXED, Duration::from_secs(120))),
+        (s::STREAM_STUDIES, c(s::CONSUMER_UPLOADER_LIFECYCLE, s::STUDY_DISCARDED, Duration::from_secs(120))),
     ]
 }
 
@@ -267,5 +270,18 @@ mod tests {
         assert_eq!(studies.subjects, [s::STUDY_COMPLETED, s::STUDY_DISCARDED, s::STUDY_HELD]);
         let (_, uploader) = consumers().into_iter().find(|(st, _)| *st == s::STREAM_STUDIES).unwrap();
         assert_eq!(uploader.filter_subject, s::STUDY_COMPLETED);
+    }
+
+    #[test]
+    fn the_spool_lifecycle_sees_indexed_and_discarded_studies() {
+        let lifecycle: Vec<_> = consumers()
+            .into_iter()
+            .filter(|(_, c)| c.durable_name.as_deref() == Some(s::CONSUMER_UPLOADER_LIFECYCLE))
+            .map(|(st, c)| (st, c.filter_subject))
+            .collect();
+        assert_eq!(
+            lifecycle,
+            [(s::STREAM_INDEXED, s::STUDY_INDEXED.to_owned()), (s::STREAM_STUDIES, s::STUDY_DISCARDED.to_owned())]
+        );
     }
 }

@@ -12,6 +12,9 @@ pub struct Completion {
     pub generation: u32,
     /// Instances the completion announced; the spool must hold at least as many.
     pub instance_count: u64,
+    /// This generation's share of `instance_count` (what an amendment finds in
+    /// the spool once the earlier generations were indexed and deleted).
+    pub generation_instance_count: u64,
     /// Why the study was declared complete (copied to `ArchiveStored`).
     pub reason: Option<pb::CompletionReason>,
 }
@@ -38,7 +41,13 @@ impl TryFrom<&pb::StudyCompleted> for Completion {
         if !dir.is_empty() && dir != study.as_str() {
             return Err(CompletionError::SpoolDir);
         }
-        Ok(Self { study, generation: m.generation, instance_count: m.instance_count, reason: m.reason.clone() })
+        Ok(Self {
+            study,
+            generation: m.generation,
+            instance_count: m.instance_count,
+            generation_instance_count: m.generation_instance_count,
+            reason: m.reason.clone(),
+        })
     }
 }
 

@@ -1,6 +1,8 @@
 //! Configuration of the uploader, from environment variables.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bidsflux_config::{ConfigError, Env, Secret};
 use bidsflux_session::s3::S3UrlPattern;
@@ -10,8 +12,9 @@ use bidsflux_session::s3::S3UrlPattern;
 pub struct Config {
     /// `NATS_URL`: where the bus is (comma-separated list for a cluster).
     pub nats_url: String,
-    /// `BIDSFLUX_SPOOL_DIR`: the receiver's spool. The uploader only reads it:
-    /// the files stay there until an operator or a later stage removes them.
+    /// `BIDSFLUX_SPOOL_DIR`: the receiver's spool. Archiving only reads it; the
+    /// spool [`lifecycle`](crate::lifecycle) deletes a study's files once it is
+    /// indexed or discarded (never with `BIDSFLUX_SPOOL_KEEP`).
     pub spool_dir: PathBuf,
     /// `BIDSFLUX_WORK_DIR`: where archives are built, one fresh temp directory
     /// per study. Kept apart from the spool so the receiver never sees them and
@@ -76,7 +79,30 @@ pub struct Config {
     /// object store `bidsflux_v1_manifests`. Unset: three quarters of the NATS
     /// server's `max_payload`. Tests set it low to exercise the object store.
     pub manifest_inline_max: Option<usize>,
+    /// `BIDSFLUX_SPOOL_KEEP`: never delete spool files (what would have been
+    /// deleted is logged at debug level). Default false: a study's files are
+    /// deleted once it is indexed (or discarded).
+    pub spool_keep: bool,
+    /// `BIDSFLUX_SPOOL_JANITOR_INTERVAL`: how often the janitor walks the spool
+    /// (default 10m).
+    pub janitor_interval: Duration,
+    /// `BIDSFLUX_SPOOL_STALE_AFTER`: a study whose newest spool file is older
+    /// than this and still there is reported as stale (default 24h).
+    pub stale_after: Duration,
+    /// `BIDSFLUX_SPOOL_EMPTY_DIR_AGE`: an empty series or study directory is
+    /// removed only when it has not changed for this long (default 10m), so
+    /// the receiver, which creates a directory just before linking a file into
+    /// it, never loses the race.
+    pub empty_dir_age: Duration,
+    /// `BIDSFLUX_UPLOADER_HTTP_BIND`: `GET /metrics` and `GET /healthz`
+    /// (default `0.0.0.0:9466`, `off` disables).
+    pub http_bind: Option<SocketAddr>,
 }
+
+/// Variable of [`Config::http_bind`].
+pub const HTTP_BIND_VAR: &str = "BIDSFLUX_UPLOADER_HTTP_BIND";
+/// Default of [`HTTP_BIND_VAR`] (the receiver's is 9464, study-completion's 9465).
+pub const DEFAULT_HTTP_BIND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9466);
 
 /// Default spool directory (shared with the receiver).
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/bidsflux/spool";
@@ -141,7 +167,20 @@ impl Config {
         if concurrency == 0 {
             return Err(ConfigError::invalid("BIDSFLUX_UPLOADER_CONCURRENCY", "must be at least 1"));
         }
+        let janitor_interval = env.duration_or("BIDSFLUX_SPOOL_JANITOR_INTERVAL", Duration::from_secs(600))?;
+        if janitor_interval.is_zero() {
+            return Err(ConfigError::invalid("BIDSFLUX_SPOOL_JANITOR_INTERVAL", "must be more than zero"));
+        }
+        let http_bind = match env.get(HTTP_BIND_VAR) {
+            Some(v) if v.eq_ignore_ascii_case("off") => None,
+            _ => Some(env.parse_or(HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?),
+        };
         Ok(Config {
+            spool_keep: env.bool_or("BIDSFLUX_SPOOL_KEEP", false)?,
+            janitor_interval,
+            stale_after: env.duration_or("BIDSFLUX_SPOOL_STALE_AFTER", Duration::from_secs(24 * 3600))?,
+            empty_dir_age: env.duration_or("BIDSFLUX_SPOOL_EMPTY_DIR_AGE", Duration::from_secs(600))?,
+            http_bind,
             nats_url,
             spool_dir: env.path_or("BIDSFLUX_SPOOL_DIR", DEFAULT_SPOOL_DIR),
             work_dir: env.path_or("BIDSFLUX_WORK_DIR", DEFAULT_WORK_DIR),
@@ -252,6 +291,11 @@ mod tests {
         assert_eq!((c.sevenzip_level, c.s3_max_attempts, c.concurrency), (5, 5, 1));
         assert_eq!(c.sevenzip, PathBuf::from("7z"));
         assert_eq!((c.part_size, c.upload_concurrency, c.part_attempts), (64 << 20, 4, 6));
+        assert!(!c.spool_keep);
+        assert_eq!((c.janitor_interval, c.stale_after), (Duration::from_secs(600), Duration::from_secs(86400)));
+        assert_eq!((c.empty_dir_age, c.http_bind), (Duration::from_secs(600), Some(DEFAULT_HTTP_BIND)));
+        let c = Config::from_env(&base().with("BIDSFLUX_SPOOL_KEEP", "true").with(HTTP_BIND_VAR, "off")).unwrap();
+        assert!(c.spool_keep && c.http_bind.is_none());
         let debug = format!("{c:?}");
         assert!(!debug.contains("secret\""), "{debug}");
     }

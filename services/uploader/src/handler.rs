@@ -38,6 +38,8 @@ pub struct Uploader {
     path_style: bool,
     /// Inline manifest limit (`None`: derived from the server's max_payload).
     manifest_inline_max: Option<usize>,
+    /// `BIDSFLUX_SPOOL_KEEP`: earlier generations stay in the spool.
+    spool_keep: bool,
 }
 
 fn spool_failure(e: SpoolError) -> HandlerError {
@@ -100,6 +102,7 @@ impl Uploader {
             region: config.region.clone(),
             path_style: config.path_style,
             manifest_inline_max: config.manifest_inline_max,
+            spool_keep: config.spool_keep,
         }
     }
 
@@ -124,7 +127,11 @@ impl Uploader {
     }
 
     async fn read_study(&self, c: &Completion) -> Result<StudyInput, HandlerError> {
-        let (spool_dir, study, expected) = (self.spool_dir.clone(), c.study.clone(), c.instance_count);
+        // Once an earlier generation is indexed the lifecycle deletes its files:
+        // an amendment then finds only its own share in the spool.
+        let expected =
+            if self.spool_keep || c.generation == 0 { c.instance_count } else { c.generation_instance_count };
+        let (spool_dir, study) = (self.spool_dir.clone(), c.study.clone());
         tokio::task::spawn_blocking(move || {
             let listing = spool::list_study(&spool_dir, &study, expected)?;
             let first = listing.files.first().ok_or_else(|| SpoolError::Empty { dir: listing.dir.clone() })?;
@@ -192,6 +199,10 @@ impl Uploader {
                 entries = event.manifest_ref.as_ref().map(|r| r.entries),
                 "manifest kept in the object store"
             );
+        } else {
+            // The spool lifecycle reads it back when the study is indexed
+            // (`StudyIndexed` names the archive, not its files).
+            self.keep_manifest(&event).await?;
         }
         fits_in_a_message(&event, max_payload)?;
         let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &archive.digests.md5);
@@ -207,6 +218,26 @@ impl Uploader {
             "archive stored"
         );
         drop(archive); // removes the temp directory
+        Ok(())
+    }
+
+    /// Puts the inline manifest of `event` into the object store under the
+    /// name an offloaded one would have (same bytes either way; idempotent).
+    async fn keep_manifest(&self, event: &pb::ArchiveStored) -> Result<(), HandlerError> {
+        let bytes = pb::Manifest { entries: event.manifest.clone() }.encode_to_vec();
+        let object = manifest::object_name(&event.study_instance_uid, event.generation, &event.md5);
+        let store = self
+            .bus
+            .js
+            .get_object_store(subjects::OBJ_MANIFESTS)
+            .await
+            .context("open the manifests object store")
+            .map_err(HandlerError::Transient)?;
+        store
+            .put(object.as_str(), &mut bytes.as_slice())
+            .await
+            .context("keep the manifest for the spool lifecycle")
+            .map_err(HandlerError::Transient)?;
         Ok(())
     }
 

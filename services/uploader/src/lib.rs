@@ -18,6 +18,12 @@
 //!    de-duplicated by `archive:<study>:<generation>:<md5>`, and the temp
 //!    archive is removed.
 //!
+//! Spool [`lifecycle`] (durable consumers `uploader-lifecycle` on
+//! `StudyIndexed` and `StudyDiscarded`): the files of an indexed generation's
+//! manifest, or of a discarded study, are deleted — never with
+//! `BIDSFLUX_SPOOL_KEEP=true`. The [`janitor`] reports studies left in the
+//! spool longer than `BIDSFLUX_SPOOL_STALE_AFTER` (log + gauges on `/metrics`).
+//!
 //! Failures that retries can fix (network, S3 5xx, disk) are retried by the
 //! consumer; refused credentials, a study the templates cannot place, or a
 //! spool that does not hold the study are dead-lettered with a reason that
@@ -26,6 +32,9 @@
 pub mod archive;
 pub mod completion;
 pub mod config;
+pub mod janitor;
+pub mod lifecycle;
+pub mod metrics;
 pub mod multipart;
 pub mod spool;
 pub mod store;
@@ -43,10 +52,15 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 pub use handler::Uploader;
+pub use janitor::Janitor;
+pub use lifecycle::Lifecycle;
+pub use metrics::Metrics;
 
 /// The JetStream objects the uploader needs.
 pub const REQUIRES: &[Requirement] = &[
     Requirement::Consumer { stream: subjects::STREAM_STUDIES, name: subjects::CONSUMER_UPLOADER },
+    Requirement::Consumer { stream: subjects::STREAM_STUDIES, name: subjects::CONSUMER_UPLOADER_LIFECYCLE },
+    Requirement::Consumer { stream: subjects::STREAM_INDEXED, name: subjects::CONSUMER_UPLOADER_LIFECYCLE },
     Requirement::Stream(subjects::STREAM_ARCHIVES),
     Requirement::Stream(subjects::STREAM_DEADLETTER),
     Requirement::ObjectStore(subjects::OBJ_MANIFESTS),
@@ -58,11 +72,80 @@ fn study_of(d: &Delivery) -> Option<String> {
     bidsflux_session::Uid::parse("StudyInstanceUID", &m.study_instance_uid).ok().map(|u| u.to_string())
 }
 
-/// Consumes `StudyCompleted` until `shutdown` is cancelled.
+/// The study UID of a `StudyIndexed` delivery, for dead letters.
+fn indexed_study_of(d: &Delivery) -> Option<String> {
+    let m = pb::StudyIndexed::decode(d.payload.as_ref()).ok()?;
+    bidsflux_session::Uid::parse("StudyInstanceUID", &m.study_instance_uid).ok().map(|u| u.to_string())
+}
+
+/// The study UID of a `StudyDiscarded` delivery, for dead letters.
+fn discarded_study_of(d: &Delivery) -> Option<String> {
+    let m = pb::StudyDiscarded::decode(d.payload.as_ref()).ok()?;
+    bidsflux_session::Uid::parse("StudyInstanceUID", &m.study_instance_uid).ok().map(|u| u.to_string())
+}
+
+/// Runs the spool lifecycle (both consumers) and the janitor until `shutdown`.
+pub async fn run_lifecycle(
+    config: &Config,
+    bus: Bus,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let lifecycle = Arc::new(Lifecycle {
+        bus: bus.clone(),
+        spool_dir: config.spool_dir.clone(),
+        keep: config.spool_keep,
+        metrics: metrics.clone(),
+    });
+    let janitor = Janitor {
+        spool_dir: config.spool_dir.clone(),
+        stale_after: config.stale_after,
+        empty_dir_age: config.empty_dir_age,
+        keep: config.spool_keep,
+    };
+    tracing::info!(
+        keep = config.spool_keep,
+        janitor_interval_s = config.janitor_interval.as_secs(),
+        stale_after_s = config.stale_after.as_secs(),
+        "spool lifecycle ready"
+    );
+    let janitor = tokio::spawn(janitor.run(config.janitor_interval, metrics, shutdown.clone()));
+    let l = lifecycle.clone();
+    let indexed = run_consumer(
+        bus.clone(),
+        ConsumerOptions::new(subjects::STREAM_INDEXED, subjects::CONSUMER_UPLOADER_LIFECYCLE),
+        shutdown.clone(),
+        indexed_study_of,
+        move |d| l.clone().handle_indexed(d),
+    );
+    let discarded = run_consumer(
+        bus,
+        ConsumerOptions::new(subjects::STREAM_STUDIES, subjects::CONSUMER_UPLOADER_LIFECYCLE),
+        shutdown,
+        discarded_study_of,
+        move |d| lifecycle.clone().handle_discarded(d),
+    );
+    let result = tokio::try_join!(indexed, discarded).map(|_| ());
+    janitor.abort();
+    result
+}
+
+/// Consumes `StudyCompleted` (and runs the spool lifecycle, the janitor and
+/// `/metrics`) until `shutdown` is cancelled.
 ///
-/// Fails at start when the 7-Zip program cannot be run or the work
-/// directory cannot be created.
+/// Fails at start when the 7-Zip program cannot be run, the work directory
+/// cannot be created or the HTTP address cannot be bound.
 pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = config.http_bind {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr} ({})", config::HTTP_BIND_VAR))?;
+        let health =
+            bidsflux_messaging::http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+        tokio::spawn(bidsflux_messaging::http::serve(listener, health, shutdown.clone()));
+    }
     let uploader = Arc::new(Uploader::new(&config, bus.clone()));
     uploader.sevenzip().check().await?;
     tokio::fs::create_dir_all(&config.work_dir)
@@ -81,5 +164,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
         concurrency: config.concurrency,
         ..ConsumerOptions::new(subjects::STREAM_STUDIES, subjects::CONSUMER_UPLOADER)
     };
-    run_consumer(bus, opts, shutdown, study_of, move |d| uploader.clone().handle(d)).await
+    let lifecycle = run_lifecycle(&config, bus.clone(), metrics, shutdown.clone());
+    let uploads = run_consumer(bus, opts, shutdown, study_of, move |d| uploader.clone().handle(d));
+    tokio::try_join!(uploads, lifecycle).map(|_| ())
 }

@@ -113,6 +113,7 @@ impl Harness {
             ("AWS_ACCESS_KEY_ID", self.s3.access_key.clone()),
             ("AWS_SECRET_ACCESS_KEY", self.s3.secret_key.clone()),
             ("BIDSFLUX_S3_MAX_ATTEMPTS", "2".to_owned()),
+            ("BIDSFLUX_UPLOADER_HTTP_BIND", "127.0.0.1:0".to_owned()),
         ])
     }
 

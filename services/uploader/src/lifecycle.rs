@@ -1,0 +1,316 @@
+//! Spool lifecycle: a study's spool files are deleted once it is indexed (or
+//! discarded), never before, and never with `BIDSFLUX_SPOOL_KEEP=true`.
+//!
+//! - **Indexed** (`StudyIndexed`, durable consumer `uploader-lifecycle` on
+//!   `BIDSFLUX_V1_INDEXED`): the manifest of the indexed generation is read
+//!   back from the object store `bidsflux_v1_manifests` (the uploader puts
+//!   every manifest there under [`manifest::object_name`] before it publishes
+//!   `ArchiveStored`; the archive MD5 comes from the event's MD5E annex key).
+//!   Exactly the files it lists are deleted, and only when the file on disk
+//!   still has the manifest's size and SHA-256: a different file under that
+//!   name (written after the archive was built) is kept and logged. Files of
+//!   later generations are not in the manifest, so they stay.
+//! - **Discarded** (`StudyDiscarded`, durable consumer `uploader-lifecycle` on
+//!   `BIDSFLUX_V1_STUDIES`): the study's `<series>/<sop>.dcm` files last
+//!   modified before the discard are deleted. A file written after it belongs
+//!   to a later generation and stays. Conflict (`.conflict-…`) and torn
+//!   (`.torn-…`) files are left for operators.
+//!
+//! Both are idempotent: a file already gone counts as deleted, so a
+//! redelivery deletes nothing more. Directories are never removed here (the
+//! deletions just changed them): the janitor removes series and study
+//! directories that are empty and have not changed for
+//! `BIDSFLUX_SPOOL_EMPTY_DIR_AGE` (see [`crate::janitor`]). `.tmp/` and
+//! `.journal/` at the spool root belong to the receiver and are never looked at.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use bidsflux_messaging::{Bus, Delivery, HandlerError, manifest, subjects};
+use bidsflux_proto::v1 as pb;
+use bidsflux_session::Uid;
+use prost::Message as _;
+use tokio::io::AsyncReadExt as _;
+use tracing::Instrument as _;
+
+use crate::metrics::Metrics;
+use crate::spool;
+
+/// Deletes spool files of indexed and discarded studies.
+#[derive(Debug)]
+pub struct Lifecycle {
+    /// Reads manifests from the object store.
+    pub bus: Bus,
+    /// The receiver's spool.
+    pub spool_dir: PathBuf,
+    /// `BIDSFLUX_SPOOL_KEEP`: log, never delete.
+    pub keep: bool,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// What one event did to the spool.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Files deleted now.
+    pub deleted: u64,
+    /// Files already gone (a redelivery, or an operator).
+    pub gone: u64,
+    /// Files kept because they differ from the manifest (or are newer than a discard).
+    pub kept: u64,
+    /// Files that would have been deleted (`BIDSFLUX_SPOOL_KEEP`).
+    pub would_delete: u64,
+}
+
+/// The MD5 of an MD5E annex key (`MD5E-s<size>--<md5><ext>`).
+pub fn md5_of_annex_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("MD5E-s")?;
+    let (_, tail) = rest.split_once("--")?;
+    let md5 = tail.get(..32)?;
+    md5.bytes().all(|b| b.is_ascii_hexdigit()).then_some(md5)
+}
+
+/// Checks a manifest path: `<study>/<series>/<sop>.dcm`, each part a UID.
+fn checked_path(study: &Uid, path: &str) -> Option<PathBuf> {
+    let mut parts = path.split('/');
+    let (s, series, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || s != study.as_str() {
+        return None;
+    }
+    let sop = file.strip_suffix(".dcm")?;
+    Uid::parse("SeriesInstanceUID", series).ok()?;
+    Uid::parse("SOPInstanceUID", sop).ok()?;
+    Some(PathBuf::from(s).join(series).join(file))
+}
+
+fn transient(e: impl Into<anyhow::Error>, what: &'static str) -> HandlerError {
+    HandlerError::Transient(e.into().context(what))
+}
+
+impl Lifecycle {
+    /// Handles one `StudyIndexed`.
+    pub async fn handle_indexed(self: Arc<Self>, delivery: Delivery) -> Result<(), HandlerError> {
+        let msg: pb::StudyIndexed = delivery.decode()?;
+        let study = Uid::parse("StudyInstanceUID", &msg.study_instance_uid)
+            .map_err(|e| HandlerError::malformed(format!("StudyIndexed: {e}")))?;
+        let span = tracing::info_span!("spool_indexed", study_uid = %study, generation = msg.generation);
+        self.indexed(study, msg).instrument(span).await
+    }
+
+    async fn indexed(&self, study: Uid, msg: pb::StudyIndexed) -> Result<(), HandlerError> {
+        let md5 = md5_of_annex_key(&msg.archive_annex_key).ok_or_else(|| {
+            HandlerError::malformed(format!(
+                "StudyIndexed: archive_annex_key {:?} is not an MD5E key",
+                msg.archive_annex_key
+            ))
+        })?;
+        let object = manifest::object_name(study.as_str(), msg.generation, md5);
+        let Some(entries) = self.read_manifest(&object).await? else {
+            // Archived before the lifecycle existed, or by something else: nothing
+            // says which files were archived, so nothing is deleted (the janitor
+            // reports the study if its files stay).
+            tracing::warn!(object, "no manifest for the indexed archive; spool files kept");
+            return Ok(());
+        };
+        let mut targets = Vec::with_capacity(entries.len());
+        for e in entries {
+            match checked_path(&study, &e.path) {
+                Some(rel) => targets.push((rel, e.size, e.sha256)),
+                None => {
+                    return Err(HandlerError::invalid(format!(
+                        "manifest {object} lists a path outside the study's spool layout"
+                    )));
+                }
+            }
+        }
+        let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
+        let outcome = tokio::task::spawn_blocking(move || delete_matching(&spool_dir, &targets, keep))
+            .await
+            .context("join spool deletion task")
+            .map_err(HandlerError::Transient)?
+            .map_err(|e| transient(e, "delete indexed spool files"))?;
+        self.metrics.record_deletion(&outcome);
+        tracing::info!(
+            deleted = outcome.deleted,
+            already_gone = outcome.gone,
+            kept_different = outcome.kept,
+            would_delete = outcome.would_delete,
+            keep = self.keep,
+            "spool files of the indexed generation handled"
+        );
+        Ok(())
+    }
+
+    /// The manifest object's entries; `None` when there is no such object.
+    async fn read_manifest(&self, object: &str) -> Result<Option<Vec<pb::ManifestEntry>>, HandlerError> {
+        use async_nats::jetstream::object_store::GetErrorKind;
+        let store = self
+            .bus
+            .js
+            .get_object_store(subjects::OBJ_MANIFESTS)
+            .await
+            .map_err(|e| transient(e, "open the manifests object store"))?;
+        let mut obj = match store.get(object).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(transient(e, "read the manifest")),
+        };
+        let mut bytes = Vec::new();
+        obj.read_to_end(&mut bytes).await.map_err(|e| transient(e, "read the manifest"))?;
+        let m = pb::Manifest::decode(bytes.as_slice())
+            .map_err(|e| HandlerError::invalid(format!("manifest {object} cannot be decoded: {e}")))?;
+        Ok(Some(m.entries))
+    }
+
+    /// Handles one `StudyDiscarded`.
+    pub async fn handle_discarded(self: Arc<Self>, delivery: Delivery) -> Result<(), HandlerError> {
+        let msg: pb::StudyDiscarded = delivery.decode()?;
+        let study = Uid::parse("StudyInstanceUID", &msg.study_instance_uid)
+            .map_err(|e| HandlerError::malformed(format!("StudyDiscarded: {e}")))?;
+        let dir = msg.spool_study_dir.trim_end_matches('/');
+        if !dir.is_empty() && dir != study.as_str() {
+            return Err(HandlerError::malformed("StudyDiscarded: spool_study_dir is not the StudyInstanceUID"));
+        }
+        let span = tracing::info_span!("spool_discarded", study_uid = %study, generation = msg.generation);
+        let until =
+            SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(msg.discarded_at_unix_ms).unwrap_or(0));
+        let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
+        let outcome = tokio::task::spawn_blocking(move || delete_discarded(&spool_dir, &study, until, keep))
+            .instrument(span.clone())
+            .await
+            .context("join spool deletion task")
+            .map_err(HandlerError::Transient)?
+            .map_err(|e| transient(e, "delete discarded spool files"))?;
+        self.metrics.record_deletion(&outcome);
+        span.in_scope(|| {
+            tracing::info!(
+                deleted = outcome.deleted,
+                already_gone = outcome.gone,
+                newer_kept = outcome.kept,
+                would_delete = outcome.would_delete,
+                keep = self.keep,
+                "spool files of the discarded study handled"
+            );
+        });
+        Ok(())
+    }
+}
+
+/// Removes a file; a file already gone is success.
+fn remove(path: &Path) -> io::Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes each `(rel, size, sha256)` whose file still has that size and SHA-256.
+pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: bool) -> io::Result<Outcome> {
+    let mut out = Outcome::default();
+    for (rel, size, sha256) in targets {
+        let path = spool.join(rel);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                out.gone += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let same = meta.is_file()
+            && meta.len() == *size
+            && match spool::hash_file(&path) {
+                Ok(d) => d.sha256.eq_ignore_ascii_case(sha256),
+                Err(e) if e.is_transient() => return Err(io::Error::other(e.to_string())),
+                Err(_) => false,
+            };
+        if !same {
+            out.kept += 1;
+            tracing::warn!(path = %rel.display(), "spool file differs from the indexed manifest; kept");
+        } else if keep {
+            out.would_delete += 1;
+            tracing::debug!(path = %rel.display(), "would delete (BIDSFLUX_SPOOL_KEEP)");
+        } else if remove(&path)? {
+            out.deleted += 1;
+        } else {
+            out.gone += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the `<series>/<sop>.dcm` files of `study` last modified at or before `until`.
+pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool) -> io::Result<Outcome> {
+    let mut out = Outcome::default();
+    let study_dir = spool.join(study.as_str());
+    let series_dirs = match std::fs::read_dir(&study_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for series in series_dirs {
+        let series = series?;
+        if !series.file_type()?.is_dir() || series.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let files = match std::fs::read_dir(series.path()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for f in files {
+            let f = f?;
+            let name = f.file_name();
+            let name = name.to_string_lossy();
+            if !name.ends_with(".dcm") || name.starts_with('.') {
+                continue;
+            }
+            let meta = match f.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            if meta.modified()? > until {
+                out.kept += 1;
+            } else if keep {
+                out.would_delete += 1;
+                tracing::debug!(file = %name, "would delete (BIDSFLUX_SPOOL_KEEP)");
+            } else if remove(&f.path())? {
+                out.deleted += 1;
+            } else {
+                out.gone += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn md5_from_annex_keys() {
+        let md5 = "0123456789abcdef0123456789abcdef";
+        assert_eq!(md5_of_annex_key(&format!("MD5E-s123--{md5}.7z")), Some(md5));
+        assert_eq!(md5_of_annex_key("SHA256E-s1--ab.7z"), None);
+        assert_eq!(md5_of_annex_key("MD5E-s1--xyz"), None);
+    }
+
+    #[test]
+    fn manifest_paths_must_stay_in_the_study() {
+        let study = Uid::parse("StudyInstanceUID", "1.2.3").unwrap();
+        assert!(checked_path(&study, "1.2.3/4.5/6.7.dcm").is_some());
+        for bad in ["1.2.4/4.5/6.7.dcm", "1.2.3/../6.7.dcm", "1.2.3/4.5/6.7.dcm/x", "1.2.3/4.5/6.7", "/1.2.3/4.5/6.dcm"]
+        {
+            assert!(checked_path(&study, bad).is_none(), "{bad}");
+        }
+    }
+}
