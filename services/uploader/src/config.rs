@@ -83,6 +83,12 @@ pub struct Config {
     /// deleted is logged at debug level). Default false: a study's files are
     /// deleted once it is indexed (or discarded).
     pub spool_keep: bool,
+    /// `BIDSFLUX_SPOOL_DELETE_DISCARDED`: on *study discarded*, delete the study's files written
+    /// before the discard (default false: they stay, and the janitor reports them). Off by
+    /// default because *study discarded* does not list its instances: a file written before the
+    /// discard may belong to a later generation still being decided, or to an earlier one not
+    /// yet archived, and deleting it would lose data no archive holds.
+    pub spool_delete_discarded: bool,
     /// `BIDSFLUX_SPOOL_JANITOR_INTERVAL`: how often the janitor walks the spool
     /// (default 10m).
     pub janitor_interval: Duration,
@@ -177,6 +183,7 @@ impl Config {
         };
         Ok(Config {
             spool_keep: env.bool_or("BIDSFLUX_SPOOL_KEEP", false)?,
+            spool_delete_discarded: env.bool_or("BIDSFLUX_SPOOL_DELETE_DISCARDED", false)?,
             janitor_interval,
             stale_after: env.duration_or("BIDSFLUX_SPOOL_STALE_AFTER", Duration::from_secs(24 * 3600))?,
             empty_dir_age: env.duration_or("BIDSFLUX_SPOOL_EMPTY_DIR_AGE", Duration::from_secs(600))?,

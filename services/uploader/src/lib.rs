@@ -95,6 +95,7 @@ pub async fn run_lifecycle(
         bus: bus.clone(),
         spool_dir: config.spool_dir.clone(),
         keep: config.spool_keep,
+        delete_discarded: config.spool_delete_discarded,
         metrics: metrics.clone(),
     });
     let janitor = Janitor {

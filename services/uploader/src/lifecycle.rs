@@ -11,10 +11,13 @@
 //!   name (written after the archive was built) is kept and logged. Files of
 //!   later generations are not in the manifest, so they stay.
 //! - **Discarded** (`StudyDiscarded`, durable consumer `uploader-lifecycle` on
-//!   `BIDSFLUX_V1_STUDIES`): the study's `<series>/<sop>.dcm` files last
-//!   modified before the discard are deleted. A file written after it belongs
-//!   to a later generation and stays. Conflict (`.conflict-…`) and torn
-//!   (`.torn-…`) files are left for operators.
+//!   `BIDSFLUX_V1_STUDIES`): only with `BIDSFLUX_SPOOL_DELETE_DISCARDED=true`,
+//!   the study's `<series>/<sop>.dcm` files last modified before the discard
+//!   are deleted. Off by default: the event does not list its instances, so a
+//!   file written before the discard may still belong to a later generation
+//!   (study-completion lagging behind the receiver) or to an earlier one not
+//!   yet archived; the files stay and the janitor reports them. Conflict
+//!   (`.conflict-…`) and torn (`.torn-…`) files are always left for operators.
 //!
 //! Both are idempotent: a file already gone counts as deleted, so a
 //! redelivery deletes nothing more. Directories are never removed here (the
@@ -48,6 +51,8 @@ pub struct Lifecycle {
     pub spool_dir: PathBuf,
     /// `BIDSFLUX_SPOOL_KEEP`: log, never delete.
     pub keep: bool,
+    /// `BIDSFLUX_SPOOL_DELETE_DISCARDED`: delete discarded studies' files (off: keep them).
+    pub delete_discarded: bool,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
 }
@@ -177,7 +182,8 @@ impl Lifecycle {
         let span = tracing::info_span!("spool_discarded", study_uid = %study, generation = msg.generation);
         let until =
             SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(msg.discarded_at_unix_ms).unwrap_or(0));
-        let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
+        // Without the opt-in, nothing is deleted (counted as kept by configuration).
+        let (spool_dir, keep) = (self.spool_dir.clone(), self.keep || !self.delete_discarded);
         let outcome = tokio::task::spawn_blocking(move || delete_discarded(&spool_dir, &study, until, keep))
             .instrument(span.clone())
             .await
@@ -192,6 +198,7 @@ impl Lifecycle {
                 newer_kept = outcome.kept,
                 would_delete = outcome.would_delete,
                 keep = self.keep,
+                delete_discarded = self.delete_discarded,
                 "spool files of the discarded study handled"
             );
         });

@@ -34,6 +34,10 @@ impl Drop for Setup {
 }
 
 async fn start(keep: bool) -> Setup {
+    start_with(keep, true).await
+}
+
+async fn start_with(keep: bool, delete_discarded: bool) -> Setup {
     bidsflux_telemetry::init_for_tests();
     let nats = NatsServer::start().await.unwrap();
     let bus = Bus::connect(&nats.url, "uploader", Duration::from_secs(10)).await.unwrap();
@@ -45,6 +49,7 @@ async fn start(keep: bool) -> Setup {
         ("AWS_SECRET_ACCESS_KEY", "secret"),
         ("BIDSFLUX_SPOOL_DIR", &spool.path().display().to_string()),
         ("BIDSFLUX_SPOOL_KEEP", if keep { "true" } else { "false" }),
+        ("BIDSFLUX_SPOOL_DELETE_DISCARDED", if delete_discarded { "true" } else { "false" }),
     ]);
     let config = Config::from_env(&env).unwrap();
     let metrics = Arc::new(Metrics::default());
@@ -177,6 +182,17 @@ async fn discarded_deletes_the_study_files() {
     assert!(!a.exists() && !c.exists());
     assert!(conflict.exists() && newer.exists());
     assert_eq!(s.metrics.deleted_files(), 2);
+}
+
+/// By default a discarded study's files stay (the event does not say which generation they are).
+#[tokio::test]
+async fn discarded_studies_are_kept_by_default() {
+    let s = start_with(false, false).await;
+    let a = write(s.spool.path(), A, b"aaaa");
+    publish_discarded(&s.bus, 0).await;
+    settled(&s.bus, subjects::STREAM_STUDIES).await;
+    assert!(a.exists());
+    assert_eq!(s.metrics.deleted_files(), 0);
 }
 
 /// The janitor reports a study older than the threshold and deletes nothing.

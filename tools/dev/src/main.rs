@@ -16,8 +16,8 @@
 //! Everything else comes from the environment, as for the services: e.g.
 //! `BIDSFLUX_COMPLETION_RULES=rules.toml` gives study-completion a rules file.
 //! Its admin API listens on `127.0.0.1:50051` (where `bidsflux-ctl` looks by
-//! default) and the metrics on `127.0.0.1:9464` (receiver) and `:9465`
-//! (study-completion), unless their variables say otherwise. Tests running
+//! default) and the metrics on `127.0.0.1:9464` (receiver), `:9465`
+//! (study-completion) and `:9466` (uploader), unless their variables say otherwise. Tests running
 //! the pipeline leave those unset and get free ports instead (see the library).
 
 use std::net::SocketAddr;
@@ -26,7 +26,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use bidsflux_config::Env;
-use bidsflux_dev::{COMPLETION_GRPC_BIND_VAR, COMPLETION_HTTP_BIND_VAR, RECEIVER_HTTP_BIND_VAR, client_url};
+use bidsflux_dev::{
+    COMPLETION_GRPC_BIND_VAR, COMPLETION_HTTP_BIND_VAR, RECEIVER_HTTP_BIND_VAR, UPLOADER_HTTP_BIND_VAR, client_url,
+};
 use bidsflux_testsupport::{NatsServer, S3Server, free_port};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -139,6 +141,7 @@ async fn dev() -> anyhow::Result<()> {
         (RECEIVER_HTTP_BIND_VAR, "127.0.0.1:9464"),
         (COMPLETION_HTTP_BIND_VAR, "127.0.0.1:9465"),
         (COMPLETION_GRPC_BIND_VAR, "127.0.0.1:50051"),
+        (UPLOADER_HTTP_BIND_VAR, "127.0.0.1:9466"),
     ];
     for (k, v) in defaults {
         if user.get(k).is_none() {
