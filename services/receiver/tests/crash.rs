@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -92,19 +94,6 @@ async fn events(bus: &Bus) -> HashMap<String, Vec<pb::InstanceStored>> {
     out
 }
 
-fn spool_files(root: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() { walk(&p, out) } else { out.push(p) }
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, &mut out);
-    out.retain(|p| !p.starts_with(root.join(".tmp")) && !p.starts_with(root.join(".journal")));
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_instance_that_got_success_survives_a_kill_9() {
     bidsflux_telemetry::init_for_tests();
@@ -153,7 +142,7 @@ async fn every_instance_that_got_success_survives_a_kill_9() {
         assert_eq!(&dataset_bytes(&spooled).unwrap(), dataset, "{} differs from what was sent", evs[0].spool_path);
     }
     // Nothing partial is visible: every spool file is a complete instance that was sent.
-    let files = spool_files(&spool);
+    let files = common::spool_files_in(&spool);
     assert!(files.len() >= acknowledged.len());
     for f in &files {
         assert!(f.extension().is_some_and(|e| e == "dcm"), "unexpected spool file {}", f.display());
@@ -175,13 +164,7 @@ async fn every_instance_that_got_success_survives_a_kill_9() {
     for (sop, evs) in &on_stream {
         assert_eq!(evs.len(), 1, "duplicate events for {sop}");
     }
-    assert_eq!(spool_files(&spool).len(), total, "no conflict or extra files");
-    let left = std::fs::read_dir(spool.join(".tmp"))
-        .unwrap()
-        .filter(|e| {
-            !e.as_ref().unwrap().file_name().to_string_lossy().starts_with(bidsflux_receiver::spool::pool::PREFIX)
-        })
-        .count();
-    assert_eq!(left, 0, "temp files left");
+    assert_eq!(common::spool_files_in(&spool).len(), total, "no conflict or extra files");
+    assert_eq!(common::temp_files_in(&spool), Vec::<PathBuf>::new(), "temp files left");
     receiver.kill().await.unwrap();
 }

@@ -8,6 +8,8 @@
 //! 512×512 16-bit) is written to disk in 1 MiB chunks, never held in memory;
 //! DCMTK's `storescu` sends it; data sets are compared by streamed SHA-256. About 2 GiB of temp disk, freed at the end.
 
+mod common;
+
 use std::io::{BufWriter, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -82,7 +84,7 @@ async fn one_gib_instance_is_stored_with_bounded_memory() {
     );
 
     // The spool holds one file whose data set is the one sent, and the event says so.
-    let files = spool_files(&spool);
+    let files = common::spool_files_in(&spool);
     assert_eq!(files.len(), 1, "spool files: {files:?}");
     let (spool_file, sent_file) = (files[0].clone(), file.clone());
     let (spooled, sent_hash) = tokio::join!(
@@ -200,20 +202,6 @@ fn free_bytes(dir: &Path) -> u64 {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().nth(1).unwrap_or_else(|| panic!("unexpected df output: {text}"));
     line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unexpected df line: {line}"))
-}
-
-/// Files under the spool root, its temp and journal directories excluded.
-fn spool_files(spool: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() { walk(&p, out) } else { out.push(p) }
-        }
-    }
-    let mut out = Vec::new();
-    walk(spool, &mut out);
-    out.retain(|p| !p.starts_with(spool.join(".tmp")) && !p.starts_with(spool.join(".journal")));
-    out
 }
 
 /// The `bidsflux-receiver` binary as a child process (killed on drop).

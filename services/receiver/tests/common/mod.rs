@@ -134,24 +134,33 @@ impl Harness {
         out
     }
 
-    /// Files under the spool root, temp directory excluded.
+    /// Files under the spool root ([`spool_files_in`]).
     pub fn spool_files(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        walk(self.spool.path(), &mut out);
-        out.retain(|p| {
-            !p.starts_with(self.spool.path().join(".tmp")) && !p.starts_with(self.spool.path().join(".journal"))
-        });
-        out.sort();
-        out
+        spool_files_in(self.spool.path())
     }
 
-    /// Files in the spool's temp directory, the empty ones created ahead of need excluded.
+    /// Files left in the spool's temp directory ([`temp_files_in`]).
     pub fn temp_files(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        walk(&self.spool.path().join(".tmp"), &mut out);
-        out.retain(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(POOL_PREFIX)));
-        out
+        temp_files_in(self.spool.path())
     }
+}
+
+/// Files under a spool root, sorted; the receiver's temp and journal directories excluded.
+pub fn spool_files_in(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    walk(root, &mut out);
+    out.retain(|p| !p.starts_with(root.join(".tmp")) && !p.starts_with(root.join(".journal")));
+    out.sort();
+    out
+}
+
+/// Files in a spool's temp directory, the empty ones created ahead of need excluded: what a
+/// store left behind.
+pub fn temp_files_in(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    walk(&root.join(".tmp"), &mut out);
+    out.retain(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(POOL_PREFIX)));
+    out
 }
 
 /// Name prefix of the temp files the spool creates ahead of need.
