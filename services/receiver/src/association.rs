@@ -210,10 +210,19 @@ async fn reject_with_limit<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max
         max_associations = max,
         "association rejected: too many associations (local limit exceeded)"
     );
-    // Best effort: the peer closes on the RJ anyway.
+    // Lingering close: send our close (TLS close_notify, then FIN), then read until the peer
+    // closes too. Dropping the socket while the peer's own close_notify (or anything else) is
+    // still unread makes the kernel answer with a reset, and a peer that had not yet read the
+    // RJ then sees "connection reset" instead of the rejection.
     let _ = stream.shutdown().await;
+    let mut sink = [0_u8; 512];
+    let _ =
+        tokio::time::timeout(LINGER, async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} }).await;
     Ok(())
 }
+
+/// How long a rejected connection is kept open for the peer to read the A-ASSOCIATE-RJ and close.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// The DIMSE loop of an established association.
 async fn dimse_loop<S>(mut assoc: AsyncServerAssociation<S>, ctx: &StoreContext, abort: &CancellationToken)
