@@ -65,12 +65,13 @@ pub struct Config {
     /// S3 outage of a few seconds costs a retry of the parts in flight, not
     /// of the whole archive.
     pub part_attempts: u32,
-    /// `BIDSFLUX_7Z`: the 7-Zip program (Debian's p7zip-full `7z`).
-    pub sevenzip: PathBuf,
-    /// `BIDSFLUX_7Z_LEVEL`: compression level `-mx0`..`-mx9`; 5 is what the
-    /// original used. DICOM pixel data compresses little, so higher levels
-    /// mostly cost CPU.
+    /// `BIDSFLUX_7Z_LEVEL`: compression level 0..9 as 7-Zip's `-mx` (0 stores,
+    /// 1..9 are LZMA2 at that xz preset); 5 is what the original used. DICOM
+    /// pixel data compresses little, so higher levels mostly cost CPU.
     pub sevenzip_level: u8,
+    /// `BIDSFLUX_7Z_THREADS`: files compressed at once (every file is its own
+    /// block); 0, the default, means one per CPU.
+    pub sevenzip_threads: usize,
     /// `BIDSFLUX_UPLOADER_CONCURRENCY`: studies handled at once. Each needs an
     /// archive's worth of work-dir space and one upload's bandwidth.
     pub concurrency: usize,
@@ -203,8 +204,11 @@ impl Config {
             part_size,
             upload_concurrency,
             part_attempts,
-            sevenzip: env.path_or("BIDSFLUX_7Z", "7z"),
             sevenzip_level,
+            sevenzip_threads: match env.parse_or::<usize>("BIDSFLUX_7Z_THREADS", 0)? {
+                0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                n => n,
+            },
             concurrency,
             manifest_inline_max: env
                 .parse_or::<usize>("BIDSFLUX_MANIFEST_INLINE_MAX", 0)
@@ -296,7 +300,7 @@ mod tests {
         assert_eq!(c.work_dir, PathBuf::from(DEFAULT_WORK_DIR));
         assert!(c.path_style && c.create_bucket);
         assert_eq!((c.sevenzip_level, c.s3_max_attempts, c.concurrency), (5, 5, 1));
-        assert_eq!(c.sevenzip, PathBuf::from("7z"));
+        assert!(c.sevenzip_threads >= 1);
         assert_eq!((c.part_size, c.upload_concurrency, c.part_attempts), (64 << 20, 4, 6));
         assert!(!c.spool_keep);
         assert_eq!((c.janitor_interval, c.stale_after), (Duration::from_secs(600), Duration::from_secs(86400)));

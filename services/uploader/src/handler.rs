@@ -93,7 +93,7 @@ impl Uploader {
         Self {
             bus,
             store: Store::new(config),
-            sevenzip: SevenZip { program: config.sevenzip.clone(), level: config.sevenzip_level },
+            sevenzip: SevenZip { level: config.sevenzip_level, threads: config.sevenzip_threads },
             pattern: config.s3_url_pattern.clone(),
             spool_dir: config.spool_dir.clone(),
             work_dir: config.work_dir.clone(),
@@ -104,11 +104,6 @@ impl Uploader {
             manifest_inline_max: config.manifest_inline_max,
             spool_keep: config.spool_keep,
         }
-    }
-
-    /// The 7-Zip settings (checked at start).
-    pub fn sevenzip(&self) -> &SevenZip {
-        &self.sevenzip
     }
 
     /// Handles one delivery of `StudyCompleted`.

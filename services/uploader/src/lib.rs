@@ -7,8 +7,9 @@
 //! 2. [`spool`]: the study's files are listed in sorted order, the session
 //!    metas read from the first one, and every file hashed (MD5, SHA-256)
 //!    for the manifest — the spool is only read, never changed;
-//! 3. [`archive`]: `7z` builds `<study>.7z` in a fresh temp directory of the
-//!    work dir, one file per block;
+//! 3. [`archive`]: `<study>.7z` is written in a fresh temp directory of the
+//!    work dir, one file per block, the files compressed in parallel
+//!    (LZMA2, liblzma) — reproducible: no timestamps, sorted names;
 //! 4. [`store`]: the archive is stored in the bucket the `S3_URL_PATTERN`
 //!    gives for the study, at `<fileprefix><MD5E annex key>` where git-annex's
 //!    S3 remote will look for it — one PutObject, or a parallel [`multipart`]
@@ -148,7 +149,6 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
         tokio::spawn(bidsflux_messaging::http::serve(listener, health, shutdown.clone()));
     }
     let uploader = Arc::new(Uploader::new(&config, bus.clone()));
-    uploader.sevenzip().check().await?;
     tokio::fs::create_dir_all(&config.work_dir)
         .await
         .with_context(|| format!("create work directory {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
