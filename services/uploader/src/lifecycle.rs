@@ -180,8 +180,11 @@ impl Lifecycle {
             return Err(HandlerError::malformed("StudyDiscarded: spool_study_dir is not the StudyInstanceUID"));
         }
         let span = tracing::info_span!("spool_discarded", study_uid = %study, generation = msg.generation);
-        let until =
-            SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(msg.discarded_at_unix_ms).unwrap_or(0));
+        // The event has millisecond resolution, file times nanoseconds: a file written in the
+        // discard's own millisecond counts as before it (the end of that millisecond).
+        let until = SystemTime::UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(msg.discarded_at_unix_ms).unwrap_or(0))
+            + Duration::from_nanos(999_999);
         // Without the opt-in, nothing is deleted (counted as kept by configuration).
         let (spool_dir, keep) = (self.spool_dir.clone(), self.keep || !self.delete_discarded);
         let outcome = tokio::task::spawn_blocking(move || delete_discarded(&spool_dir, &study, until, keep))
