@@ -10,6 +10,7 @@
 
 pub mod dicom;
 mod nats;
+pub mod pki;
 mod s3;
 
 use std::future::Future;

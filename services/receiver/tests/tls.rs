@@ -6,89 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bidsflux_testsupport::dicom::{StudySpec, generate_study};
+use bidsflux_testsupport::pki::Pki;
 use common::{AE, Harness, echoscu, storescu_with, successes, text};
-
-/// A test CA, and a server and a client certificate it signed (RSA: DCMTK's default BCP 195
-/// profile wants ECDHE-RSA with AES-GCM, which rustls offers).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bidsflux test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        for (name, ext) in [
-            ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
-            ("client", "extendedKeyUsage=clientAuth\n"),
-        ] {
-            std::fs::write(dir.path().join(format!("{name}.ext")), ext).unwrap();
-            run(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ]);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.crt"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{name}.ext"),
-            ]);
-        }
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn p(&self, name: &str) -> String {
-        self.path(name).to_string_lossy().into_owned()
-    }
-}
 
 async fn harness(pki: &Pki, mutual: bool) -> Harness {
     let (cert, key, ca) = (pki.p("server.crt"), pki.p("server.key"), pki.p("ca.crt"));
@@ -105,7 +27,7 @@ fn one_instance(dir: &Path) {
 
 #[tokio::test]
 async fn stores_over_tls_and_refuses_plain_associations() {
-    let pki = Pki::new();
+    let pki = Pki::new().unwrap();
     let h = harness(&pki, false).await;
     let src = tempfile::tempdir().unwrap();
     one_instance(src.path());
@@ -128,7 +50,7 @@ async fn stores_over_tls_and_refuses_plain_associations() {
 
 #[tokio::test]
 async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
-    let pki = Pki::new();
+    let pki = Pki::new().unwrap();
     let h = harness(&pki, true).await;
     let src = tempfile::tempdir().unwrap();
     one_instance(src.path());
@@ -170,7 +92,7 @@ first.release()
 /// to tell it so).
 #[tokio::test]
 async fn limit_rejection_is_sent_over_tls() {
-    let pki = Pki::new();
+    let pki = Pki::new().unwrap();
     let (cert, key) = (pki.p("server.crt"), pki.p("server.key"));
     let h = Harness::start_with(&[
         ("BIDSFLUX_DICOM_TLS_CERT_FILE", cert.as_str()),

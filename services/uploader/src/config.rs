@@ -39,6 +39,11 @@ pub struct Config {
     pub access_key_id: Secret,
     /// `AWS_SECRET_ACCESS_KEY` (or `/run/secrets/s3_secret`): S3 credentials.
     pub secret_access_key: Secret,
+    /// `BIDSFLUX_S3_CA_BUNDLE` (or the SDKs' `AWS_CA_BUNDLE`): a PEM file of CA
+    /// certificates trusted for the S3 endpoint's TLS certificate besides the
+    /// system roots — sites run MinIO with their own CA or a self-signed
+    /// certificate. Read and checked at start.
+    pub ca_bundle: Option<CaBundle>,
     /// `BIDSFLUX_S3_PATH_STYLE`: `http://host/bucket/key` requests. MinIO and
     /// git-annex's `requeststyle=path` need it, and bucket names with dots
     /// break virtual-host TLS certificates.
@@ -198,6 +203,7 @@ impl Config {
             region: env.get_or("AWS_REGION", "us-east-1").to_owned(),
             access_key_id,
             secret_access_key,
+            ca_bundle: ca_bundle(env)?,
             path_style: env.bool_or("BIDSFLUX_S3_PATH_STYLE", true)?,
             create_bucket: env.bool_or("BIDSFLUX_S3_CREATE_BUCKET", true)?,
             s3_max_attempts,
@@ -276,6 +282,35 @@ fn public_url(url: &str) -> Result<String, String> {
         return Err(bad());
     }
     Ok(url.to_owned())
+}
+
+/// Extra CA certificates for the S3 endpoint, from a PEM file.
+#[derive(Debug, Clone)]
+pub struct CaBundle {
+    /// Where they were read from (for messages).
+    pub path: PathBuf,
+    /// The TLS settings trusting them and the system roots.
+    pub tls: aws_smithy_http_client::tls::TlsContext,
+}
+
+fn ca_bundle(env: &Env) -> Result<Option<CaBundle>, ConfigError> {
+    let Some((var, path)) = ["BIDSFLUX_S3_CA_BUNDLE", "AWS_CA_BUNDLE"]
+        .into_iter()
+        .find_map(|var| env.get(var).filter(|v| !v.is_empty()).map(|v| (var, PathBuf::from(v))))
+    else {
+        return Ok(None);
+    };
+    let pem =
+        std::fs::read(&path).map_err(|e| ConfigError::invalid(var, format!("cannot read {}: {e}", path.display())))?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError::invalid(var, format!("{} holds no PEM certificate", path.display())));
+    }
+    use aws_smithy_http_client::tls::{TlsContext, TrustStore};
+    let tls = TlsContext::builder()
+        .with_trust_store(TrustStore::empty().with_native_roots(true).with_pem_certificate(pem))
+        .build()
+        .map_err(|e| ConfigError::invalid(var, format!("{}: {e}", path.display())))?;
+    Ok(Some(CaBundle { path, tls }))
 }
 
 #[cfg(test)]

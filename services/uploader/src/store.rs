@@ -252,7 +252,17 @@ impl Store {
             None,
             "bidsflux-uploader-config",
         );
-        let s3 = aws_sdk_s3::Config::builder()
+        let mut s3 = aws_sdk_s3::Config::builder();
+        if let Some(ca) = &config.ca_bundle {
+            use aws_smithy_http_client::tls;
+            s3.set_http_client(Some(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+                    .tls_context(ca.tls.clone())
+                    .build_https(),
+            ));
+        }
+        let s3 = s3
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
             .endpoint_url(config.endpoint_url.clone())
