@@ -2,6 +2,7 @@
 #   make dev    build and run the whole pipeline locally (Ctrl-C stops it)
 #   make test   install test dependencies and run every check and test
 #   make bench  receiver throughput against DCMTK storescp and Orthanc (docs/benchmarks.md)
+#   make bench-uploader  archive + upload of a 1 GiB study against 7z + the aws CLI
 
 CARGO ?= cargo
 # Python tools (DataLad and its git-annex special remotes) from ./.venv when
@@ -9,7 +10,7 @@ CARGO ?= cargo
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export BIDSFLUX_VENV_BIN := $(CURDIR)/.venv/bin
 
-.PHONY: dev test deps-run deps-test lint build bench
+.PHONY: dev test deps-run deps-test lint build bench bench-uploader
 
 dev: deps-run
 	$(CARGO) build --bin bidsflux-dev
@@ -36,3 +37,7 @@ build:
 
 bench:
 	bash bench/receiver.sh
+
+bench-uploader:
+	@command -v aws >/dev/null || python3 -m pip install --quiet awscli
+	$(CARGO) bench -p bidsflux-uploader --bench archive_upload
