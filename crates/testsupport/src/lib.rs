@@ -9,6 +9,7 @@
 //! - [`wait_until`]: polling with a deadline instead of sleeps.
 
 pub mod dicom;
+pub mod gitlab;
 mod nats;
 pub mod pki;
 mod s3;
