@@ -175,8 +175,12 @@ impl SevenZip {
                 Ok(())
             })();
             if outcome.is_err() {
+                // Under the lock, so a worker between its check and its wait cannot miss it.
+                let (lock, cv) = &written;
+                let guard = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 stop.store(true, Ordering::Relaxed);
-                written.1.notify_all();
+                cv.notify_all();
+                drop(guard);
                 drop(rx);
             }
             outcome
@@ -541,6 +545,26 @@ mod tests {
             let a = SevenZip { level, threads: 2 }.build(spool.path(), work.path(), "9.7z", &files).await.unwrap();
             assert_extracts(&a.path, &contents);
         }
+    }
+
+    /// Workers held back by the window while the writer fails on an early file are released.
+    #[tokio::test]
+    async fn a_failure_behind_a_full_window_does_not_hang() {
+        let spool = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let contents: Vec<(String, Vec<u8>)> =
+            (0..40).map(|i| (format!("1.2/3/{i:02}.dcm"), vec![i as u8; 20_000])).collect();
+        let refs: Vec<(&str, Vec<u8>)> = contents.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+        let mut files = files_in(spool.path(), &refs);
+        std::fs::remove_file(spool.path().join("1.2/3/00.dcm")).unwrap();
+        files.swap(0, 39);
+        let z = SevenZip { level: 1, threads: 3 };
+        let built = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            z.build(spool.path(), work.path(), "1.2.7z", &files),
+        );
+        let e = format!("{:#}", built.await.expect("archiving hung").unwrap_err());
+        assert!(e.contains("1.2/3/00.dcm"), "{e}");
     }
 
     #[tokio::test]
