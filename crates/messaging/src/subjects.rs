@@ -98,9 +98,13 @@ pub fn held_msg_id(study_instance_uid: &str, generation: u32, n: u32) -> String 
     format!("held:{study_instance_uid}:{generation}:{n}")
 }
 
-/// The de-duplication id of an `ArchiveStored` event (same archive bytes, same id).
-pub fn archive_msg_id(study_instance_uid: &str, generation: u32, archive_md5: &str) -> String {
-    format!("archive:{study_instance_uid}:{generation}:{archive_md5}")
+/// The de-duplication id of an `ArchiveStored` event (same archive bytes, same id); the `n`-th
+/// re-index of a generation (`StudyCompleted.reindex`) gets its own.
+pub fn archive_msg_id(study_instance_uid: &str, generation: u32, archive_md5: &str, reindex: u32) -> String {
+    match reindex {
+        0 => format!("archive:{study_instance_uid}:{generation}:{archive_md5}"),
+        n => format!("archive:{study_instance_uid}:{generation}:{archive_md5}:reindex:{n}"),
+    }
 }
 
 /// The de-duplication id of a `StudyIndexed` event.

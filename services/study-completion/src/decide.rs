@@ -302,7 +302,8 @@ impl Engine {
                 };
                 s.reindex_count += 1;
                 let id = subjects::reindex_msg_id(&s.study_instance_uid, last.generation, s.reindex_count);
-                push(&mut s, pb::OutboxKind::StudyCompleted, id, last.encode_to_vec());
+                let again = pb::StudyCompleted { reindex: s.reindex_count, ..last };
+                push(&mut s, pb::OutboxKind::StudyCompleted, id, again.encode_to_vec());
                 return Ok((s, None));
             }
             _ => return Err(refuse("")),
@@ -362,6 +363,7 @@ fn complete(s: &mut pb::StudyState, r: pb::CompletionReason, now_ms: i64) -> Dec
         spool_study_dir: s.study_instance_uid.clone(),
         generation_series_count: generation_series(s),
         generation_instance_count: u64::from(s.generation_instances),
+        reindex: 0,
     };
     let id = subjects::completed_msg_id(&s.study_instance_uid, s.generation);
     push(s, pb::OutboxKind::StudyCompleted, id, ev.encode_to_vec());

@@ -158,7 +158,11 @@ async fn operators_force_complete_hold_release_discard_and_reindex_over_grpc() {
         ids,
         [format!("completed:{A}:0"), format!("completed:{A}:0:reindex:1"), format!("completed:{A}:0:reindex:2")]
     );
-    assert!(completed.iter().all(|(_, p)| p == &completed[0].1));
+    // The same completion, marked as the n-th re-index.
+    let decoded: Vec<pb::StudyCompleted> =
+        completed.iter().map(|(_, p)| pb::StudyCompleted::decode(&p[..]).unwrap()).collect();
+    assert_eq!(decoded.iter().map(|c| c.reindex).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(decoded.iter().all(|c| pb::StudyCompleted { reindex: 0, ..c.clone() } == decoded[0]));
 
     // Discard B: StudyDiscarded and no completion.
     let d = admin.discard(pb::StudyRequest { study_instance_uid: B.into() }).await.unwrap().into_inner();

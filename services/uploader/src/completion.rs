@@ -17,6 +17,8 @@ pub struct Completion {
     pub generation_instance_count: u64,
     /// Why the study was declared complete (copied to `ArchiveStored`).
     pub reason: Option<pb::CompletionReason>,
+    /// 0, or the count of an operator's re-index of this generation.
+    pub reindex: u32,
 }
 
 /// A `StudyCompleted` that breaks the contract.
@@ -47,6 +49,7 @@ impl TryFrom<&pb::StudyCompleted> for Completion {
             instance_count: m.instance_count,
             generation_instance_count: m.generation_instance_count,
             reason: m.reason.clone(),
+            reindex: m.reindex,
         })
     }
 }

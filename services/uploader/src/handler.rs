@@ -121,7 +121,7 @@ impl Uploader {
         self.upload(completion).instrument(span).await
     }
 
-    async fn read_study(&self, c: &Completion) -> Result<StudyInput, HandlerError> {
+    async fn read_study(&self, c: &Completion) -> Result<StudyInput, SpoolError> {
         // Once an earlier generation is indexed the lifecycle deletes its files:
         // an amendment then finds only its own share in the spool.
         let expected =
@@ -134,8 +134,13 @@ impl Uploader {
             Ok(StudyInput { listing, metas })
         })
         .await
-        .context("join spool task")?
-        .map_err(spool_failure)
+        .unwrap_or_else(|e| {
+            Err(SpoolError::Io {
+                what: "join the spool task for",
+                path: self.spool_dir.clone(),
+                source: std::io::Error::other(e),
+            })
+        })
     }
 
     fn place(&self, metas: &SessionMetas) -> Result<Placement, HandlerError> {
@@ -163,7 +168,15 @@ impl Uploader {
 
     async fn upload(&self, c: Completion) -> Result<(), HandlerError> {
         let span = tracing::Span::current();
-        let input = self.read_study(&c).await?;
+        let input = match self.read_study(&c).await {
+            Ok(input) => input,
+            // The lifecycle deletes a generation's files once it is indexed: a re-index
+            // (or a late redelivery) then announces the archive recorded in the first run.
+            Err(e @ (SpoolError::NoStudyDir { .. } | SpoolError::TooFew { .. } | SpoolError::Empty { .. })) => {
+                return self.announce_recorded(&c, e).await;
+            }
+            Err(e) => return Err(spool_failure(e)),
+        };
         span.record("files", input.listing.files.len());
         if input.listing.ignored > 0 {
             tracing::warn!(ignored = input.listing.ignored, "spool entries outside the layout were left out");
@@ -200,7 +213,8 @@ impl Uploader {
             self.keep_manifest(&event).await?;
         }
         fits_in_a_message(&event, max_payload)?;
-        let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &archive.digests.md5);
+        self.record(&event).await?;
+        let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &archive.digests.md5, c.reindex);
         self.bus
             .publish(subjects::ARCHIVE_STORED, &event, Some(&msg_id))
             .await
@@ -216,18 +230,89 @@ impl Uploader {
         Ok(())
     }
 
+    /// Keeps `event` (the manifest inline or as a reference) in the object store, so that a
+    /// re-index after the spool was cleared can announce the archive again.
+    async fn record(&self, event: &pb::ArchiveStored) -> Result<(), HandlerError> {
+        let store = self.manifests().await?;
+        let name = record_name(&event.study_instance_uid, event.generation);
+        store
+            .put(name.as_str(), &mut event.encode_to_vec().as_slice())
+            .await
+            .context("record the archive in the object store")
+            .map_err(HandlerError::Transient)?;
+        Ok(())
+    }
+
+    async fn manifests(&self) -> Result<async_nats::jetstream::object_store::ObjectStore, HandlerError> {
+        self.bus
+            .js
+            .get_object_store(subjects::OBJ_MANIFESTS)
+            .await
+            .context("open the manifests object store")
+            .map_err(HandlerError::Transient)
+    }
+
+    /// The study's files are not (all) in the spool: if this generation's archive was recorded
+    /// and is still in S3 as recorded, announces it again; otherwise `missing` is the failure.
+    async fn announce_recorded(&self, c: &Completion, missing: SpoolError) -> Result<(), HandlerError> {
+        use tokio::io::AsyncReadExt as _;
+        let store = self.manifests().await?;
+        let name = record_name(c.study.as_str(), c.generation);
+        let mut object = match store.get(name.as_str()).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+                return Err(spool_failure(missing));
+            }
+            Err(e) => return Err(HandlerError::Transient(anyhow::Error::new(e).context("read the archive record"))),
+        };
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await.context("read the archive record").map_err(HandlerError::Transient)?;
+        let event = pb::ArchiveStored::decode(bytes.as_slice())
+            .map_err(|e| HandlerError::permanent(format!("archive record {name} does not decode: {e}")))?;
+        let (Some(metas), Some(location)) = (event.metas.as_ref(), event.location.as_ref()) else {
+            return Err(HandlerError::permanent(format!("archive record {name} has no metas or location")));
+        };
+        let metas = SessionMetas::from_raw(
+            &metas.study_instance_uid,
+            &metas.patient_id,
+            &metas.patient_name,
+            &metas.referring_physician_name,
+            &metas.study_date,
+            &metas.study_description,
+        )
+        .map_err(|e| HandlerError::permanent(format!("archive record {name}: {e}")))?;
+        let placement = self.place(&metas)?;
+        let digests = spool::Digests { size: event.size, md5: event.md5.clone(), sha256: event.sha256.clone() };
+        if placement.bucket != location.bucket
+            || !self.store.is_stored(&placement, &location.key, &digests).await.map_err(s3_failure)?
+        {
+            return Err(HandlerError::permanent(format!(
+                "{missing}; the archive recorded for generation {} is not in S3 as recorded (bucket {}), \
+                 so it cannot be announced again",
+                c.generation,
+                placement.bucket_shown()
+            )));
+        }
+        let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &event.md5, c.reindex);
+        self.bus
+            .publish(subjects::ARCHIVE_STORED, &event, Some(&msg_id))
+            .await
+            .context("publish ArchiveStored")
+            .map_err(HandlerError::Transient)?;
+        tracing::info!(
+            reindex = c.reindex,
+            annex_key = event.annex_key,
+            "spool already cleared; the recorded archive is in S3, announced again"
+        );
+        Ok(())
+    }
+
     /// Puts the inline manifest of `event` into the object store under the
     /// name an offloaded one would have (same bytes either way; idempotent).
     async fn keep_manifest(&self, event: &pb::ArchiveStored) -> Result<(), HandlerError> {
         let bytes = pb::Manifest { entries: event.manifest.clone() }.encode_to_vec();
         let object = manifest::object_name(&event.study_instance_uid, event.generation, &event.md5);
-        let store = self
-            .bus
-            .js
-            .get_object_store(subjects::OBJ_MANIFESTS)
-            .await
-            .context("open the manifests object store")
-            .map_err(HandlerError::Transient)?;
+        let store = self.manifests().await?;
         store
             .put(object.as_str(), &mut bytes.as_slice())
             .await
@@ -279,6 +364,11 @@ impl Uploader {
             manifest_ref: None,
         }
     }
+}
+
+/// Object name of the record of a generation's `ArchiveStored` in `bidsflux_v1_manifests`.
+fn record_name(study: &str, generation: u32) -> String {
+    format!("{study}.{generation}.archive-stored")
 }
 
 #[cfg(test)]

@@ -367,6 +367,11 @@ impl Store {
         }
     }
 
+    /// Whether the object at `placement`/`key` is the archive described by `digests`.
+    pub async fn is_stored(&self, placement: &Placement, key: &str, digests: &Digests) -> Result<bool, S3Error> {
+        Ok(self.head(placement, key).await?.is_some_and(|h| h.matches(digests)))
+    }
+
     /// Stores the archive at `placement`/`key` unless an identical object is
     /// already there, then verifies it.
     pub async fn put_archive(
