@@ -1,13 +1,17 @@
 //! Configuration of the indexer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bidsflux_config::{ConfigError, Env};
+use bidsflux_config::{ConfigError, Env, Secret};
 use bidsflux_session::Template;
 
 /// The group template the original BIDS-flux deployments use.
 pub const DEFAULT_GROUP_TEMPLATE: &str = "{ReferringPhysicianName}/{StudyDescriptionPath[1]}";
+
+/// Where the indexer reads its GitLab token when `GITLAB_TOKEN` is not set
+/// (a docker secret, as in the original deployments).
+pub const GITLAB_TOKEN_SECRET: &str = "/run/secrets/dicom_bot_gitlab_token";
 
 /// Where session datasets are pushed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +22,110 @@ pub enum ForgeConfig {
         /// Root of the bare repositories (`BIDSFLUX_FORGE_DIR`).
         dir: PathBuf,
     },
+    /// Projects in GitLab (`BIDSFLUX_FORGE=gitlab`).
+    Gitlab(GitlabConfig),
+}
+
+/// Visibility of the groups and projects the indexer creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Only members see them (the default).
+    Private,
+    /// Every signed-in user sees them.
+    Internal,
+    /// Everyone sees them.
+    Public,
+}
+
+impl Visibility {
+    /// GitLab's name of the level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Private => "private",
+            Self::Internal => "internal",
+            Self::Public => "public",
+        }
+    }
+}
+
+/// How the indexer reaches GitLab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitlabConfig {
+    /// Base URL without a trailing slash, e.g. `https://gitlab.example.org`
+    /// (`GITLAB_URL`, else `https://$CI_SERVER_HOST`).
+    pub url: String,
+    /// API and git token of the bot (`GITLAB_TOKEN`, `GITLAB_TOKEN_FILE` or
+    /// the secret `/run/secrets/dicom_bot_gitlab_token`).
+    pub token: Secret,
+    /// User made Maintainer of each study group (`GITLAB_BOT_USERNAME`).
+    pub bot_username: String,
+    /// Visibility of created groups and projects (`BIDSFLUX_GITLAB_VISIBILITY`, default `private`).
+    pub visibility: Visibility,
+    /// Longest a GitLab API request may take before it counts as GitLab
+    /// being unavailable (`BIDSFLUX_GITLAB_TIMEOUT`, default 30s).
+    pub request_timeout: Duration,
+}
+
+/// `GITLAB_URL` (or `https://$CI_SERVER_HOST`), checked and without a trailing slash.
+fn gitlab_url(env: &Env) -> Result<String, ConfigError> {
+    let (var, url) = match (env.get("GITLAB_URL"), env.get("CI_SERVER_HOST")) {
+        (Some(url), _) if !url.trim().is_empty() => ("GITLAB_URL", url.trim().to_owned()),
+        (_, Some(host)) if !host.trim().is_empty() => ("CI_SERVER_HOST", format!("https://{}", host.trim())),
+        _ => {
+            return Err(ConfigError::invalid(
+                "GITLAB_URL",
+                "required with BIDSFLUX_FORGE=gitlab (e.g. https://gitlab.example.org; CI_SERVER_HOST is also accepted)",
+            ));
+        }
+    };
+    let url = url.trim_end_matches('/').to_owned();
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    let Some(rest) = rest else {
+        return Err(ConfigError::invalid(var, "must start with https:// or http://"));
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || rest.contains(['@', '?', '#']) || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::invalid(
+            var,
+            "must be a plain base URL such as https://gitlab.example.org (no credentials, query or spaces)",
+        ));
+    }
+    Ok(url)
+}
+
+fn gitlab_config(env: &Env, bot_username: &str) -> Result<GitlabConfig, ConfigError> {
+    let url = gitlab_url(env)?;
+    let token = env
+        .secret("GITLAB_TOKEN", Some(Path::new(GITLAB_TOKEN_SECRET)))?
+        .filter(|t| !t.expose().trim().is_empty())
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "GITLAB_TOKEN",
+                format!(
+                    "required with BIDSFLUX_FORGE=gitlab: set GITLAB_TOKEN or GITLAB_TOKEN_FILE, or provide the secret {GITLAB_TOKEN_SECRET}"
+                ),
+            )
+        })?;
+    let token = Secret::new(token.expose().trim());
+    if token.expose().chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::invalid("GITLAB_TOKEN", "must not contain spaces or control characters"));
+    }
+    let visibility = match env.get_or("BIDSFLUX_GITLAB_VISIBILITY", "private") {
+        "private" => Visibility::Private,
+        "internal" => Visibility::Internal,
+        "public" => Visibility::Public,
+        other => {
+            return Err(ConfigError::invalid(
+                "BIDSFLUX_GITLAB_VISIBILITY",
+                format!("{other:?} is not one of private, internal, public"),
+            ));
+        }
+    };
+    let request_timeout = env.duration_or("BIDSFLUX_GITLAB_TIMEOUT", Duration::from_secs(30))?;
+    if request_timeout.is_zero() {
+        return Err(ConfigError::invalid("BIDSFLUX_GITLAB_TIMEOUT", "must be greater than zero"));
+    }
+    Ok(GitlabConfig { url, token, bot_username: bot_username.to_owned(), visibility, request_timeout })
 }
 
 /// Indexer settings.
@@ -29,7 +137,8 @@ pub struct Config {
     /// `/var/lib/bidsflux/work`); each message gets a fresh directory that is
     /// removed afterwards, so nothing here needs backing up.
     pub work_dir: PathBuf,
-    /// The forge that hosts session datasets (`BIDSFLUX_FORGE`, default `local`).
+    /// The forge that hosts session datasets (`BIDSFLUX_FORGE`: `local`, the
+    /// default, or `gitlab`).
     pub forge: ForgeConfig,
     /// Group of a study's projects (`GITLAB_INDEXER_GROUP_TEMPLATE`, default
     /// `{ReferringPhysicianName}/{StudyDescriptionPath[1]}` like the original);
@@ -55,12 +164,17 @@ pub struct Config {
 impl Config {
     /// Reads the configuration.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let bot_username = env.get_or("GITLAB_BOT_USERNAME", "dicom_bot").to_owned();
+        if bot_username.contains(['<', '>', '\n']) {
+            return Err(ConfigError::invalid("GITLAB_BOT_USERNAME", "must not contain '<', '>' or newlines"));
+        }
         let forge = match env.get_or("BIDSFLUX_FORGE", "local") {
             "local" => ForgeConfig::Local { dir: env.path_or("BIDSFLUX_FORGE_DIR", "/var/lib/bidsflux/forge") },
+            "gitlab" => ForgeConfig::Gitlab(gitlab_config(env, &bot_username)?),
             other => {
                 return Err(ConfigError::invalid(
                     "BIDSFLUX_FORGE",
-                    format!("{other:?} is not a supported forge (supported: local)"),
+                    format!("{other:?} is not a supported forge (supported: local, gitlab)"),
                 ));
             }
         };
@@ -78,10 +192,6 @@ impl Config {
         let bot_email = env.get_or("GITLAB_BOT_EMAIL", "dicom_bot@localhost").to_owned();
         if bot_email.contains(['<', '>', '\n']) {
             return Err(ConfigError::invalid("GITLAB_BOT_EMAIL", "must not contain '<', '>' or newlines"));
-        }
-        let bot_username = env.get_or("GITLAB_BOT_USERNAME", "dicom_bot").to_owned();
-        if bot_username.contains(['<', '>', '\n']) {
-            return Err(ConfigError::invalid("GITLAB_BOT_USERNAME", "must not contain '<', '>' or newlines"));
         }
         Ok(Self {
             nats_url: env.get_or("NATS_URL", "nats://127.0.0.1:4222").to_owned(),
@@ -123,6 +233,86 @@ mod tests {
         ] {
             let e = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err().to_string();
             assert!(e.contains(var), "{e}");
+        }
+    }
+
+    fn gitlab_env() -> Env {
+        Env::from_pairs([
+            ("BIDSFLUX_FORGE", "gitlab"),
+            ("GITLAB_URL", "https://gitlab.example.org/"),
+            ("GITLAB_TOKEN", "glpat-secret-value"),
+        ])
+    }
+
+    fn gitlab(env: &Env) -> GitlabConfig {
+        match Config::from_env(env).unwrap().forge {
+            ForgeConfig::Gitlab(g) => g,
+            other => panic!("not a GitLab forge: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gitlab_forge() {
+        let g = gitlab(&gitlab_env());
+        assert_eq!(g.url, "https://gitlab.example.org");
+        assert_eq!(g.token.expose(), "glpat-secret-value");
+        assert_eq!(g.bot_username, "dicom_bot");
+        assert_eq!(g.visibility, Visibility::Private);
+        assert_eq!(g.request_timeout, Duration::from_secs(30));
+        let shown = format!("{:?}", Config::from_env(&gitlab_env()).unwrap());
+        assert!(!shown.contains("glpat-secret-value"), "{shown}");
+
+        let g = gitlab(
+            &gitlab_env()
+                .with("GITLAB_BOT_USERNAME", "indexer_bot")
+                .with("BIDSFLUX_GITLAB_VISIBILITY", "internal")
+                .with("BIDSFLUX_GITLAB_TIMEOUT", "5s"),
+        );
+        assert_eq!((g.bot_username.as_str(), g.visibility), ("indexer_bot", Visibility::Internal));
+        assert_eq!(g.request_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn gitlab_url_falls_back_to_ci_server_host() {
+        let env = Env::from_pairs([
+            ("BIDSFLUX_FORGE", "gitlab"),
+            ("CI_SERVER_HOST", "gitlab.site.org"),
+            ("GITLAB_TOKEN", "t"),
+        ]);
+        assert_eq!(gitlab(&env).url, "https://gitlab.site.org");
+        assert_eq!(gitlab(&env.with("GITLAB_URL", "http://127.0.0.1:8080")).url, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn gitlab_token_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "glpat-from-file\n").unwrap();
+        let env = Env::from_pairs([("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", "https://gitlab.example.org")])
+            .with("GITLAB_TOKEN_FILE", file.to_str().unwrap());
+        assert_eq!(gitlab(&env).token.expose(), "glpat-from-file");
+    }
+
+    #[test]
+    fn gitlab_errors_name_the_variable() {
+        let no_token = Env::from_pairs([("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", "https://gitlab.example.org")]);
+        let e = Config::from_env(&no_token).unwrap_err().to_string();
+        assert!(e.contains("GITLAB_TOKEN") && e.contains(GITLAB_TOKEN_SECRET), "{e}");
+        let e = Config::from_env(&no_token.with("GITLAB_TOKEN", "  ")).unwrap_err().to_string();
+        assert!(e.contains("GITLAB_TOKEN"), "{e}");
+        let no_url = Env::from_pairs([("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_TOKEN", "t")]);
+        let e = Config::from_env(&no_url).unwrap_err().to_string();
+        assert!(e.contains("GITLAB_URL") && e.contains("CI_SERVER_HOST"), "{e}");
+        for (var, value) in [
+            ("GITLAB_URL", "gitlab.example.org"),
+            ("GITLAB_URL", "https://bot:pw@gitlab.example.org"),
+            ("GITLAB_URL", "https://"),
+            ("BIDSFLUX_GITLAB_VISIBILITY", "secret"),
+            ("BIDSFLUX_GITLAB_TIMEOUT", "0"),
+        ] {
+            let e = Config::from_env(&gitlab_env().with(var, value)).unwrap_err().to_string();
+            assert!(e.contains(var), "{var}={value}: {e}");
+            assert!(!e.contains("glpat-secret-value"), "{e}");
         }
     }
 }

@@ -102,19 +102,21 @@ pub async fn index(git: &Git, work: &Path, job: &IndexJob, project: &Project) ->
     // mark it dead so clones do not list it as a place to get files from.
     update.dead(here.trim());
     update.apply(git, work, "update (bidsflux indexer)").await.context("write the git-annex branch")?;
-    git.run(
-        work,
-        &[
-            "push",
-            "-q",
-            "--atomic",
-            &project.push_url,
-            "refs/heads/main:refs/heads/main",
-            "refs/heads/git-annex:refs/heads/git-annex",
-        ],
-    )
-    .await
-    .context("push session dataset")?;
+    // Only the commands that talk to the forge get its credentials.
+    git.with_config(&project.git_config)
+        .run(
+            work,
+            &[
+                "push",
+                "-q",
+                "--atomic",
+                &project.push_url,
+                "refs/heads/main:refs/heads/main",
+                "refs/heads/git-annex:refs/heads/git-annex",
+            ],
+        )
+        .await
+        .context("push session dataset")?;
     let commit = git.run(work, &["rev-parse", "HEAD"]).await.context("read the new commit")?.trim().to_owned();
     Ok(Indexed { dataset_id, commit, pushed: true })
 }
@@ -132,14 +134,15 @@ async fn open(git: &Git, work: &Path, job: &IndexJob, project: &Project) -> anyh
     for (k, v) in [("user.name", id.name.as_str()), ("user.email", id.email.as_str())] {
         git.run(work, &["config", k, v]).await.context("configure work repository")?;
     }
-    let remote = remote_heads(git, work, &project.push_url).await?;
+    let remote_git = git.with_config(&project.git_config);
+    let remote = remote_heads(&remote_git, work, &project.push_url).await?;
     if !remote.main {
         let dataset_id = dataset_id(&job.study).to_string();
         create_dataset(git, work, &dataset_id).await?;
         annex_init(git, work).await?;
         return Ok(Opened::Ready { dataset_id, newest_generation: None });
     }
-    fetch(git, work, &project.push_url, remote.git_annex).await?;
+    fetch(&remote_git, work, &project.push_url, remote.git_annex).await?;
     if let Some(commit) = commit_with_trailer(git, work, "refs/remotes/origin/main", &job.archive.key).await? {
         let dataset_id = git
             .run(work, &["config", "--blob", &format!("{commit}:.datalad/config"), "datalad.dataset.id"])

@@ -1,8 +1,9 @@
 //! Where session datasets are pushed.
 //!
 //! [`Forge`] hides the hosting: [`LocalForge`] keeps bare repositories under a
-//! directory (development, tests, sites without GitLab); a GitLab forge will
-//! implement the same trait (nested groups get-or-create, project, bot access).
+//! directory (development, tests, sites without GitLab);
+//! [`crate::gitlab_forge::GitlabForge`] implements the same trait on GitLab
+//! (nested groups get-or-create, project, bot access).
 
 use std::fmt;
 use std::future::Future;
@@ -88,22 +89,56 @@ impl ProjectPath {
         }
     }
 
-    /// `text` with the patient part of the path (if any) replaced by `[redacted]`.
+    /// `text` with the patient part of the path (if any) replaced by
+    /// `[redacted]`, also where it appears URL-encoded (`PI%2FP001`, as in
+    /// GitLab API paths).
     pub fn redact(&self, text: &str) -> String {
         match &self.hidden {
-            Some(group) => redact(text, &[group]),
+            Some(group) => {
+                let encoded = group.replace('/', "%2F");
+                let encoded_lower = group.replace('/', "%2f");
+                redact(text, &[group, &encoded, &encoded_lower])
+            }
             None => text.to_owned(),
+        }
+    }
+
+    /// How a leading part of the path (a namespace such as `PI` or
+    /// `PI/Study1/sourcedata`) may be shown: any part of it inside a patient
+    /// group becomes `[redacted]`, as a single segment of that group would not
+    /// be caught by [`ProjectPath::redact`].
+    pub fn shown_prefix(&self, prefix: &str) -> String {
+        match &self.hidden {
+            Some(group) if prefix.len() <= group.len() => REDACTED.to_owned(),
+            Some(group) => format!("{REDACTED}{}", prefix.get(group.len()..).unwrap_or_default()),
+            None => prefix.to_owned(),
         }
     }
 }
 
 /// A project ready to receive a push.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Project {
-    /// URL (or path) the indexer pushes to.
+    /// URL (or path) the indexer pushes to; never holds credentials.
     pub push_url: String,
     /// URL (or path) users and CI clone from, published in `StudyIndexed`.
     pub clone_url: String,
+    /// git configuration (`key`, `value`) the commands that talk to the
+    /// remote need, e.g. GitLab's `http.<url>.extraHeader` carrying the token.
+    /// Given to git through `GIT_CONFIG_KEY_n`/`GIT_CONFIG_VALUE_n` (never
+    /// arguments); values are secret and hidden by `Debug`.
+    pub git_config: Vec<(String, String)>,
+}
+
+impl fmt::Debug for Project {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&str> = self.git_config.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Project")
+            .field("push_url", &self.push_url)
+            .field("clone_url", &self.clone_url)
+            .field("git_config_keys", &keys)
+            .finish()
+    }
 }
 
 /// Why the forge could not provide a project.
@@ -169,7 +204,7 @@ impl LocalForge {
     async fn create_project(&self, path: &ProjectPath) -> Result<Project, ForgeError> {
         let dir = self.repo_dir(path);
         let url = dir.to_string_lossy().into_owned();
-        let project = Project { push_url: url.clone(), clone_url: url };
+        let project = Project { push_url: url.clone(), clone_url: url, git_config: Vec::new() };
         if tokio::fs::try_exists(dir.join("HEAD")).await.unwrap_or(false) {
             return Ok(project);
         }
@@ -224,5 +259,30 @@ mod tests {
         assert_eq!(p.redact("PI/Study1"), "PI/Study1");
         let e = ProjectPath::in_group("PI/.x", "sourcedata/dicoms/1.2.3", false).unwrap_err().to_string();
         assert!(e.contains("PI/.x"), "{e}");
+    }
+
+    #[test]
+    fn prefixes_and_encoded_groups_are_redacted() {
+        let p = ProjectPath::in_group("PI/P001", "sourcedata/dicoms/1.2.3", true).unwrap();
+        assert_eq!(p.shown_prefix("PI"), "[redacted]");
+        assert_eq!(p.shown_prefix("PI/P001"), "[redacted]");
+        assert_eq!(p.shown_prefix("PI/P001/sourcedata"), "[redacted]/sourcedata");
+        assert_eq!(p.redact("GET /groups/PI%2FP001%2Fsourcedata"), "GET /groups/[redacted]%2Fsourcedata");
+        let p = ProjectPath::in_group("PI/Study1", "sourcedata/dicoms/1.2.3", false).unwrap();
+        assert_eq!(p.shown_prefix("PI"), "PI");
+    }
+
+    #[test]
+    fn project_debug_hides_git_config_values() {
+        let p = Project {
+            push_url: "https://gitlab.example.org/a/b.git".into(),
+            clone_url: "https://gitlab.example.org/a/b.git".into(),
+            git_config: vec![(
+                "http.https://gitlab.example.org/.extraHeader".into(),
+                "Authorization: Basic c2VjcmV0".into(),
+            )],
+        };
+        let shown = format!("{p:?}");
+        assert!(!shown.contains("c2VjcmV0") && shown.contains("extraHeader"), "{shown}");
     }
 }

@@ -54,11 +54,26 @@ pub enum GitError {
 }
 
 /// How git is run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Git {
     program: PathBuf,
     identity: Identity,
     timeout: Duration,
+    /// Extra configuration passed through `GIT_CONFIG_KEY_n`/`GIT_CONFIG_VALUE_n`
+    /// (values may be secret: never shown).
+    config: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Git {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.config.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Git")
+            .field("program", &self.program)
+            .field("identity", &self.identity)
+            .field("timeout", &self.timeout)
+            .field("config_keys", &keys)
+            .finish()
+    }
 }
 
 /// Keep this much of a failing command's stderr in errors.
@@ -67,7 +82,18 @@ const STDERR_TAIL: usize = 2000;
 impl Git {
     /// Runs `program` as git, committing as `identity`, killing commands after `timeout`.
     pub fn new(program: impl Into<PathBuf>, identity: Identity, timeout: Duration) -> Self {
-        Self { program: program.into(), identity, timeout }
+        Self { program: program.into(), identity, timeout, config: Vec::new() }
+    }
+
+    /// A copy that also sets the git configuration `config` (`key`, `value`)
+    /// in every command, through the environment (`GIT_CONFIG_COUNT`,
+    /// `GIT_CONFIG_KEY_n`, `GIT_CONFIG_VALUE_n`, after any such entries the
+    /// indexer inherited), so values such as credentials never appear in
+    /// arguments, process listings or errors.
+    pub fn with_config(&self, config: &[(String, String)]) -> Self {
+        let mut git = self.clone();
+        git.config.extend(config.iter().cloned());
+        git
     }
 
     /// The committer identity.
@@ -106,6 +132,16 @@ impl Git {
             .env("GIT_AUTHOR_EMAIL", &self.identity.email)
             .env("GIT_COMMITTER_NAME", &self.identity.name)
             .env("GIT_COMMITTER_EMAIL", &self.identity.email);
+        if !self.config.is_empty() {
+            // Entries the process inherited (e.g. a site's settings) keep their indices.
+            let inherited: usize =
+                std::env::var("GIT_CONFIG_COUNT").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+            for (i, (key, value)) in self.config.iter().enumerate() {
+                cmd.env(format!("GIT_CONFIG_KEY_{}", inherited + i), key)
+                    .env(format!("GIT_CONFIG_VALUE_{}", inherited + i), value);
+            }
+            cmd.env("GIT_CONFIG_COUNT", (inherited + self.config.len()).to_string());
+        }
         let mut child =
             cmd.spawn().map_err(|source| GitError::Spawn { program: self.program.display().to_string(), source })?;
         let writer = child.stdin.take().map(|mut stdin| {
@@ -130,5 +166,21 @@ impl Git {
         let start = stderr.len().saturating_sub(STDERR_TAIL);
         let start = (start..stderr.len()).find(|&i| stderr.is_char_boundary(i)).unwrap_or(stderr.len());
         Err(GitError::Failed { args: shown(), status: output.status.to_string(), stderr: stderr[start..].to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn extra_config_reaches_git_without_arguments() {
+        let identity = Identity { name: "bot".into(), email: "bot@localhost".into() };
+        let git = Git::new("git", identity, Duration::from_secs(30))
+            .with_config(&[("http.https://gitlab.example.org/.extraHeader".into(), "Authorization: secret".into())]);
+        let dir = tempfile::tempdir().unwrap();
+        let value = git.run(dir.path(), &["config", "--get", "http.https://gitlab.example.org/.extraheader"]).await;
+        assert_eq!(value.unwrap().trim(), "Authorization: secret");
+        assert!(!format!("{git:?}").contains("secret"), "{git:?}");
     }
 }

@@ -4,7 +4,8 @@
 //! It consumes `ArchiveStored` (durable consumer `indexer` on
 //! `BIDSFLUX_V1_ARCHIVES`, a work queue shared by replicas), builds the
 //! dataset natively with git + git-annex plumbing ([`dataset`],
-//! [`annex_branch`]), pushes it to the forge ([`forge`]) at
+//! [`annex_branch`]), pushes it to the forge ([`forge`]: a local directory, or
+//! GitLab with [`gitlab_forge`]) at
 //! `<group>/sourcedata/dicoms/<StudyInstanceUID>` and publishes
 //! `StudyIndexed`. A clone gets any DICOM with `datalad get`: git-annex asks
 //! DataLad's archives remote, which fetches the archive from the S3 special
@@ -19,6 +20,7 @@ pub mod config;
 pub mod dataset;
 pub mod forge;
 pub mod git;
+pub mod gitlab_forge;
 pub mod job;
 
 mod handler;
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Config, ForgeConfig};
 use forge::{Forge, LocalForge};
 use git::{Git, Identity};
+use gitlab_forge::GitlabForge;
 use handler::Indexer;
 
 /// The JetStream objects the indexer needs.
@@ -61,6 +64,13 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
                 .await
                 .with_context(|| format!("create BIDSFLUX_FORGE_DIR {}", dir.display()))?;
             let forge = LocalForge::new(dir, git.clone());
+            serve(config, bus, shutdown, git, forge).await
+        }
+        ForgeConfig::Gitlab(gitlab) => {
+            // Contacts GitLab only when the first study arrives: the indexer
+            // starts (and its consumer waits) while GitLab is down.
+            tracing::info!(url = gitlab.url, bot = gitlab.bot_username, "using the GitLab forge");
+            let forge = GitlabForge::new(gitlab.clone());
             serve(config, bus, shutdown, git, forge).await
         }
     }

@@ -1,0 +1,502 @@
+//! The GitLab forge: session projects in GitLab, as the original BIDS-flux
+//! indexer (python-gitlab) made them.
+//!
+//! For `G/sourcedata/dicoms/<StudyInstanceUID>` it gets or creates every
+//! namespace as a nested group, makes the bot (`GITLAB_BOT_USERNAME`) a
+//! Maintainer of the study group `G`, gets or creates the project and returns
+//! its HTTPS URL. Replicas race safely: a create answered "has already been
+//! taken" is followed by a second look-up.
+//!
+//! Git authenticates with the token through an `http.<GITLAB_URL>/.extraHeader`
+//! given in the environment ([`crate::forge::Project::git_config`]): the token is
+//! never in a URL, an argument, a log line or an error.
+//!
+//! Connection failures, timeouts, 5xx and 429 are [`ForgeError::Unavailable`]
+//! (retried); other refusals (401, 403, invalid paths, ...) are
+//! [`ForgeError::Refused`] with GitLab's message. Every message is scrubbed of
+//! a group rendered from patient data.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+
+use base64::Engine as _;
+use gitlab::api::common::{AccessLevel, VisibilityLevel};
+use gitlab::api::endpoint_prelude::Method;
+use gitlab::api::groups::members::{AddGroupMember, EditGroupMember};
+use gitlab::api::groups::{CreateGroup, Group};
+use gitlab::api::projects::{CreateProject, Project as GetProject};
+use gitlab::api::users::Users;
+use gitlab::api::{ApiError, AsyncQuery, Endpoint};
+use gitlab::{AsyncGitlab, GitlabBuilder, GitlabError, RestError};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::{GitlabConfig, Visibility};
+use crate::forge::{Forge, ForgeError, Project, ProjectPath};
+
+/// GitLab's Maintainer level.
+const MAINTAINER: u64 = 40;
+
+/// Session projects in GitLab. Cheap to create: nothing is contacted until the
+/// first [`Forge::ensure_project`].
+pub struct GitlabForge {
+    config: GitlabConfig,
+    /// `host[:port][/path]` for [`GitlabBuilder`].
+    host: String,
+    insecure: bool,
+    /// Built on first use (building calls `GET /user`), again after a failed build.
+    client: tokio::sync::Mutex<Option<AsyncGitlab>>,
+    cache: Mutex<Cache>,
+    git_config: Vec<(String, String)>,
+}
+
+impl fmt::Debug for GitlabForge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GitlabForge")
+            .field("url", &self.config.url)
+            .field("bot_username", &self.config.bot_username)
+            .field("visibility", &self.config.visibility)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this replica already knows (ids do not change; cleared after errors).
+#[derive(Debug, Default)]
+struct Cache {
+    /// Group id by full path.
+    groups: HashMap<String, u64>,
+    /// Groups where the bot is known to be at least Maintainer.
+    maintained: HashSet<u64>,
+    bot_id: Option<u64>,
+}
+
+/// Why a GitLab call failed, before it becomes a [`ForgeError`].
+#[derive(Debug)]
+enum Fail {
+    NotFound(String),
+    /// 400 "has already been taken": another replica (or user) created it.
+    Taken(String),
+    /// 409 (e.g. "Member already exists").
+    Conflict(String),
+    Unavailable(String),
+    Refused(String),
+}
+
+impl Fail {
+    fn into_forge_error(self, path: &ProjectPath) -> ForgeError {
+        match self {
+            Self::Unavailable(m) => ForgeError::Unavailable(path.redact(&m)),
+            Self::NotFound(m) | Self::Taken(m) | Self::Conflict(m) | Self::Refused(m) => {
+                ForgeError::Refused(path.redact(&m))
+            }
+        }
+    }
+}
+
+fn by_status(what: &str, status: u16, message: &str) -> Fail {
+    let text = format!("{what}: GitLab answered {status}: {message}");
+    match status {
+        404 => Fail::NotFound(text),
+        409 => Fail::Conflict(text),
+        400 if message.contains("has already been taken") => Fail::Taken(text),
+        408 | 429 | 500..=599 => Fail::Unavailable(text),
+        _ => Fail::Refused(text),
+    }
+}
+
+fn classify(what: &str, e: ApiError<RestError>) -> Fail {
+    match e {
+        ApiError::GitlabWithStatus { status, msg } => by_status(what, status.as_u16(), &msg),
+        ApiError::GitlabObjectWithStatus { status, obj } => by_status(what, status.as_u16(), &obj.to_string()),
+        ApiError::GitlabUnrecognizedWithStatus { status, obj } => by_status(what, status.as_u16(), &obj.to_string()),
+        ApiError::GitlabService { status, .. } => {
+            by_status(what, status.as_u16(), status.canonical_reason().unwrap_or("no message"))
+        }
+        ApiError::GitlabRateLimited { .. } => Fail::Unavailable(format!("{what}: GitLab is rate limiting: {e}")),
+        ApiError::Client { source: RestError::AuthError { .. } } | ApiError::Auth { .. } => {
+            Fail::Refused(format!("{what}: {e}"))
+        }
+        // Connection refused or reset, TLS, a proxy's non-JSON answer...
+        ApiError::Client { .. } | ApiError::Json { .. } | ApiError::DataType { .. } => {
+            Fail::Unavailable(format!("{what}: {e}"))
+        }
+        e => Fail::Refused(format!("{what}: {e}")),
+    }
+}
+
+fn classify_build(e: GitlabError) -> Fail {
+    let what = "connect to GitLab (GET /user)";
+    match e {
+        GitlabError::Api { source } => classify(what, source),
+        GitlabError::UrlParse { .. } | GitlabError::AuthError { .. } => Fail::Refused(format!("{what}: {e}")),
+        e => Fail::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+/// `GET /groups/:id/members/all/:user_id`: a member's level, inherited included.
+#[derive(Debug)]
+struct InheritedMember {
+    group: u64,
+    user: u64,
+}
+
+impl Endpoint for InheritedMember {
+    fn method(&self) -> Method {
+        Method::GET
+    }
+
+    fn endpoint(&self) -> Cow<'static, str> {
+        format!("groups/{}/members/all/{}", self.group, self.user).into()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct IdOnly {
+    id: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct UserInfo {
+    id: u64,
+    username: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct MemberInfo {
+    access_level: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProjectInfo {
+    path_with_namespace: String,
+    http_url_to_repo: String,
+}
+
+fn lock(m: &Mutex<Cache>) -> MutexGuard<'_, Cache> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn visibility(v: Visibility) -> VisibilityLevel {
+    match v {
+        Visibility::Private => VisibilityLevel::Private,
+        Visibility::Internal => VisibilityLevel::Internal,
+        Visibility::Public => VisibilityLevel::Public,
+    }
+}
+
+/// The study group of `G/sourcedata/dicoms/<uid>` (else the project's namespace).
+fn study_group(segments: &[&str]) -> usize {
+    let n = segments.len();
+    if n >= 4 && segments[n - 3] == "sourcedata" && segments[n - 2] == "dicoms" { n - 3 } else { n - 1 }
+}
+
+impl GitlabForge {
+    /// A forge for `config` (nothing is contacted yet).
+    pub fn new(config: GitlabConfig) -> Self {
+        let (insecure, host) = match config.url.strip_prefix("http://") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, config.url.strip_prefix("https://").unwrap_or(&config.url).to_owned()),
+        };
+        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{}", config.token.expose()));
+        // Scoped to GitLab's URL: git sends it to no other server.
+        let git_config =
+            vec![(format!("http.{}/.extraHeader", config.url), format!("Authorization: Basic {credentials}"))];
+        Self {
+            config,
+            host,
+            insecure,
+            client: tokio::sync::Mutex::new(None),
+            cache: Mutex::new(Cache::default()),
+            git_config,
+        }
+    }
+
+    async fn client(&self) -> Result<AsyncGitlab, Fail> {
+        let mut client = self.client.lock().await;
+        if let Some(c) = &*client {
+            return Ok(c.clone());
+        }
+        let mut builder = GitlabBuilder::new(self.host.as_str(), self.config.token.expose());
+        if self.insecure {
+            builder.insecure();
+        }
+        let built = tokio::time::timeout(self.config.request_timeout, builder.build_async())
+            .await
+            .map_err(|_| {
+                Fail::Unavailable(format!(
+                    "connect to GitLab at {}: no answer within {:?}",
+                    self.config.url, self.config.request_timeout
+                ))
+            })?
+            .map_err(classify_build)?;
+        *client = Some(built.clone());
+        Ok(built)
+    }
+
+    /// Runs one API request with the timeout; `what` names it in errors.
+    async fn call<T, Q>(&self, what: &str, query: Q) -> Result<T, Fail>
+    where
+        Q: AsyncQuery<T, AsyncGitlab> + Sync,
+        T: Send,
+    {
+        let client = self.client().await?;
+        match tokio::time::timeout(self.config.request_timeout, query.query_async(&client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(classify(what, e)),
+            Err(_) => Err(Fail::Unavailable(format!(
+                "{what}: GitLab did not answer within {:?}",
+                self.config.request_timeout
+            ))),
+        }
+    }
+
+    async fn get<T, E>(&self, what: &str, endpoint: Result<E, impl fmt::Display>) -> Result<T, Fail>
+    where
+        E: Endpoint + Sync + Send,
+        T: DeserializeOwned + Send + 'static,
+    {
+        let endpoint = endpoint.map_err(|e| Fail::Refused(format!("{what}: {e}")))?;
+        self.call(what, endpoint).await
+    }
+
+    /// The id of the group `full` (`segments[..depth]`), created if missing.
+    async fn group(
+        &self,
+        path: &ProjectPath,
+        segments: &[&str],
+        depth: usize,
+        parent: Option<u64>,
+    ) -> Result<u64, Fail> {
+        let full = segments[..depth].join("/");
+        if let Some(&id) = lock(&self.cache).groups.get(&full) {
+            return Ok(id);
+        }
+        let shown = path.shown_prefix(&full);
+        let get_what = format!("get group {shown}");
+        let lookup = || self.get::<IdOnly, _>(&get_what, Group::builder().group(full.as_str()).build());
+        let id = match lookup().await {
+            Ok(g) => g.id,
+            Err(Fail::NotFound(_)) => {
+                let segment = segments[depth - 1];
+                let mut create = CreateGroup::builder();
+                create.name(segment).path(segment).visibility(visibility(self.config.visibility));
+                if let Some(parent) = parent {
+                    create.parent_id(parent);
+                }
+                let create_what = format!("create group {shown}");
+                match self.get::<IdOnly, _>(&create_what, create.build()).await {
+                    Ok(g) => {
+                        tracing::info!(group = shown, "created GitLab group");
+                        g.id
+                    }
+                    // Another replica won the race: use its group.
+                    Err(Fail::Taken(m)) => match lookup().await {
+                        Ok(g) => g.id,
+                        Err(Fail::NotFound(_)) => return Err(Fail::Refused(m)),
+                        Err(e) => return Err(e),
+                    },
+                    // The parent vanished (NotFound escapes: see `ensure_project`).
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        lock(&self.cache).groups.insert(full, id);
+        Ok(id)
+    }
+
+    async fn bot_id(&self) -> Result<u64, Fail> {
+        if let Some(id) = lock(&self.cache).bot_id {
+            return Ok(id);
+        }
+        let bot = self.config.bot_username.as_str();
+        let what = format!("look up the bot user {bot:?} (GITLAB_BOT_USERNAME)");
+        let users: Vec<UserInfo> = self.get(&what, Users::builder().username(bot).build()).await?;
+        let id = users
+            .iter()
+            .find(|u| u.username.eq_ignore_ascii_case(bot))
+            .map(|u| u.id)
+            .ok_or_else(|| Fail::Refused(format!("{what}: GitLab has no user {bot:?}")))?;
+        lock(&self.cache).bot_id = Some(id);
+        Ok(id)
+    }
+
+    /// Makes the bot at least Maintainer of the group `group` (shown as `shown`).
+    async fn bot_maintains(&self, group: u64, shown: &str) -> Result<(), Fail> {
+        if lock(&self.cache).maintained.contains(&group) {
+            return Ok(());
+        }
+        let bot = self.bot_id().await?;
+        let name = &self.config.bot_username;
+        let level = || async {
+            match self
+                .call::<MemberInfo, _>(
+                    &format!("get {name}'s access to group {shown}"),
+                    InheritedMember { group, user: bot },
+                )
+                .await
+            {
+                Ok(m) => Ok(m.access_level),
+                Err(Fail::NotFound(_)) => Ok(0),
+                Err(e) => Err(e),
+            }
+        };
+        if level().await? < MAINTAINER {
+            let what = format!("make {name} Maintainer of group {shown}");
+            let add = AddGroupMember::builder().group(group).user(bot).access_level(AccessLevel::Maintainer).build();
+            match self.get::<MemberInfo, _>(&what, add).await {
+                Ok(_) => tracing::info!(group = shown, bot = name, "made the bot Maintainer of the study group"),
+                // Already a direct member: added meanwhile by another replica, or below Maintainer.
+                Err(Fail::Conflict(_)) => {
+                    if level().await? < MAINTAINER {
+                        let edit = EditGroupMember::builder()
+                            .group(group)
+                            .user(bot)
+                            .access_level(AccessLevel::Maintainer)
+                            .build();
+                        self.get::<MemberInfo, _>(&what, edit).await?;
+                        tracing::info!(group = shown, bot = name, "raised the bot to Maintainer of the study group");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        lock(&self.cache).maintained.insert(group);
+        Ok(())
+    }
+
+    async fn project(&self, path: &ProjectPath, namespace: u64, name: &str) -> Result<ProjectInfo, Fail> {
+        let shown = path.shown();
+        let get_what = format!("get project {shown}");
+        let lookup = || self.get::<ProjectInfo, _>(&get_what, GetProject::builder().project(path.as_str()).build());
+        match lookup().await {
+            Ok(p) => return Ok(p),
+            Err(Fail::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let create = CreateProject::builder()
+            .name(name)
+            .path(name)
+            .namespace_id(namespace)
+            .visibility(visibility(self.config.visibility))
+            .initialize_with_readme(false)
+            .build();
+        let create_what = format!("create project {shown}");
+        match self.get::<ProjectInfo, _>(&create_what, create).await {
+            Ok(p) => {
+                tracing::info!(project = shown, "created GitLab project");
+                Ok(p)
+            }
+            Err(Fail::Taken(m)) => match lookup().await {
+                Err(Fail::NotFound(_)) => Err(Fail::Refused(m)),
+                r => r,
+            },
+            // The namespace vanished (NotFound escapes: see `ensure_project`).
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ensure(&self, path: &ProjectPath) -> Result<Project, Fail> {
+        let segments: Vec<&str> = path.as_str().split('/').collect();
+        if segments.len() < 2 {
+            return Err(Fail::Refused(format!("project {}: GitLab projects need a group", path.shown())));
+        }
+        let study_depth = study_group(&segments);
+        let mut parent = None;
+        for depth in 1..segments.len() {
+            let id = self.group(path, &segments, depth, parent).await?;
+            if depth == study_depth {
+                self.bot_maintains(id, &path.shown_prefix(&segments[..depth].join("/"))).await?;
+            }
+            parent = Some(id);
+        }
+        let namespace = parent.ok_or_else(|| Fail::Refused("no namespace".into()))?;
+        let name = segments.last().copied().unwrap_or_default();
+        let info = self.project(path, namespace, name).await?;
+        // GitLab reports its external URL; behind another address (e.g. inside
+        // a swarm) push where the API was reached, so the credentials apply.
+        let push_url = if info.http_url_to_repo.starts_with(&format!("{}/", self.config.url)) {
+            info.http_url_to_repo.clone()
+        } else {
+            format!("{}/{}.git", self.config.url, info.path_with_namespace)
+        };
+        Ok(Project { push_url, clone_url: info.http_url_to_repo, git_config: self.git_config.clone() })
+    }
+}
+
+impl Forge for GitlabForge {
+    async fn ensure_project(&self, path: &ProjectPath) -> Result<Project, ForgeError> {
+        let result = match self.ensure(path).await {
+            // Look-ups answer 404 by creating: a 404 here is a group deleted
+            // since it was cached. Look everything up again, once; a second
+            // 404 is refused.
+            Err(Fail::NotFound(_)) if !lock(&self.cache).groups.is_empty() => {
+                *lock(&self.cache) = Cache::default();
+                self.ensure(path).await
+            }
+            r => r,
+        };
+        result.map_err(|e| {
+            *lock(&self.cache) = Cache::default();
+            e.into_forge_error(path)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bidsflux_config::Secret;
+
+    use super::*;
+
+    fn forge(url: &str) -> GitlabForge {
+        GitlabForge::new(GitlabConfig {
+            url: url.into(),
+            token: Secret::new("glpat-abc"),
+            bot_username: "dicom_bot".into(),
+            visibility: Visibility::Private,
+            request_timeout: Duration::from_secs(5),
+        })
+    }
+
+    #[test]
+    fn git_credentials_are_a_header_scoped_to_gitlab() {
+        let f = forge("https://gitlab.example.org");
+        assert_eq!((f.host.as_str(), f.insecure), ("gitlab.example.org", false));
+        let expected = base64::engine::general_purpose::STANDARD.encode("oauth2:glpat-abc");
+        assert_eq!(
+            f.git_config,
+            vec![(
+                "http.https://gitlab.example.org/.extraHeader".to_owned(),
+                format!("Authorization: Basic {expected}")
+            )]
+        );
+        assert!(!format!("{f:?}").contains("glpat-abc"));
+        let f = forge("http://127.0.0.1:8080/gitlab");
+        assert_eq!((f.host.as_str(), f.insecure), ("127.0.0.1:8080/gitlab", true));
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        assert!(matches!(by_status("x", 502, "Bad Gateway"), Fail::Unavailable(_)));
+        assert!(matches!(by_status("x", 429, "slow down"), Fail::Unavailable(_)));
+        assert!(matches!(by_status("x", 403, "403 Forbidden"), Fail::Refused(_)));
+        assert!(matches!(by_status("x", 401, "401 Unauthorized"), Fail::Refused(_)));
+        assert!(matches!(by_status("x", 404, "404 Group Not Found"), Fail::NotFound(_)));
+        assert!(matches!(by_status("x", 409, "Member already exists"), Fail::Conflict(_)));
+        let taken = r#"Failed to save group {:path=>["has already been taken"]}"#;
+        assert!(matches!(by_status("x", 400, taken), Fail::Taken(_)));
+        assert!(matches!(by_status("x", 400, "path is invalid"), Fail::Refused(_)));
+    }
+
+    #[test]
+    fn the_study_group_is_above_sourcedata_dicoms() {
+        assert_eq!(study_group(&["PI", "Study1", "sourcedata", "dicoms", "1.2.3"]), 2);
+        assert_eq!(study_group(&["PI", "sourcedata", "dicoms", "1.2.3"]), 1);
+        assert_eq!(study_group(&["PI", "project"]), 1);
+    }
+}
