@@ -10,6 +10,7 @@ use std::time::Duration;
 use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
+use bidsflux_testsupport::gitlab::FakeGitlab;
 use futures::StreamExt as _;
 use prost::Message as _;
 use support::{Harness, StudyFiles, archive, archive_study, git, publish, run_datalad};
@@ -103,6 +104,52 @@ async fn indexed_study_is_a_dataset_datalad_can_get_and_redelivery_converges() {
     assert_eq!(git(&bare, &["rev-list", "--count", "main"]).await, "2");
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/main"]).await, first.commit);
 
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_gitlab_the_dataset_lands_in_a_project_datalad_can_get() {
+    let fake = FakeGitlab::start().await.unwrap();
+    let (bot, token) = fake.add_user("dicom_bot", false);
+    let url = fake.url();
+    let h = Harness::start_with(&[
+        ("BIDSFLUX_FORGE", "gitlab"),
+        ("GITLAB_URL", url.as_str()),
+        ("GITLAB_TOKEN", token.as_str()),
+    ])
+    .await;
+    let spec = StudySpec { series: 1, instances_per_series: 3, ..StudySpec::default() };
+    let archived = archive_study(&h, spec).await;
+    let msg = &archived.message;
+    let study = msg.study_instance_uid.clone();
+    let mut indexed_sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+
+    publish(&h, msg).await;
+    let first = next_indexed(&mut indexed_sub).await;
+    let project_path = format!("Investigator/Study1/sourcedata/dicoms/{study}");
+    assert_eq!(first.project_path, project_path);
+    assert_eq!(first.clone_url, format!("{url}/{project_path}.git"));
+    assert!(fake.project(&project_path).is_some());
+    assert_eq!(fake.access_level("Investigator/Study1", bot), 50, "the bot's token created the groups");
+    let bare = fake.repo_dir(&project_path).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/main"]).await, first.commit);
+    assert!(git(&bare, &["rev-parse", "--verify", "refs/heads/git-annex"]).await.len() == 40);
+
+    // A user clones it from GitLab with a token and gets every DICOM from S3.
+    let clone = h.tmp.path().join("clone");
+    let with_token = fake.git_url(&project_path, &token);
+    run_datalad(&h, h.tmp.path(), &["clone", with_token.as_str(), clone.to_str().unwrap()]).await;
+    assert_eq!(git(&clone, &["config", "-f", ".datalad/config", "datalad.dataset.id"]).await, first.dataset_id);
+    run_datalad(&h, &clone, &["get", "."]).await;
+    for (path, original) in &archived.originals {
+        assert!(std::fs::read(clone.join(path)).unwrap() == *original, "{path} differs from the original");
+    }
+
+    // Redelivery reads the project back from GitLab: no second commit.
+    publish(&h, msg).await;
+    let again = next_indexed(&mut indexed_sub).await;
+    assert_eq!(again.commit, first.commit);
+    assert_eq!(git(&bare, &["rev-list", "--count", "main"]).await, "2");
     h.shutdown().await;
 }
 
