@@ -1,0 +1,139 @@
+//! Indexer benchmarks (ignored by `cargo test`; run with
+//! `cargo test --release -p bidsflux-indexer --test bench -- --ignored --nocapture --test-threads 1`):
+//!
+//! - `session_vs_datalad`: time to index one session of `BENCH_FILES` (default 1000) DICOM files —
+//!   `ArchiveStored` published → `StudyIndexed` received, dataset pushed to the local forge —
+//!   against the original's way on the same 7z: `datalad create`, the archive saved into the
+//!   dataset, `datalad add-archive-content --strip-leading-dirs` (DataLad from PyPI).
+//! - `replicas`: `BENCH_SESSIONS` (default 8) sessions of `BENCH_SESSION_FILES` (default 250)
+//!   files indexed by one replica, then by two (each with `BIDSFLUX_INDEXER_CONCURRENCY=1`,
+//!   sharing the work queue): throughput ratio.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bidsflux_config::Env;
+use bidsflux_messaging::{Bus, subjects};
+use bidsflux_proto::v1 as pb;
+use bidsflux_testsupport::dicom::StudySpec;
+use futures::StreamExt as _;
+use prost::Message as _;
+use support::{Harness, archive_study, publish, run_datalad};
+use tokio_util::sync::CancellationToken;
+
+fn env_or(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Waits for `n` `StudyIndexed` on `sub`.
+async fn indexed(sub: &mut async_nats::Subscriber, n: usize) {
+    for _ in 0..n {
+        let msg = tokio::time::timeout(Duration::from_secs(600), sub.next()).await.expect("StudyIndexed").unwrap();
+        pb::StudyIndexed::decode(msg.payload.as_ref()).unwrap();
+    }
+}
+
+fn spec(files: usize) -> StudySpec {
+    let series = 4;
+    StudySpec { series, instances_per_series: files.div_ceil(series), ..StudySpec::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn session_vs_datalad() {
+    let files = env_or("BENCH_FILES", 1000);
+    let h = Harness::start().await;
+    let archived = archive_study(&h, spec(files)).await;
+    let msg = &archived.message;
+    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    let t = Instant::now();
+    publish(&h, msg).await;
+    indexed(&mut sub, 1).await;
+    let ours = t.elapsed();
+
+    // The original's steps on the same archive.
+    let location = msg.location.clone().unwrap();
+    let archive = h.s3.root().join(&location.bucket).join(&location.key);
+    let ds = h.tmp.path().join("datalad-ds");
+    let t = Instant::now();
+    run_datalad(&h, h.tmp.path(), &["create", "-c", "text2git", ds.to_str().unwrap()]).await;
+    let created = t.elapsed();
+    std::fs::copy(&archive, ds.join(&msg.archive_name)).unwrap();
+    let t = Instant::now();
+    run_datalad(&h, &ds, &["save", "-m", "archive", &msg.archive_name]).await;
+    let saved = t.elapsed();
+    let t = Instant::now();
+    run_datalad(&h, &ds, &["add-archive-content", "--strip-leading-dirs", &msg.archive_name]).await;
+    let added = t.elapsed();
+    let theirs = created + saved + added;
+
+    println!();
+    println!("one session of {} files ({} in the archive's manifest)", files, msg.manifest.len());
+    println!("| step | time |");
+    println!("|---|---|");
+    println!(
+        "| bidsflux indexer: ArchiveStored → StudyIndexed (dataset built and pushed) | {:.2} s |",
+        ours.as_secs_f64()
+    );
+    println!("| datalad create | {:.2} s |", created.as_secs_f64());
+    println!("| datalad save (the 7z) | {:.2} s |", saved.as_secs_f64());
+    println!("| datalad add-archive-content --strip-leading-dirs | {:.2} s |", added.as_secs_f64());
+    println!("| DataLad total (no push) | {:.2} s |", theirs.as_secs_f64());
+    println!("| **ratio** | **{:.1}×** |", theirs.as_secs_f64() / ours.as_secs_f64());
+    h.shutdown().await;
+}
+
+/// Time for one harness with `replicas` indexers to index `sessions` sessions.
+async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration {
+    let h = Harness::start_with(&[("BIDSFLUX_INDEXER_CONCURRENCY", "1")]).await;
+    let mut extra = Vec::new();
+    for i in 1..replicas {
+        let work = h.tmp.path().join(format!("work-{i}"));
+        let env = Env::from_pairs([
+            ("NATS_URL", h.nats.url.as_str()),
+            ("BIDSFLUX_WORK_DIR", work.to_str().unwrap()),
+            ("BIDSFLUX_FORGE", "local"),
+            ("BIDSFLUX_FORGE_DIR", h.forge_dir.to_str().unwrap()),
+            ("BIDSFLUX_INDEXER_CONCURRENCY", "1"),
+        ]);
+        let config = bidsflux_indexer::Config::from_env(&env).unwrap();
+        let bus = Bus::connect(&h.nats.url, "indexer", Duration::from_secs(5)).await.unwrap();
+        let stop = CancellationToken::new();
+        extra.push((stop.clone(), tokio::spawn(bidsflux_indexer::run(config, bus, stop))));
+    }
+    let mut messages = Vec::new();
+    for _ in 0..sessions {
+        messages.push(archive_study(&h, spec(files)).await.message);
+    }
+    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    let t = Instant::now();
+    for m in &messages {
+        publish(&h, m).await;
+    }
+    indexed(&mut sub, sessions).await;
+    let took = t.elapsed();
+    for (stop, task) in extra {
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+    h.shutdown().await;
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn replicas() {
+    let (sessions, files) = (env_or("BENCH_SESSIONS", 8), env_or("BENCH_SESSION_FILES", 250));
+    let one = index_with(1, sessions, files).await;
+    let two = index_with(2, sessions, files).await;
+    println!();
+    println!("{sessions} sessions of {files} files, each replica indexing one at a time");
+    println!("| replicas | time | sessions/min |");
+    println!("|---|---|---|");
+    for (n, t) in [(1, one), (2, two)] {
+        println!("| {n} | {:.1} s | {:.1} |", t.as_secs_f64(), sessions as f64 * 60.0 / t.as_secs_f64());
+    }
+    println!("| **2 ÷ 1** | | **{:.2}×** |", one.as_secs_f64() / two.as_secs_f64());
+}
