@@ -313,7 +313,11 @@ fn operators_hold_release_discard_force_and_reindex() {
     assert_eq!(d, None);
     let ids: Vec<String> = outbox(&s).into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, ["completed:1.2.3:0", "completed:1.2.3:0:reindex:1", "completed:1.2.3:0:reindex:2"]);
-    assert!(s.outbox.iter().all(|e| e.payload == s.outbox[0].payload), "the same event again");
+    // The same event again, marked as the n-th re-index.
+    let events: Vec<pb::StudyCompleted> =
+        s.outbox.iter().map(|e| prost::Message::decode(e.payload.as_slice()).unwrap()).collect();
+    assert_eq!(events.iter().map(|c| c.reindex).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(events.iter().all(|c| pb::StudyCompleted { reindex: 0, ..c.clone() } == events[0]), "the same event again");
 
     let (s, _) = e.operate(Some(open.clone()), Command::Discard, 5 * S).unwrap();
     assert_eq!((status(&s), reason(&s).2.as_str()), (pb::StudyStatus::Discarded, "discarded by operator"));
