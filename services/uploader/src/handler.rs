@@ -168,12 +168,27 @@ impl Uploader {
 
     async fn upload(&self, c: Completion) -> Result<(), HandlerError> {
         let span = tracing::Span::current();
+        // A re-index announces what the first run stored: by now the spool may have lost this
+        // generation's files (the lifecycle deletes them once indexed) or hold later
+        // generations' files too, which must not be archived under this generation.
+        if c.reindex > 0
+            && let Recorded::InS3(event) = self.recorded(&c).await?
+        {
+            return self.announce(&c, &event, "re-index").await;
+        }
         let input = match self.read_study(&c).await {
             Ok(input) => input,
-            // The lifecycle deletes a generation's files once it is indexed: a re-index
-            // (or a late redelivery) then announces the archive recorded in the first run.
+            // A late redelivery after the lifecycle cleared the spool.
             Err(e @ (SpoolError::NoStudyDir { .. } | SpoolError::TooFew { .. } | SpoolError::Empty { .. })) => {
-                return self.announce_recorded(&c, e).await;
+                return match self.recorded(&c).await? {
+                    Recorded::InS3(event) => self.announce(&c, &event, "spool already cleared").await,
+                    Recorded::Nothing => Err(spool_failure(e)),
+                    Recorded::Gone { bucket_shown } => Err(HandlerError::permanent(format!(
+                        "{e}; the archive recorded for generation {} is not in S3 as recorded (bucket {bucket_shown}), \
+                         so it cannot be announced again",
+                        c.generation
+                    ))),
+                };
             }
             Err(e) => return Err(spool_failure(e)),
         };
@@ -252,16 +267,16 @@ impl Uploader {
             .map_err(HandlerError::Transient)
     }
 
-    /// The study's files are not (all) in the spool: if this generation's archive was recorded
-    /// and is still in S3 as recorded, announces it again; otherwise `missing` is the failure.
-    async fn announce_recorded(&self, c: &Completion, missing: SpoolError) -> Result<(), HandlerError> {
+    /// This generation's recorded `ArchiveStored`, and whether its object is still in S3 as
+    /// recorded (same bucket under today's pattern, same size and SHA-256).
+    async fn recorded(&self, c: &Completion) -> Result<Recorded, HandlerError> {
         use tokio::io::AsyncReadExt as _;
         let store = self.manifests().await?;
         let name = record_name(c.study.as_str(), c.generation);
         let mut object = match store.get(name.as_str()).await {
             Ok(o) => o,
             Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
-                return Err(spool_failure(missing));
+                return Ok(Recorded::Nothing);
             }
             Err(e) => return Err(HandlerError::Transient(anyhow::Error::new(e).context("read the archive record"))),
         };
@@ -283,26 +298,27 @@ impl Uploader {
         .map_err(|e| HandlerError::permanent(format!("archive record {name}: {e}")))?;
         let placement = self.place(&metas)?;
         let digests = spool::Digests { size: event.size, md5: event.md5.clone(), sha256: event.sha256.clone() };
-        if placement.bucket != location.bucket
-            || !self.store.is_stored(&placement, &location.key, &digests).await.map_err(s3_failure)?
+        if placement.bucket == location.bucket
+            && self.store.is_stored(&placement, &location.key, &digests).await.map_err(s3_failure)?
         {
-            return Err(HandlerError::permanent(format!(
-                "{missing}; the archive recorded for generation {} is not in S3 as recorded (bucket {}), \
-                 so it cannot be announced again",
-                c.generation,
-                placement.bucket_shown()
-            )));
+            Ok(Recorded::InS3(Box::new(event)))
+        } else {
+            Ok(Recorded::Gone { bucket_shown: placement.bucket_shown().to_owned() })
         }
+    }
+
+    /// Publishes a recorded `ArchiveStored` again (under the re-index's id when it is one).
+    async fn announce(&self, c: &Completion, event: &pb::ArchiveStored, why: &str) -> Result<(), HandlerError> {
         let msg_id = subjects::archive_msg_id(c.study.as_str(), c.generation, &event.md5, c.reindex);
         self.bus
-            .publish(subjects::ARCHIVE_STORED, &event, Some(&msg_id))
+            .publish(subjects::ARCHIVE_STORED, event, Some(&msg_id))
             .await
             .context("publish ArchiveStored")
             .map_err(HandlerError::Transient)?;
         tracing::info!(
             reindex = c.reindex,
             annex_key = event.annex_key,
-            "spool already cleared; the recorded archive is in S3, announced again"
+            "{why}; the recorded archive is in S3, announced again"
         );
         Ok(())
     }
@@ -364,6 +380,19 @@ impl Uploader {
             manifest_ref: None,
         }
     }
+}
+
+/// What the object store says about a generation's earlier `ArchiveStored`.
+enum Recorded {
+    /// No record (never archived, or archived before records were kept).
+    Nothing,
+    /// Recorded, and the object is in S3 as recorded.
+    InS3(Box<pb::ArchiveStored>),
+    /// Recorded, but the object is not (or no longer) in S3 as recorded.
+    Gone {
+        /// The bucket as messages may show it.
+        bucket_shown: String,
+    },
 }
 
 /// Object name of the record of a generation's `ArchiveStored` in `bidsflux_v1_manifests`.

@@ -247,10 +247,10 @@ async fn an_s3_outage_is_retried_until_the_archive_is_stored() {
     h.stop().await;
 }
 
-/// An operator's re-index after the lifecycle cleared the spool: the archive recorded in the
-/// first run is checked in S3 and announced again under the re-index's own message id (so
-/// JetStream does not drop it as a repeat); nothing is uploaded. A study without a record is
-/// still dead-lettered.
+/// An operator's re-index announces the archive recorded in the first run, once HEAD shows it
+/// in S3, under the re-index's own message id (so JetStream does not drop it as a repeat):
+/// whether the spool meanwhile holds a later generation's file or was cleared by the lifecycle.
+/// Nothing is uploaded. Without the object and the spool, the re-index is dead-lettered.
 #[tokio::test]
 async fn a_reindex_after_the_spool_was_cleared_announces_the_recorded_archive() {
     let mut h = Harness::start().await;
@@ -262,22 +262,39 @@ async fn a_reindex_after_the_spool_was_cleared_announces_the_recorded_archive() 
     let puts = |h: &Harness| h.s3.requests().iter().filter(|r| r.starts_with("PUT") || r.starts_with("POST")).count();
     let uploads = puts(&h);
 
-    std::fs::remove_dir_all(h.spool.path().join(&study.uid)).unwrap();
-    let again = pb::StudyCompleted { reindex: 1, ..sent.clone() };
-    h.bus.publish(subjects::STUDY_COMPLETED, &again, Some(&subjects::reindex_msg_id(&study.uid, 0, 1))).await.unwrap();
+    // A later generation's file has arrived: a re-index of generation 0 must not archive it.
+    let first_file = h.spool.path().join(&study.rel_paths[0]);
+    let later = first_file.with_file_name("9.9.9.9.dcm");
+    std::fs::copy(&first_file, &later).unwrap();
+    let reindex = |n: u32| pb::StudyCompleted { reindex: n, ..sent.clone() };
+    h.bus
+        .publish(subjects::STUDY_COMPLETED, &reindex(1), Some(&subjects::reindex_msg_id(&study.uid, 0, 1)))
+        .await
+        .unwrap();
     let events: Vec<pb::ArchiveStored> = h.read(subjects::STREAM_ARCHIVES, subjects::ARCHIVE_STORED, 2).await;
     assert_eq!(events[1], first, "the recorded event, unchanged");
-    h.wait_handled(2).await;
+
+    // The spool cleared by the lifecycle: the recorded event again.
+    std::fs::remove_dir_all(h.spool.path().join(&study.uid)).unwrap();
+    h.bus
+        .publish(subjects::STUDY_COMPLETED, &reindex(2), Some(&subjects::reindex_msg_id(&study.uid, 0, 2)))
+        .await
+        .unwrap();
+    let events: Vec<pb::ArchiveStored> = h.read(subjects::STREAM_ARCHIVES, subjects::ARCHIVE_STORED, 3).await;
+    assert_eq!(events[2], first, "the recorded event, unchanged");
+    h.wait_handled(3).await;
     assert_eq!(puts(&h), uploads, "uploaded again");
     assert_eq!(h.count(subjects::STREAM_DEADLETTER).await, 0);
 
-    // The object gone from S3: the re-index cannot be served, and says why.
+    // The object gone from S3 and no spool: the re-index cannot be served, and says why.
     let object = h.s3.root().join(&first.location.as_ref().unwrap().bucket).join(&first.location.as_ref().unwrap().key);
     std::fs::remove_file(&object).unwrap();
-    let third = pb::StudyCompleted { reindex: 2, ..sent };
-    h.bus.publish(subjects::STUDY_COMPLETED, &third, Some(&subjects::reindex_msg_id(&study.uid, 0, 2))).await.unwrap();
+    h.bus
+        .publish(subjects::STUDY_COMPLETED, &reindex(3), Some(&subjects::reindex_msg_id(&study.uid, 0, 3)))
+        .await
+        .unwrap();
     let dl: pb::DeadLetter = h.read(subjects::STREAM_DEADLETTER, &subjects::deadletter("uploader"), 1).await.remove(0);
     assert!(dl.reason.contains("does not exist") && dl.reason.contains("not in S3 as recorded"), "{}", dl.reason);
-    assert_eq!(h.count(subjects::STREAM_ARCHIVES).await, 2);
+    assert_eq!(h.count(subjects::STREAM_ARCHIVES).await, 3);
     h.stop().await;
 }
