@@ -38,6 +38,21 @@ pub fn hash_dir_lower(key: &str) -> String {
     format!("{}/{}/", &h[0..3], &h[3..6])
 }
 
+/// `ab/cd/`: git-annex's `hashDirMixed` of `key`, the two directories under
+/// `.git/annex/objects/` where a locked file's symlink points.
+///
+/// md5(key) read as little-endian 32-bit words; the first word spelled with
+/// git-annex's 32-letter alphabet (5 bits per letter, taken every 6 bits),
+/// letters swapped in pairs, the first 4 kept.
+pub fn hash_dir_mixed(key: &str) -> String {
+    const LETTERS: &[u8; 32] = b"0123456789zqjxkmvwgpfZQJXKMVWGPF";
+    let d = Md5::digest(key.as_bytes());
+    let w = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+    let c: Vec<u8> = (0..4).map(|x| LETTERS[((w >> (6 * x)) & 31) as usize]).collect();
+    let s = [c[1], c[0], c[3], c[2]];
+    format!("{}{}/{}{}/", s[0] as char, s[1] as char, s[2] as char, s[3] as char)
+}
+
 /// Escapes a `remote.log` value like git-annex: whitespace and `&` become `&<code point>;`.
 pub fn escape_config_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -234,6 +249,47 @@ async fn read_existing<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mixed_hash_dirs_match_git_annex_examinekey() {
+        // `git annex examinekey --format='${hashdirmixed}' KEY`, git-annex 10.20230126.
+        assert_eq!(hash_dir_mixed("MD5E-s8000--0123456789abcdef0123456789abcdef.dcm"), "86/pq/");
+        assert_eq!(hash_dir_mixed("MD5E-s1000--cfcd208495d565ef66e7dff9f98764da.dcm"), "FP/k7/");
+        assert_eq!(hash_dir_mixed("MD5E-s1001--c4ca4238a0b923820dcc509a6f75849b.dcm"), "pZ/Mq/");
+        assert_eq!(hash_dir_mixed("MD5E-s1002--c81e728d9d4c2f636f067f89cc14862c.dcm"), "4m/49/");
+        assert_eq!(hash_dir_mixed("MD5E-s1003--eccbc87e4b5ce2fe28308fd9f2a7baf3.dcm"), "2P/k3/");
+        assert_eq!(hash_dir_mixed("MD5E-s1004--a87ff679a2f3e71d9181a67b7542122c.dcm"), "qv/QV/");
+        assert_eq!(hash_dir_mixed("MD5E-s1005--e4da3b7fbbce2345d7772b0674a318d5.dcm"), "m1/kq/");
+    }
+
+    /// All 300 keys of the examinekey run above (not only the ones listed) agree.
+    #[tokio::test]
+    async fn mixed_hash_dirs_agree_with_git_annex_on_many_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<String> = (0..300)
+            .map(|i: u32| format!("MD5E-s{}--{:032x}.dcm", 1000 + i, u128::from(i) * 0x9E37_79B9_7F4A_7C15))
+            .collect();
+        let out =
+            tokio::process::Command::new("git").arg("init").arg("-q").current_dir(dir.path()).output().await.unwrap();
+        assert!(out.status.success());
+        let mut child = tokio::process::Command::new("git")
+            .args(["annex", "examinekey", "--batch", "--format=${hashdirmixed}\\n"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, keys.join("\n").as_bytes()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, b"\n").await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        let expected: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
+        assert_eq!(expected.len(), keys.len());
+        for (key, want) in keys.iter().zip(&expected) {
+            assert_eq!(&hash_dir_mixed(key), want, "{key}");
+        }
+    }
 
     #[test]
     fn hash_dirs_match_git_annex() {
