@@ -7,8 +7,9 @@
 //! 1. a DataLad dataset (`.datalad/config` with a dataset id derived from the
 //!    StudyInstanceUID, DataLad's `.gitattributes`), or the project's existing
 //!    history when it already has one (amendments);
-//! 2. the archive and every DICOM as git-annex symlinks (`git annex fromkey
-//!    --batch`), committed with a `Bidsflux-Archive-Key:` trailer;
+//! 2. the archive and every DICOM as git-annex symlinks (the ones `git annex
+//!    fromkey` makes, staged with git plumbing), committed with a
+//!    `Bidsflux-Archive-Key:` trailer;
 //! 3. on the git-annex branch ([`crate::annex_branch`]): the S3 special remote
 //!    holding the archive (wanted: archives only), DataLad's archives remote,
 //!    and for each DICOM its location and `dl+archive:` URL;
