@@ -183,6 +183,15 @@ async fn gitlab_failures_are_retryable_or_refused_with_its_message() {
     let e = forge.ensure_project(&bad).await.unwrap_err();
     assert!(matches!(&e, ForgeError::Refused(m) if m.contains("create group PI/Study 2")), "{e:?}");
     assert!(fake.group("PI/Study 2").is_none());
+    // Hostile session metas GitLab refuses as group paths: unicode, very long. A clear error,
+    // no group made (`..`, `/` and empty values never get here: the template renderer and
+    // ProjectPath refuse them).
+    for segment in ["Müller".to_owned(), "a".repeat(300)] {
+        let bad = ProjectPath::new(format!("PI/{segment}/sourcedata/dicoms/1.2.3")).unwrap();
+        let e = forge.ensure_project(&bad).await.unwrap_err();
+        assert!(matches!(&e, ForgeError::Refused(m) if m.contains("create group") && m.contains("400")), "{e:?}");
+        assert!(fake.group(&format!("PI/{segment}")).is_none());
+    }
 
     // A slow GitLab: unavailable after the request timeout.
     let mut cfg = config(&fake, &fake.admin_token());
