@@ -1,0 +1,120 @@
+//! Three indexer replicas on one work queue, one of them killed with SIGKILL in the middle of a
+//! job: every session is still indexed, exactly once (one project, one indexing commit).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bidsflux_messaging::subjects;
+use bidsflux_proto::v1 as pb;
+use bidsflux_testsupport::dicom::StudySpec;
+use futures::StreamExt as _;
+use prost::Message as _;
+use support::{Harness, archive_study, git, publish};
+
+/// An indexer process on the harness's NATS and forge, with its own work directory.
+fn spawn_replica(h: &Harness, work: &Path) -> tokio::process::Child {
+    std::fs::create_dir_all(work).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_bidsflux-indexer"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .env("NATS_URL", &h.nats.url)
+        .env("BIDSFLUX_WORK_DIR", work)
+        .env("BIDSFLUX_FORGE", "local")
+        .env("BIDSFLUX_FORGE_DIR", &h.forge_dir)
+        .env("BIDSFLUX_INDEXER_CONCURRENCY", "1")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+fn has_job(work: &Path) -> bool {
+    std::fs::read_dir(work).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
+    // Replica 1 runs in this process; replicas 2 and 3 are processes.
+    let h = Harness::start_with(&[("BIDSFLUX_INDEXER_CONCURRENCY", "1")]).await;
+    // The killed replica's message comes back after ack_wait: 5 s here instead of 120 s.
+    let stream = h.bus.js.get_stream(subjects::STREAM_ARCHIVES).await.unwrap();
+    let mut config = stream.clone().consumer_info(subjects::CONSUMER_INDEXER).await.unwrap().config.clone();
+    config.ack_wait = Duration::from_secs(5);
+    h.bus.js.update_consumer_on_stream(config, subjects::STREAM_ARCHIVES).await.unwrap();
+
+    let (victim_work, other_work): (PathBuf, PathBuf) = (h.tmp.path().join("work-victim"), h.tmp.path().join("work-3"));
+    let mut victim = spawn_replica(&h, &victim_work);
+    let mut other = spawn_replica(&h, &other_work);
+    // Both processes pull before anything is published.
+    let consumer_waiting = || async {
+        let s = h.bus.js.get_stream(subjects::STREAM_ARCHIVES).await.unwrap();
+        s.consumer_info(subjects::CONSUMER_INDEXER).await.unwrap().num_waiting
+    };
+    bidsflux_testsupport::wait_until("three replicas pulling", Duration::from_secs(30), || async {
+        (consumer_waiting().await >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let sessions = 9;
+    let mut studies = BTreeSet::new();
+    let mut messages = Vec::new();
+    for _ in 0..sessions {
+        let m =
+            archive_study(&h, StudySpec { series: 2, instances_per_series: 60, ..StudySpec::default() }).await.message;
+        studies.insert(m.study_instance_uid.clone());
+        messages.push(m);
+    }
+    let mut indexed_sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    for m in &messages {
+        publish(&h, m).await;
+    }
+
+    // Kill the victim as soon as it holds a job.
+    bidsflux_testsupport::wait_until("the victim to start a job", Duration::from_secs(60), || {
+        let work = victim_work.clone();
+        async move { has_job(&work).then_some(()) }
+    })
+    .await
+    .unwrap();
+    victim.start_kill().unwrap();
+    let status = victim.wait().await.unwrap();
+    assert!(!status.success(), "the victim was not killed: {status}");
+    assert!(has_job(&victim_work), "the victim's job directory is gone: it was not mid-job");
+
+    let mut seen = BTreeSet::new();
+    while seen.len() < studies.len() {
+        let msg = tokio::time::timeout(Duration::from_secs(90), indexed_sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} sessions indexed", seen.len(), studies.len()))
+            .unwrap();
+        seen.insert(pb::StudyIndexed::decode(msg.payload.as_ref()).unwrap().study_instance_uid);
+    }
+    assert_eq!(seen, studies);
+
+    // Exactly once: one project per session, holding the dataset commit and one indexing commit.
+    for study in &studies {
+        let repo = h.forge_dir.join(format!("Investigator/Study1/sourcedata/dicoms/{study}.git"));
+        let repo = repo.to_str().unwrap();
+        let subjects = git(Path::new("/"), &["--git-dir", repo, "log", "--format=%s", "main"]).await;
+        let lines: Vec<&str> = subjects.lines().collect();
+        assert_eq!(lines.len(), 2, "{study}: {lines:?}");
+        assert_eq!(lines.iter().filter(|l| l.starts_with("[bidsflux] index study")).count(), 1, "{study}: {lines:?}");
+    }
+    let projects = std::fs::read_dir(h.forge_dir.join("Investigator/Study1/sourcedata/dicoms")).unwrap().count();
+    assert_eq!(projects, sessions, "projects in the forge");
+    assert_eq!(
+        h.bus.js.get_stream(subjects::STREAM_DEADLETTER).await.unwrap().info().await.unwrap().state.messages,
+        0,
+        "dead letters"
+    );
+
+    other.start_kill().unwrap();
+    let _ = other.wait().await;
+    h.shutdown().await;
+}
