@@ -497,11 +497,15 @@ fn parse_header(checked: &[u8], enc: header::Encoding, wanted: &RuleAttributes) 
 /// The attributes we file and announce an instance by, its UIDs validated.
 fn attributes(obj: &InMemDicomObject, wanted: &RuleAttributes) -> anyhow::Result<Attributes> {
     let text = |tag| -> Option<String> {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_owned())
+        let e = obj.element_opt(tag).ok().flatten()?;
+        let s = if e.vr() == dicom_core::VR::UN {
+            // A sender that re-encoded implicit VR data as explicit without a dictionary labels
+            // even standard attributes UN (PS3.5 6.2.2): their bytes are still the value.
+            String::from_utf8_lossy(&e.to_bytes().ok()?).into_owned()
+        } else {
+            e.to_str().ok()?.into_owned()
+        };
+        Some(s.trim_end_matches(['\0', ' ']).trim_start().to_owned())
     };
     let uid =
         |tag, what: &'static str| -> anyhow::Result<Uid> { Ok(Uid::parse(what, text(tag).as_deref().unwrap_or(""))?) };
@@ -514,4 +518,47 @@ fn attributes(obj: &InMemDicomObject, wanted: &RuleAttributes) -> anyhow::Result
         series_number: text(tags::SERIES_NUMBER).unwrap_or_default(),
         extra: wanted.extract(obj),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An explicit VR little endian element; `long` VRs have a 32-bit length.
+    fn el(out: &mut Vec<u8>, group: u16, element: u16, vr: &[u8; 2], value: &[u8]) {
+        out.extend(group.to_le_bytes());
+        out.extend(element.to_le_bytes());
+        out.extend(vr);
+        if matches!(vr, b"UN" | b"OB" | b"OW" | b"SQ" | b"UT") {
+            out.extend([0, 0]);
+            out.extend((value.len() as u32).to_le_bytes());
+        } else {
+            out.extend((value.len() as u16).to_le_bytes());
+        }
+        out.extend(value);
+    }
+
+    /// UIDs labelled UN (a sender's implicit → explicit conversion without a dictionary) are
+    /// read as their bytes, not refused.
+    #[test]
+    fn uids_labelled_un_are_read() {
+        let mut ds = Vec::new();
+        el(&mut ds, 0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.4\0");
+        el(&mut ds, 0x0008, 0x0018, b"UN", b"1.2.3.4.5.6");
+        el(&mut ds, 0x0008, 0x0060, b"CS", b"MR");
+        el(&mut ds, 0x0020, 0x000D, b"UN", b"1.2.3.4\0");
+        el(&mut ds, 0x0020, 0x000E, b"UN", b"1.2.3.4.5\0");
+        el(&mut ds, 0x0020, 0x0011, b"IS", b"7 ");
+        let a = inspect_dataset(&ds, uids::EXPLICIT_VR_LITTLE_ENDIAN, &RuleAttributes::default_list()).unwrap();
+        assert_eq!((a.study.as_str(), a.series.as_str(), a.sop.as_str()), ("1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6"));
+        assert_eq!((a.modality.as_str(), a.series_number.as_str()), ("MR", "7"));
+
+        // Still validated: a hostile value under UN is refused like any other.
+        let mut bad = Vec::new();
+        el(&mut bad, 0x0008, 0x0018, b"UN", b"1.2.3.4.5.6");
+        el(&mut bad, 0x0020, 0x000D, b"UN", b"../etc");
+        el(&mut bad, 0x0020, 0x000E, b"UI", b"1.2.3.4.5\0");
+        let e = inspect_dataset(&bad, uids::EXPLICIT_VR_LITTLE_ENDIAN, &RuleAttributes::default_list()).unwrap_err();
+        assert!(format!("{e:#}").contains("StudyInstanceUID"), "{e:#}");
+    }
 }
