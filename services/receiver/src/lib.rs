@@ -155,6 +155,9 @@ pub async fn run_with(
         ),
         Policy::AllowList(entries) => info!(entries = entries.len(), "scanner allow-list loaded"),
     }
+    if let Some(tls) = &config.tls {
+        tokio::spawn(reload_certificate(tls.cert.clone(), tls.reload_interval, shutdown.clone()));
+    }
     info!(
         addr = %listener.local_addr().context("read listener address")?,
         ae_title = %config.ae_title,
@@ -221,4 +224,25 @@ pub async fn run_with(
     }
     info!("receiver stopped");
     Ok(())
+}
+
+/// Serves a renewed TLS certificate without a restart: checks the files every `interval`.
+async fn reload_certificate(cert: Arc<tls::ReloadingCert>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let c = cert.clone();
+        match tokio::task::spawn_blocking(move || c.reload_if_changed()).await {
+            Ok(Ok(true)) => info!(cert = ?cert, "TLS certificate files changed: serving the new certificate"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "TLS certificate files changed but do not load: keeping the previous certificate")
+            }
+            Err(e) => warn!(error = %e, "TLS certificate check failed"),
+        }
+    }
 }

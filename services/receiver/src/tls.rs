@@ -3,16 +3,23 @@
 //! When enabled, the listener speaks TLS only: a plain association to it fails
 //! in the TLS handshake. With a client CA, peers must present a certificate it
 //! signed (mutual TLS).
+//!
+//! The server certificate and key are read again when their files change
+//! ([`ReloadingCert`], checked every `BIDSFLUX_DICOM_TLS_RELOAD_INTERVAL`), so a
+//! renewed certificate is served without a restart; new files that do not load
+//! (unreadable, or a key that does not fit) leave the previous pair in use.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use bidsflux_config::{ConfigError, Env};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 
 /// Variable naming the certificate chain (PEM, leaf first).
 pub const CERT_VAR: &str = "BIDSFLUX_DICOM_TLS_CERT_FILE";
@@ -20,6 +27,8 @@ pub const CERT_VAR: &str = "BIDSFLUX_DICOM_TLS_CERT_FILE";
 pub const KEY_VAR: &str = "BIDSFLUX_DICOM_TLS_KEY_FILE";
 /// Variable naming the CA certificates that sign client certificates (PEM); enables mutual TLS.
 pub const CLIENT_CA_VAR: &str = "BIDSFLUX_DICOM_TLS_CLIENT_CA_FILE";
+/// Variable: how often the certificate and key files are checked for a change (default 60 s).
+pub const RELOAD_INTERVAL_VAR: &str = "BIDSFLUX_DICOM_TLS_RELOAD_INTERVAL";
 
 /// TLS settings: the files, and the server configuration loaded from them at start.
 #[derive(Clone)]
@@ -32,6 +41,10 @@ pub struct TlsSettings {
     pub client_ca_file: Option<PathBuf>,
     /// The loaded configuration, shared by every connection.
     pub server_config: Arc<ServerConfig>,
+    /// The certificate it serves, reloaded when the files change.
+    pub cert: Arc<ReloadingCert>,
+    /// How often the files are checked.
+    pub reload_interval: Duration,
 }
 
 impl fmt::Debug for TlsSettings {
@@ -64,8 +77,13 @@ impl TlsSettings {
             (None, Some(_)) => return Err(ConfigError::invalid(CERT_VAR, format!("must be set with {KEY_VAR}"))),
             (Some(c), Some(k)) => (c, k),
         };
-        let server_config = server_config(&cert_file, &key_file, client_ca.as_deref())?;
-        Ok(Some(Self { cert_file, key_file, client_ca_file: client_ca, server_config }))
+        let reload_interval = env.duration_or(RELOAD_INTERVAL_VAR, Duration::from_secs(60))?;
+        if reload_interval.is_zero() {
+            return Err(ConfigError::invalid(RELOAD_INTERVAL_VAR, "must be more than 0"));
+        }
+        let cert = Arc::new(ReloadingCert::load(&cert_file, &key_file)?);
+        let server_config = server_config(cert.clone(), client_ca.as_deref())?;
+        Ok(Some(Self { cert_file, key_file, client_ca_file: client_ca, server_config, cert, reload_interval }))
     }
 }
 
@@ -83,17 +101,80 @@ fn certificates(var: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-/// Builds the server configuration (TLS 1.2 and 1.3, rustls' safe defaults).
-fn server_config(
-    cert_file: &Path,
-    key_file: &Path,
-    client_ca: Option<&Path>,
-) -> Result<Arc<ServerConfig>, ConfigError> {
+/// The certificate chain and key of two PEM files, checked to fit each other.
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, ConfigError> {
     let certs = certificates(CERT_VAR, cert_file)?;
     // The error of a key file is described without its content.
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
         ConfigError::invalid(KEY_VAR, format!("cannot read a private key from {}: {e}", key_file.display()))
     })?;
+    CertifiedKey::from_der(certs, key, &provider())
+        .map_err(|e| ConfigError::invalid(KEY_VAR, format!("the key does not fit the certificate or is unusable: {e}")))
+}
+
+/// When the files were last changed (modification time and size of each).
+type Stamp = [(Option<SystemTime>, u64); 2];
+
+fn stamp(cert_file: &Path, key_file: &Path) -> Stamp {
+    let of = |p: &Path| std::fs::metadata(p).map(|m| (m.modified().ok(), m.len())).unwrap_or((None, 0));
+    [of(cert_file), of(key_file)]
+}
+
+/// The server certificate, served from memory and re-read when its files change.
+pub struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The files' stamp when `current` was loaded from them.
+    loaded: Mutex<Stamp>,
+}
+
+impl fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReloadingCert {
+    /// Loads the pair; errors name the variable.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, ConfigError> {
+        let loaded = stamp(cert_file, key_file);
+        let key = certified_key(cert_file, key_file)?;
+        Ok(Self {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            current: RwLock::new(Arc::new(key)),
+            loaded: Mutex::new(loaded),
+        })
+    }
+
+    /// Re-reads the files if either changed since the last load: `Ok(true)` when a new pair is
+    /// served now, `Ok(false)` when nothing changed; on an error the previous pair stays in use
+    /// and the next call tries again.
+    pub fn reload_if_changed(&self) -> Result<bool, ConfigError> {
+        let now = stamp(&self.cert_file, &self.key_file);
+        let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *loaded == now {
+            return Ok(false);
+        }
+        let key = certified_key(&self.cert_file, &self.key_file)?;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(key);
+        *loaded = now;
+        Ok(true)
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
+}
+
+/// Builds the server configuration (TLS 1.2 and 1.3, rustls' safe defaults).
+fn server_config(cert: Arc<ReloadingCert>, client_ca: Option<&Path>) -> Result<Arc<ServerConfig>, ConfigError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ConfigError::invalid(CERT_VAR, format!("cannot set up TLS: {e}")))?;
@@ -113,10 +194,7 @@ fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder.with_single_cert(certs, key).map_err(|e| {
-        ConfigError::invalid(KEY_VAR, format!("the key does not fit the certificate or is unusable: {e}"))
-    })?;
-    Ok(Arc::new(config))
+    Ok(Arc::new(builder.with_cert_resolver(cert)))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use bidsflux_testsupport::dicom::{StudySpec, generate_study};
 use bidsflux_testsupport::pki::Pki;
@@ -105,5 +106,44 @@ async fn limit_rejection_is_sent_over_tls() {
     assert!(!out.contains("ECHO EXIT 0"), "the second association was accepted: {out}");
     assert!(out.contains("Association Rejected") && out.contains("Local Limit Exceeded"), "{out}");
     assert!(out.contains("Rejected Transient") && out.contains("Service Provider (Presentation"), "{out}");
+    h.stop().await;
+}
+
+/// A renewed certificate is served without a restart: the files are replaced by a pair from
+/// another CA, and after the next check (every 200 ms here) peers trusting the new CA get in
+/// while those trusting only the old one are refused. A key that does not fit keeps the old
+/// pair in use.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let (old, new) = (Pki::new().unwrap(), Pki::new().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    std::fs::copy(old.path("server.crt"), &cert).unwrap();
+    std::fs::copy(old.path("server.key"), &key).unwrap();
+    let h = Harness::start_with(&[
+        ("BIDSFLUX_DICOM_TLS_CERT_FILE", cert.to_str().unwrap()),
+        ("BIDSFLUX_DICOM_TLS_KEY_FILE", key.to_str().unwrap()),
+        ("BIDSFLUX_DICOM_TLS_RELOAD_INTERVAL", "200ms"),
+    ])
+    .await;
+    let echo = |ca: String| {
+        let port = h.port;
+        async move { common::echoscu_with(port, &["-aet", "SCANNER", "-aec", AE, "+tla", "+cf", &ca]).await }
+    };
+    assert!(echo(old.p("ca.crt")).await.status.success());
+
+    // A half-renewed pair (the new certificate, the old key): still the old pair.
+    std::fs::copy(new.path("server.crt"), &cert).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let out = echo(old.p("ca.crt")).await;
+    assert!(out.status.success(), "a mismatched pair was loaded: {}", text(&out));
+
+    std::fs::copy(new.path("server.key"), &key).unwrap();
+    bidsflux_testsupport::wait_until("the new certificate", Duration::from_secs(10), || async {
+        echo(new.p("ca.crt")).await.status.success().then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(!echo(old.p("ca.crt")).await.status.success(), "the old certificate is still served");
     h.stop().await;
 }
