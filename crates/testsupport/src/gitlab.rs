@@ -112,12 +112,9 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 /// GitLab's role levels (`access_level` values).
 pub mod access {
@@ -421,16 +418,7 @@ impl FakeGitlab {
         });
         let task = runtime.spawn(async move {
             let Ok(listener) = TcpListener::from_std(std_listener) else { return };
-            let http = ConnBuilder::new(TokioExecutor::new());
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
-                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-                conns.spawn(async move {
-                    let _ = conn.await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
+            crate::http::serve(listener, service).await;
         });
         Ok(Self { addr, inner, task, runtime: Some(runtime), _tmp: tmp })
     }

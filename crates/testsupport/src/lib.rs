@@ -10,6 +10,7 @@
 
 pub mod dicom;
 pub mod gitlab;
+mod http;
 mod nats;
 pub mod pki;
 mod s3;

@@ -4,12 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 /// An embedded S3 server (s3s-fs) on loopback; objects are files at
 /// `<root>/<bucket>/<key>`. Stopped on drop.
@@ -72,18 +69,7 @@ impl S3Server {
         });
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let http = ConnBuilder::new(TokioExecutor::new());
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
-                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-                conns.spawn(async move {
-                    let _ = conn.await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
+        let task = tokio::spawn(crate::http::serve(listener, service));
         Ok(Self {
             endpoint: format!("http://{addr}"),
             addr,
