@@ -1,10 +1,10 @@
-//! Benchmarks of the study-completion issue, against a real nats-server (ignored by default; they
-//! measure, they do not judge, and they load the machine):
+//! Benchmarks of the study-completion issue, against a real nats-server (they measure, they do
+//! not judge):
 //!
 //! ```sh
-//! cargo test --release -p bidsflux-study-completion --test bench -- --ignored --nocapture
+//! cargo bench -p bidsflux-study-completion --bench completion
 //! ```
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
 
@@ -77,8 +77,6 @@ async fn drained(bus: &Bus) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark"]
 async fn latency_from_the_last_listed_series_to_study_completed_with_1000_instances() {
     let (_nats, bus, _dir, config) = setup(RULES).await;
     let stop = start(config, &bus);
@@ -99,8 +97,6 @@ async fn latency_from_the_last_listed_series_to_study_completed_with_1000_instan
     stop.cancel();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark"]
 async fn instance_events_absorbed_per_second_with_10_concurrent_studies() {
     let rules = "[[rule]]\nname = \"q\"\naction = \"index\"\n[rule.completion]\nquiet_period = \"10m\"\n";
     let (_nats, bus, _dir, config) = setup(rules).await;
@@ -125,4 +121,10 @@ async fn instance_events_absorbed_per_second_with_10_concurrent_studies() {
         n as f64 / elapsed.as_secs_f64()
     );
     stop.cancel();
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(latency_from_the_last_listed_series_to_study_completed_with_1000_instances());
+    rt.block_on(instance_events_absorbed_per_second_with_10_concurrent_studies());
 }

@@ -1,5 +1,5 @@
-//! Indexer benchmarks (ignored by `cargo test`; run with
-//! `cargo test --release -p bidsflux-indexer --test bench -- --ignored --nocapture --test-threads 1`):
+//! Indexer benchmarks: `cargo bench -p bidsflux-indexer --bench indexing` (both, one after the
+//! other; `BENCH_ONLY=session` or `BENCH_ONLY=replicas` for one):
 //!
 //! - `session_vs_datalad`: time to index one session of `BENCH_FILES` (default 1000) DICOM files —
 //!   `ArchiveStored` published → `StudyIndexed` received, dataset pushed to the local forge —
@@ -10,6 +10,7 @@
 //!   sharing the work queue): throughput ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -40,8 +41,6 @@ fn spec(files: usize) -> StudySpec {
     StudySpec { series, instances_per_series: files.div_ceil(series), ..StudySpec::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark"]
 async fn session_vs_datalad() {
     let files = env_or("BENCH_FILES", 1000);
     let h = Harness::start().await;
@@ -122,8 +121,6 @@ async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration 
     took
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark"]
 async fn replicas() {
     let (sessions, files) = (env_or("BENCH_SESSIONS", 8), env_or("BENCH_SESSION_FILES", 250));
     let one = index_with(1, sessions, files).await;
@@ -136,4 +133,15 @@ async fn replicas() {
         println!("| {n} | {:.1} s | {:.1} |", t.as_secs_f64(), sessions as f64 * 60.0 / t.as_secs_f64());
     }
     println!("| **2 ÷ 1** | | **{:.2}×** |", one.as_secs_f64() / two.as_secs_f64());
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "session" {
+        rt.block_on(session_vs_datalad());
+    }
+    if only.is_empty() || only == "replicas" {
+        rt.block_on(replicas());
+    }
 }
