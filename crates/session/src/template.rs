@@ -155,8 +155,21 @@ impl Template {
         self.parts.iter().any(|p| matches!(p, Part::Var { name, .. } if SessionMetas::is_patient_variable(name)))
     }
 
-    /// Renders the template for a study.
+    /// Renders the template for a study. A value may not contain `/` (a
+    /// PersonName's `^` becomes `/`): each variable fills at most one path segment.
     pub fn render(&self, metas: &SessionMetas) -> Result<String, RenderError> {
+        self.render_with(metas, false)
+    }
+
+    /// Renders the template as a relative path in which values may span
+    /// segments: `Doe^Jane` (`Doe/Jane`) becomes two directories, as the
+    /// original placed sessions at their PatientName. Empty, `.` and `..`
+    /// segments are still refused.
+    pub fn render_path(&self, metas: &SessionMetas) -> Result<String, RenderError> {
+        self.render_with(metas, true)
+    }
+
+    fn render_with(&self, metas: &SessionMetas, values_span_segments: bool) -> Result<String, RenderError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -171,7 +184,7 @@ impl Template {
                         .lookup(name, *index)
                         .ok_or_else(|| RenderError::Missing { template: template.clone(), var: var.clone() })?
                         .trim();
-                    check_value(value).map_err(|why| match why {
+                    check_value(value, values_span_segments).map_err(|why| match why {
                         None => RenderError::Empty { template: template.clone(), var: var.clone() },
                         Some(why) => RenderError::Unsafe { template: template.clone(), var: var.clone(), why },
                     })?;
@@ -202,14 +215,14 @@ fn parse_var(template: &str, inner: &str) -> Result<Part, TemplateError> {
 }
 
 /// `Err(None)` for an empty value, `Err(Some(why))` for an unsafe one.
-fn check_value(value: &str) -> Result<(), Option<&'static str>> {
+fn check_value(value: &str, slash_allowed: bool) -> Result<(), Option<&'static str>> {
     if value.is_empty() {
         return Err(None);
     }
     if value == "." || value == ".." {
         return Err(Some("is a relative path component"));
     }
-    if value.contains('/') {
+    if value.contains('/') && !slash_allowed {
         return Err(Some("contains '/' (or '^' in DICOM), which would split a path segment"));
     }
     if value.contains('\\') {
@@ -228,6 +241,18 @@ mod tests {
 
     fn metas(refphys: &str, desc: &str) -> SessionMetas {
         SessionMetas::from_raw("1.2.3.4", "P001", "Doe^Jane", refphys, "20261127", desc).unwrap()
+    }
+
+    #[test]
+    fn paths_may_take_segments_from_one_value() {
+        let t = Template::parse("{PatientName}").unwrap();
+        assert_eq!(t.render_path(&metas("PI", "Brain^Study1")).unwrap(), "Doe/Jane");
+        assert!(matches!(t.render(&metas("PI", "Brain^Study1")), Err(RenderError::Unsafe { .. })));
+        for name in ["..^x", "Doe^^Jane", "^Doe", "Doe\\x"] {
+            let m = SessionMetas::from_raw("1.2.3.4", "P001", name, "PI", "20261127", "x").unwrap();
+            let e = t.render_path(&m).unwrap_err().to_string();
+            assert!(!e.contains("Doe"), "{name:?}: {e}");
+        }
     }
 
     #[test]
