@@ -204,7 +204,28 @@ async fn a_study_travels_from_storescu_to_a_datalad_dataset() {
     .await
     .unwrap();
     assert_eq!(commit_count(&bare), commits, "redelivery made a new commit");
-    assert_eq!(w.forge.join("Investigator/Study1/sourcedata/dicoms").read_dir().unwrap().count(), 1);
+    // The group's layout: the session, the study superdataset listing it at the
+    // PatientName (Doe^Jane), the BIDS dataset and the derivatives and qc groups.
+    let group = w.forge.join("Investigator/Study1");
+    let mut dicoms: Vec<String> = group
+        .join("sourcedata/dicoms")
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dicoms.sort();
+    assert_eq!(dicoms, [format!("{}.git", ev.study_instance_uid), "study.git".to_owned()]);
+    for dir in ["bids.git", "derivatives", "qc"] {
+        assert!(group.join(dir).is_dir(), "{dir} missing from the group");
+    }
+    let superdataset = group.join("sourcedata/dicoms/study.git");
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(&superdataset)
+        .args(["rev-parse", "main:Doe/Jane"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ev.commit, "the superdataset records the session");
     assert!(messages(&bus, s::STREAM_DEADLETTER).await.is_empty(), "something was dead-lettered");
 
     assert!(pipeline.finished().is_empty(), "a service stopped: {:?}", pipeline.finished());

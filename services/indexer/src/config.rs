@@ -6,6 +6,11 @@ use std::time::Duration;
 use bidsflux_config::{ConfigError, Env, Secret};
 use bidsflux_session::Template;
 
+use crate::templates::Templates;
+
+/// Where each session is a subdataset of the study superdataset, like the original.
+pub const DEFAULT_SESSION_NAME_TEMPLATE: &str = "{PatientName}";
+
 /// The group template the original BIDS-flux deployments use.
 pub const DEFAULT_GROUP_TEMPLATE: &str = "{ReferringPhysicianName}/{StudyDescriptionPath[1]}";
 
@@ -159,6 +164,41 @@ pub struct Config {
     /// Messages indexed at once by one replica (`BIDSFLUX_INDEXER_CONCURRENCY`,
     /// default 2): indexing is mostly waiting on git processes and the forge.
     pub concurrency: usize,
+    /// Path of each session in the study superdataset
+    /// (`BIDSFLUX_SESSION_NAME_TEMPLATE`, default `{PatientName}` like the
+    /// original, `^` becoming `/`).
+    pub session_name_template: Template,
+    /// Group holding the site's `ci-pipelines` project, which the study and
+    /// BIDS datasets' CI includes (`NI_DATAOPS_GITLAB_ROOT`, default `ni-dataops`).
+    pub ni_dataops_root: String,
+    /// BIDS branch conversions are merged into (`BIDS_DEV_BRANCH`, default `dev`).
+    pub bids_dev_branch: String,
+    /// BIDS branch conversions start from (`BIDS_BASE_BRANCH`, default `base`).
+    pub bids_base_branch: String,
+    /// Files of new session, study and BIDS datasets: built in, or a site's
+    /// from `BIDSFLUX_TEMPLATES_DIR` (see [`crate::templates`]).
+    pub templates: Templates,
+}
+
+/// Checks a branch name the way `git check-ref-format --branch` would, for the names a site sets.
+fn branch(env: &Env, var: &'static str, default: &str) -> Result<String, ConfigError> {
+    let name = env.get_or(var, default).trim().to_owned();
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+        && !name.starts_with(['-', '/', '.'])
+        && !name.ends_with(['/', '.'])
+        && !name.ends_with(".lock")
+        && !name.contains("..")
+        && !name.contains("//")
+        && name != "main";
+    if ok {
+        Ok(name)
+    } else {
+        Err(ConfigError::invalid(
+            var,
+            format!("{name:?} is not a usable branch name (letters, digits, '.', '_', '-', '/'; not main)"),
+        ))
+    }
 }
 
 impl Config {
@@ -189,6 +229,27 @@ impl Config {
         if git_timeout.is_zero() {
             return Err(ConfigError::invalid("BIDSFLUX_GIT_TIMEOUT", "must be greater than zero"));
         }
+        let session_name_template =
+            Template::parse(env.get_or("BIDSFLUX_SESSION_NAME_TEMPLATE", DEFAULT_SESSION_NAME_TEMPLATE))
+                .map_err(|e| ConfigError::invalid("BIDSFLUX_SESSION_NAME_TEMPLATE", e.to_string()))?;
+        let ni_dataops_root = env.get_or("NI_DATAOPS_GITLAB_ROOT", "ni-dataops").trim().trim_matches('/').to_owned();
+        if crate::forge::ProjectPath::new(ni_dataops_root.as_str()).is_err() || ni_dataops_root.contains(['"', '\\']) {
+            return Err(ConfigError::invalid(
+                "NI_DATAOPS_GITLAB_ROOT",
+                "must be a GitLab group path such as ni-dataops",
+            ));
+        }
+        let bids_dev_branch = branch(env, "BIDS_DEV_BRANCH", "dev")?;
+        let bids_base_branch = branch(env, "BIDS_BASE_BRANCH", "base")?;
+        if bids_dev_branch == bids_base_branch {
+            return Err(ConfigError::invalid("BIDS_BASE_BRANCH", "must differ from BIDS_DEV_BRANCH"));
+        }
+        let templates = match env.get("BIDSFLUX_TEMPLATES_DIR").filter(|d| !d.trim().is_empty()) {
+            Some(dir) => {
+                Templates::load(Path::new(dir.trim())).map_err(|e| ConfigError::invalid("BIDSFLUX_TEMPLATES_DIR", e))?
+            }
+            None => Templates::default(),
+        };
         let bot_email = env.get_or("GITLAB_BOT_EMAIL", "dicom_bot@localhost").to_owned();
         if bot_email.contains(['<', '>', '\n']) {
             return Err(ConfigError::invalid("GITLAB_BOT_EMAIL", "must not contain '<', '>' or newlines"));
@@ -203,6 +264,11 @@ impl Config {
             git: env.path_or("BIDSFLUX_GIT", "git"),
             git_timeout,
             concurrency,
+            session_name_template,
+            ni_dataops_root,
+            bids_dev_branch,
+            bids_base_branch,
+            templates,
         })
     }
 }
@@ -219,6 +285,12 @@ mod tests {
         assert_eq!(c.group_template.as_str(), DEFAULT_GROUP_TEMPLATE);
         assert_eq!((c.bot_username.as_str(), c.bot_email.as_str()), ("dicom_bot", "dicom_bot@localhost"));
         assert_eq!(c.git, PathBuf::from("git"));
+        assert_eq!(c.session_name_template.as_str(), "{PatientName}");
+        assert_eq!(
+            (c.ni_dataops_root.as_str(), c.bids_dev_branch.as_str(), c.bids_base_branch.as_str()),
+            ("ni-dataops", "dev", "base")
+        );
+        assert_eq!(c.templates, Templates::default());
     }
 
     #[test]
@@ -230,6 +302,13 @@ mod tests {
             ("BIDSFLUX_INDEXER_CONCURRENCY", "many"),
             ("GITLAB_BOT_EMAIL", "a>b"),
             ("BIDSFLUX_GIT_TIMEOUT", "0"),
+            ("BIDSFLUX_SESSION_NAME_TEMPLATE", "{PatientAge}"),
+            ("NI_DATAOPS_GITLAB_ROOT", "../x"),
+            ("BIDS_DEV_BRANCH", "main"),
+            ("BIDS_DEV_BRANCH", "a..b"),
+            ("BIDS_BASE_BRANCH", "dev"),
+            ("BIDS_BASE_BRANCH", "-x"),
+            ("BIDSFLUX_TEMPLATES_DIR", "/nonexistent-dir/x"),
         ] {
             let e = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err().to_string();
             assert!(e.contains(var), "{e}");

@@ -72,9 +72,17 @@ pub fn s3_remote_uuid(s3: &S3Remote) -> Uuid {
     Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 
-/// Builds the dataset of `job` in the empty directory `work` and pushes it to `project`.
-pub async fn index(git: &Git, work: &Path, job: &IndexJob, project: &Project) -> anyhow::Result<Indexed> {
-    let (dataset_id, newest_generation) = match open(git, work, job, project).await? {
+/// Builds the dataset of `job` in the empty directory `work` and pushes it to
+/// `project`. A new dataset also gets `files` (`(path, content)`, the rendered
+/// `session` template: its `.gitattributes` replaces DataLad's default).
+pub async fn index(
+    git: &Git,
+    work: &Path,
+    job: &IndexJob,
+    project: &Project,
+    files: &[(String, String)],
+) -> anyhow::Result<Indexed> {
+    let (dataset_id, newest_generation) = match open(git, work, job, project, files).await? {
         Opened::AlreadyIndexed(indexed) => return Ok(indexed),
         Opened::Ready { dataset_id, newest_generation } => (dataset_id, newest_generation),
     };
@@ -129,7 +137,13 @@ enum Opened {
 }
 
 /// Creates the work repository: the project's history if it has one, else a new dataset.
-async fn open(git: &Git, work: &Path, job: &IndexJob, project: &Project) -> anyhow::Result<Opened> {
+async fn open(
+    git: &Git,
+    work: &Path,
+    job: &IndexJob,
+    project: &Project,
+    files: &[(String, String)],
+) -> anyhow::Result<Opened> {
     git.run(work, &["init", "-q", "-b", "main", "."]).await.context("create work repository")?;
     let id = git.identity();
     for (k, v) in [("user.name", id.name.as_str()), ("user.email", id.email.as_str())] {
@@ -139,7 +153,7 @@ async fn open(git: &Git, work: &Path, job: &IndexJob, project: &Project) -> anyh
     let remote = remote_heads(&remote_git, work, &project.push_url).await?;
     if !remote.main {
         let dataset_id = dataset_id(&job.study).to_string();
-        create_dataset(git, work, &dataset_id).await?;
+        create_dataset(git, work, &dataset_id, files, "[DATALAD] new dataset").await?;
         annex_init(git, work).await?;
         return Ok(Opened::Ready { dataset_id, newest_generation: None });
     }
@@ -221,22 +235,36 @@ async fn annex_init(git: &Git, work: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes and commits what `datalad create` writes.
-async fn create_dataset(git: &Git, work: &Path, id: &str) -> anyhow::Result<()> {
-    let datalad = work.join(".datalad");
-    tokio::fs::create_dir_all(&datalad).await.context("create .datalad")?;
-    let files = [
-        (datalad.join("config"), format!("[datalad \"dataset\"]\n\tid = {id}\n")),
-        (datalad.join(".gitattributes"), "config annex.largefiles=nothing\n".to_owned()),
-        (work.join(".gitattributes"), "* annex.backend=MD5E\n**/.git* annex.largefiles=nothing\n".to_owned()),
+/// Writes and commits what `datalad create` writes, with `extra` files
+/// (`.gitattributes` among them replaces DataLad's default), as `message`.
+pub(crate) async fn create_dataset(
+    git: &Git,
+    work: &Path,
+    id: &str,
+    extra: &[(String, String)],
+    message: &str,
+) -> anyhow::Result<()> {
+    let mut files = vec![
+        (".datalad/config".to_owned(), format!("[datalad \"dataset\"]\n\tid = {id}\n")),
+        (".datalad/.gitattributes".to_owned(), "config annex.largefiles=nothing\n".to_owned()),
     ];
-    for (path, content) in files {
-        tokio::fs::write(&path, content).await.with_context(|| format!("write {}", path.display()))?;
+    files.extend(extra.iter().filter(|(p, _)| !p.starts_with(".datalad/")).cloned());
+    if !files.iter().any(|(p, _)| p == ".gitattributes") {
+        files.push((".gitattributes".to_owned(), "* annex.backend=MD5E\n**/.git* annex.largefiles=nothing\n".into()));
     }
-    git.run(work, &["add", ".datalad/config", ".datalad/.gitattributes", ".gitattributes"])
-        .await
-        .context("stage dataset configuration")?;
-    git.run(work, &["commit", "-q", "-m", "[DATALAD] new dataset"]).await.context("commit new dataset")?;
+    let mut paths = Vec::with_capacity(files.len());
+    for (path, content) in files {
+        let file = work.join(&path);
+        if let Some(parent) = file.parent() {
+            tokio::fs::create_dir_all(parent).await.with_context(|| format!("create {}", parent.display()))?;
+        }
+        tokio::fs::write(&file, content).await.with_context(|| format!("write {}", file.display()))?;
+        paths.push(path);
+    }
+    let mut add = vec!["add", "-f", "--"];
+    add.extend(paths.iter().map(String::as_str));
+    git.run(work, &add).await.context("stage dataset configuration")?;
+    git.run(work, &["commit", "-q", "-m", message]).await.context("commit new dataset")?;
     Ok(())
 }
 

@@ -164,6 +164,18 @@ pub enum ForgeError {
 pub trait Forge: Send + Sync + 'static {
     /// Returns the project at `path`, creating it (and its groups) if needed.
     fn ensure_project(&self, path: &ProjectPath) -> impl Future<Output = Result<Project, ForgeError>> + Send;
+
+    /// Makes sure the group `path` (e.g. `G/derivatives`) exists.
+    fn ensure_group(&self, path: &ProjectPath) -> impl Future<Output = Result<(), ForgeError>> + Send;
+
+    /// Protects `branches` (names or wildcards such as `convert/*`) of the
+    /// project `path`, which may not have them yet; protections that exist are
+    /// left as they are. Forges without branch protection do nothing.
+    fn protect_branches(
+        &self,
+        path: &ProjectPath,
+        branches: &[String],
+    ) -> impl Future<Output = Result<(), ForgeError>> + Send;
 }
 
 /// Bare repositories at `<root>/<project path>.git`.
@@ -197,6 +209,19 @@ impl Forge for LocalForge {
             ForgeError::Refused(m) => ForgeError::Refused(path.redact(&m)),
             e @ ForgeError::InvalidPath { .. } => e,
         })
+    }
+
+    /// A directory `<root>/<path>` (the tree mirrors GitLab's groups).
+    async fn ensure_group(&self, path: &ProjectPath) -> Result<(), ForgeError> {
+        let dir = self.root.join(path.as_str());
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| ForgeError::Unavailable(path.redact(&format!("create {}: {e}", dir.display()))))
+    }
+
+    /// Bare repositories have no branch protection: nothing to do.
+    async fn protect_branches(&self, _path: &ProjectPath, _branches: &[String]) -> Result<(), ForgeError> {
+        Ok(())
     }
 }
 

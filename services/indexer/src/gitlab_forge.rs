@@ -26,6 +26,7 @@ use gitlab::api::common::{AccessLevel, VisibilityLevel};
 use gitlab::api::endpoint_prelude::Method;
 use gitlab::api::groups::members::{AddGroupMember, EditGroupMember};
 use gitlab::api::groups::{CreateGroup, Group};
+use gitlab::api::projects::protected_branches::ProtectBranch;
 use gitlab::api::projects::{CreateProject, Project as GetProject};
 use gitlab::api::users::Users;
 use gitlab::api::{ApiError, AsyncQuery, Endpoint};
@@ -426,15 +427,19 @@ impl GitlabForge {
     }
 }
 
-impl Forge for GitlabForge {
-    async fn ensure_project(&self, path: &ProjectPath) -> Result<Project, ForgeError> {
-        let result = match self.ensure(path).await {
-            // Look-ups answer 404 by creating: a 404 here is a group deleted
-            // since it was cached. Look everything up again, once; a second
-            // 404 is refused.
+impl GitlabForge {
+    /// Runs `op`; a 404 from a cached id (a group deleted since) clears the
+    /// cache and runs it once more (look-ups answer 404 by creating, so a
+    /// second 404 is refused). Errors clear the cache.
+    async fn with_fresh_cache<T, F, Fut>(&self, path: &ProjectPath, op: F) -> Result<T, ForgeError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Fail>>,
+    {
+        let result = match op().await {
             Err(Fail::NotFound(_)) if !lock(&self.cache).groups.is_empty() => {
                 *lock(&self.cache) = Cache::default();
-                self.ensure(path).await
+                op().await
             }
             r => r,
         };
@@ -442,6 +447,47 @@ impl Forge for GitlabForge {
             *lock(&self.cache) = Cache::default();
             e.into_forge_error(path)
         })
+    }
+
+    async fn ensure_groups(&self, path: &ProjectPath) -> Result<(), Fail> {
+        let segments: Vec<&str> = path.as_str().split('/').collect();
+        let mut parent = None;
+        for depth in 1..=segments.len() {
+            parent = Some(self.group(path, &segments, depth, parent).await?);
+        }
+        Ok(())
+    }
+
+    async fn protect(&self, path: &ProjectPath, branches: &[String]) -> Result<(), Fail> {
+        for branch in branches {
+            let what = format!("protect branch {branch} of {}", path.shown());
+            let protect = ProtectBranch::builder()
+                .project(path.as_str())
+                .name(branch.as_str())
+                .build()
+                .map_err(|e| Fail::Refused(format!("{what}: {e}")))?;
+            match self.call::<(), _>(&what, gitlab::api::ignore(protect)).await {
+                Ok(_) => tracing::info!(project = path.shown(), branch, "protected branch"),
+                // "Protected branch 'dev' already exists": a site's own settings stay.
+                Err(Fail::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Forge for GitlabForge {
+    async fn ensure_project(&self, path: &ProjectPath) -> Result<Project, ForgeError> {
+        self.with_fresh_cache(path, || self.ensure(path)).await
+    }
+
+    async fn ensure_group(&self, path: &ProjectPath) -> Result<(), ForgeError> {
+        self.with_fresh_cache(path, || self.ensure_groups(path)).await
+    }
+
+    async fn protect_branches(&self, path: &ProjectPath, branches: &[String]) -> Result<(), ForgeError> {
+        self.with_fresh_cache(path, || self.protect(path, branches)).await
     }
 }
 

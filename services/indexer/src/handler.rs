@@ -1,6 +1,8 @@
 //! Handling one `ArchiveStored`: validate, place, index, announce.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::Context as _;
 use bidsflux_messaging::manifest::{self, ManifestError};
@@ -13,6 +15,8 @@ use crate::dataset;
 use crate::forge::{Forge, ForgeError, ProjectPath};
 use crate::git::Git;
 use crate::job::{IndexJob, JobError};
+use crate::superdataset::{self, Conflict, StudyUpdate, Subdataset};
+use crate::templates::{Templates, Values};
 
 /// Everything a handler needs, shared by concurrent deliveries.
 #[derive(Debug)]
@@ -22,6 +26,27 @@ pub(crate) struct Indexer<F> {
     pub(crate) forge: F,
     pub(crate) work_dir: PathBuf,
     pub(crate) group_template: Template,
+    pub(crate) session_name_template: Template,
+    pub(crate) templates: Templates,
+    pub(crate) ni_dataops_root: String,
+    pub(crate) bids_dev_branch: String,
+    pub(crate) bids_base_branch: String,
+    /// BIDS projects known to be complete (all branches pushed): not checked again.
+    pub(crate) bids_ready: Mutex<HashSet<String>>,
+}
+
+/// Where one study's datasets go.
+pub(crate) struct Paths {
+    /// `G/sourcedata/dicoms/<StudyInstanceUID>`.
+    pub(crate) session: ProjectPath,
+    /// `G/sourcedata/dicoms/study`.
+    pub(crate) study: ProjectPath,
+    /// `G/bids`.
+    pub(crate) bids: ProjectPath,
+    /// `G/derivatives` and `G/qc`.
+    pub(crate) subgroups: [ProjectPath; 2],
+    /// The session's path in the study superdataset (patient data: never log).
+    pub(crate) session_name: String,
 }
 
 /// The StudyInstanceUID of a delivery, for dead letters (only if it is a valid UID).
@@ -30,16 +55,61 @@ pub(crate) fn study_of(d: &Delivery) -> Option<String> {
     Uid::parse("StudyInstanceUID", &msg.study_instance_uid).ok().map(|u| u.to_string())
 }
 
-/// The project path of a study: `<group>/sourcedata/dicoms/<StudyInstanceUID>`.
+/// The project path of a study: `<group>/sourcedata/dicoms/<StudyInstanceUID>`,
+/// and the other paths of its group.
 ///
 /// When the template uses a patient variable the group is patient data: the
 /// path is then shown as `[redacted]/sourcedata/dicoms/<uid>` everywhere.
-pub(crate) fn project_path(template: &Template, job: &IndexJob) -> Result<ProjectPath, HandlerError> {
-    let group = template
+/// Everything is checked here, before anything is created.
+pub(crate) fn project_paths(
+    group_template: &Template,
+    session_template: &Template,
+    job: &IndexJob,
+) -> Result<Paths, HandlerError> {
+    let group = group_template
         .render(&job.metas)
         .map_err(|e| HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE: {e}")))?;
-    ProjectPath::in_group(&group, &format!("sourcedata/dicoms/{}", job.study), template.uses_patient_values())
-        .map_err(|e| HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE {:?}: {e}", template.as_str())))
+    let hidden = group_template.uses_patient_values();
+    let in_group = |rest: &str| {
+        ProjectPath::in_group(&group, rest, hidden).map_err(|e| {
+            HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE {:?}: {e}", group_template.as_str()))
+        })
+    };
+    let session_name = session_template
+        .render_path(&job.metas)
+        .map_err(|e| HandlerError::invalid(format!("BIDSFLUX_SESSION_NAME_TEMPLATE: {e}")))?;
+    if let Some(why) = superdataset::session_path_problem(&session_name) {
+        return Err(HandlerError::invalid(format!(
+            "BIDSFLUX_SESSION_NAME_TEMPLATE {:?} renders a path that cannot be a subdataset: {why}",
+            session_template.as_str()
+        )));
+    }
+    Ok(Paths {
+        session: in_group(&format!("sourcedata/dicoms/{}", job.study))?,
+        study: in_group("sourcedata/dicoms/study")?,
+        bids: in_group("bids")?,
+        subgroups: [in_group("derivatives")?, in_group("qc")?],
+        session_name,
+    })
+}
+
+/// `text` without the session path `name`, also as git quotes it (`"M\303\274ller"`).
+fn hide_session_name(text: &str, name: &str) -> String {
+    let mut quoted = String::new();
+    for b in name.bytes() {
+        match b {
+            b'"' => quoted.push_str("\\\""),
+            b'\\' => quoted.push_str("\\\\"),
+            0x20..=0x7e => quoted.push(char::from(b)),
+            _ => quoted.push_str(&format!("\\{b:03o}")),
+        }
+    }
+    bidsflux_session::redact(text, &[name, &quoted])
+}
+
+/// Whether commit `a` is an ancestor of (or is) commit `b` in the repository `dir`.
+async fn contains(git: Git, dir: PathBuf, a: String, b: String) -> bool {
+    git.run(&dir, &["merge-base", "--is-ancestor", &a, &b]).await.is_ok()
 }
 
 /// `e` with the patient part of `path` scrubbed from its text (git errors
@@ -85,26 +155,45 @@ impl<F: Forge> Indexer<F> {
     }
 
     async fn index(&self, job: &IndexJob) -> Result<(), HandlerError> {
-        let path = project_path(&self.group_template, job)?;
-        self.index_at(job, &path).await.map_err(|e| redacted(&path, e))
+        let paths = project_paths(&self.group_template, &self.session_name_template, job)?;
+        self.index_at(job, &paths).await.map_err(|e| redacted(&paths.session, e))
     }
 
-    async fn index_at(&self, job: &IndexJob, path: &ProjectPath) -> Result<(), HandlerError> {
+    fn values(&self, paths: &Paths) -> Values {
+        Values {
+            study_path: paths.study.as_str().to_owned(),
+            bids_path: paths.bids.as_str().to_owned(),
+            root: self.ni_dataops_root.clone(),
+            dev_branch: self.bids_dev_branch.clone(),
+            base_branch: self.bids_base_branch.clone(),
+        }
+    }
+
+    async fn index_at(&self, job: &IndexJob, paths: &Paths) -> Result<(), HandlerError> {
+        let path = &paths.session;
         let project = self.forge.ensure_project(path).await.map_err(forge_error)?;
         let work = tempfile::Builder::new()
             .prefix(&format!("{}-", job.study))
             .tempdir_in(&self.work_dir)
             .with_context(|| format!("create a work directory in {}", self.work_dir.display()))?;
-        let result = dataset::index(&self.git, work.path(), job, &project).await;
+        let result = self.index_in(job, paths, &project, work.path()).await;
         // Thousands of small git files: remove them off the async threads.
         let _ = tokio::task::spawn_blocking(move || drop(work)).await;
-        let indexed = result?;
+        let (indexed, study) = result?;
         // "[redacted]/sourcedata/dicoms/<uid>" when the group is patient data.
         let shown = path.shown();
         if indexed.pushed {
             tracing::info!(project = shown, commit = %indexed.commit, "study indexed and pushed");
         } else {
             tracing::info!(project = shown, commit = %indexed.commit, "study already indexed, announcing it again");
+        }
+        if study.pushed {
+            tracing::info!(
+                superdataset = paths.study.shown(),
+                commit = %study.commit,
+                created = study.created,
+                "session recorded in the study superdataset"
+            );
         }
         let event = pb::StudyIndexed {
             study_instance_uid: job.study.to_string(),
@@ -115,9 +204,116 @@ impl<F: Forge> Indexer<F> {
             commit: indexed.commit,
             archive_annex_key: job.archive.key.clone(),
             indexed_at_unix_ms: now_unix_ms(),
+            study_project_path: paths.study.as_str().to_owned(),
+            study_commit: study.commit,
         };
         let id = subjects::indexed_msg_id(job.study.as_str(), job.generation);
         self.bus.publish(subjects::STUDY_INDEXED, &event, Some(&id)).await.context("publish StudyIndexed")?;
         Ok(())
+    }
+}
+
+impl<F: Forge> Indexer<F> {
+    /// The session dataset, then its entry in the study superdataset, then the
+    /// BIDS dataset if the group has none yet: every step converges when a
+    /// redelivery repeats it.
+    async fn index_in(
+        &self,
+        job: &IndexJob,
+        paths: &Paths,
+        project: &crate::forge::Project,
+        work: &Path,
+    ) -> Result<(dataset::Indexed, StudyUpdate), HandlerError> {
+        let values = self.values(paths);
+        let session_dir = work.join("session");
+        tokio::fs::create_dir_all(&session_dir).await.context("create the session work directory")?;
+        let session_files = self.templates.session.render(&values);
+        let indexed = dataset::index(&self.git, &session_dir, job, project, &session_files).await?;
+
+        let study_project = self.forge.ensure_project(&paths.study).await.map_err(forge_error)?;
+        let session = Subdataset {
+            path: paths.session_name.clone(),
+            url: superdataset::session_url(job.study.as_str()),
+            id: indexed.dataset_id.clone(),
+            commit: indexed.commit.clone(),
+        };
+        let git = self.git.clone();
+        let study = superdataset::add_session(
+            &self.git,
+            work,
+            &study_project,
+            &self.templates.study,
+            &values,
+            &session,
+            |a, b| contains(git.clone(), session_dir.clone(), a, b),
+        )
+        .await
+        .map_err(|e| match e.downcast_ref::<Conflict>() {
+            Some(c) => HandlerError::invalid(format!(
+                "study {} was indexed in {} but cannot be recorded in the study superdataset {}: {c} \
+                 (BIDSFLUX_SESSION_NAME_TEMPLATE {:?}); fix the session's metadata or the template and re-index",
+                job.study,
+                paths.session.shown(),
+                paths.study.shown(),
+                self.session_name_template.as_str(),
+            )),
+            // Belt and braces: no git message may carry the session path.
+            None => HandlerError::Transient(anyhow::anyhow!(
+                "record the session in the study superdataset: {}",
+                hide_session_name(&format!("{e:#}"), &paths.session_name)
+            )),
+        })?;
+        self.ensure_bids(paths, &values, &study, work).await?;
+        Ok((indexed, study))
+    }
+
+    /// Creates the group's BIDS dataset (with branch protection and the
+    /// `derivatives` and `qc` subgroups) unless this replica already saw it complete.
+    async fn ensure_bids(
+        &self,
+        paths: &Paths,
+        values: &Values,
+        study: &StudyUpdate,
+        work: &Path,
+    ) -> Result<(), HandlerError> {
+        let key = paths.bids.as_str().to_owned();
+        if self.bids_ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+            return Ok(());
+        }
+        let project = self.forge.ensure_project(&paths.bids).await.map_err(forge_error)?;
+        let protected = ["convert/*".to_owned(), self.bids_dev_branch.clone(), self.bids_base_branch.clone()];
+        // Before the first push: the branches are never unprotected.
+        self.forge.protect_branches(&paths.bids, &protected).await.map_err(forge_error)?;
+        for group in &paths.subgroups {
+            self.forge.ensure_group(group).await.map_err(forge_error)?;
+        }
+        let sourcedata = Subdataset {
+            path: superdataset::BIDS_SOURCEDATA_PATH.to_owned(),
+            url: superdataset::STUDY_URL_FROM_BIDS.to_owned(),
+            id: study.dataset_id.clone(),
+            commit: study.commit.clone(),
+        };
+        let branches = ["main", self.bids_dev_branch.as_str(), self.bids_base_branch.as_str()];
+        let pushed =
+            superdataset::init_bids(&self.git, work, &project, &self.templates.bids, values, &sourcedata, &branches)
+                .await
+                .context("create the BIDS dataset")?;
+        if pushed {
+            tracing::info!(project = paths.bids.shown(), "created the BIDS dataset of the study");
+        }
+        self.bids_ready.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_are_hidden_also_as_git_quotes_them() {
+        let e = "fatal: 'Doe/Jane' and \"M\\303\\274ller/ses-1\" failed";
+        assert_eq!(hide_session_name(e, "Doe/Jane"), "fatal: '[redacted]' and \"M\\303\\274ller/ses-1\" failed");
+        assert_eq!(hide_session_name(e, "Müller/ses-1"), "fatal: 'Doe/Jane' and \"[redacted]\" failed");
     }
 }

@@ -22,6 +22,8 @@ pub mod forge;
 pub mod git;
 pub mod gitlab_forge;
 pub mod job;
+pub mod superdataset;
+pub mod templates;
 
 mod handler;
 
@@ -89,6 +91,12 @@ async fn serve<F: Forge>(
         forge,
         work_dir: config.work_dir.clone(),
         group_template: config.group_template.clone(),
+        session_name_template: config.session_name_template.clone(),
+        templates: config.templates.clone(),
+        ni_dataops_root: config.ni_dataops_root.clone(),
+        bids_dev_branch: config.bids_dev_branch.clone(),
+        bids_base_branch: config.bids_base_branch.clone(),
+        bids_ready: std::sync::Mutex::default(),
     });
     let mut opts = ConsumerOptions::new(subjects::STREAM_ARCHIVES, subjects::CONSUMER_INDEXER);
     opts.concurrency = config.concurrency;

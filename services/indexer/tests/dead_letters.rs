@@ -4,25 +4,15 @@
 
 mod support;
 
-use std::time::Duration;
-
 use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
 use futures::{FutureExt as _, StreamExt as _};
 use prost::Message as _;
-use support::{Harness, archive_study, publish};
+use support::{Harness, archive_study, next_dead_letter, publish};
 
 /// A PatientID used in the group template: it must never be in a dead letter's reason.
 const PATIENT_ID: &str = ".SECRET-ID-4711";
-
-async fn next_dead_letter(sub: &mut async_nats::Subscriber) -> pb::DeadLetter {
-    let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
-        .await
-        .expect("no dead letter within 30 s")
-        .expect("subscription closed");
-    pb::DeadLetter::decode(msg.payload.as_ref()).unwrap()
-}
 
 #[tokio::test]
 async fn hostile_values_are_dead_lettered_and_nothing_reaches_the_forge() {

@@ -5,23 +5,11 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use bidsflux_messaging::subjects;
-use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
 use bidsflux_testsupport::gitlab::FakeGitlab;
-use futures::StreamExt as _;
-use prost::Message as _;
-use support::{Harness, StudyFiles, archive, archive_study, git, publish, run_datalad};
-
-async fn next_indexed(sub: &mut async_nats::Subscriber) -> pb::StudyIndexed {
-    let msg = tokio::time::timeout(Duration::from_secs(40), sub.next())
-        .await
-        .expect("no StudyIndexed within 40 s")
-        .expect("subscription closed");
-    pb::StudyIndexed::decode(msg.payload.as_ref()).unwrap()
-}
+use support::{Harness, StudyFiles, archive, archive_study, git, next_indexed, publish, run_datalad};
 
 /// Every file under `dir` except `.git`, relative, sorted.
 fn files_under(dir: &Path) -> Vec<String> {
@@ -198,6 +186,11 @@ async fn an_amendment_builds_on_the_existing_dataset() {
     }
     let archive_bytes = std::fs::read(clone.join(&second.message.archive_name)).unwrap();
     assert_eq!(archive_bytes.len() as u64, second.message.size, "the archive file points at the new archive");
+    // The study superdataset moved its entry (one, at the PatientName) to the amendment.
+    let study = h.forge_dir.join("Investigator/Study1/sourcedata/dicoms/study.git");
+    assert_eq!(git(&study, &["rev-parse", "main:Doe/Jane"]).await, gen1.commit);
+    assert_eq!(gen1.study_commit, git(&study, &["rev-parse", "main"]).await);
+    assert_eq!(git(&study, &["config", "--blob", "main:.gitmodules", "--get-regexp", "path"]).await.lines().count(), 1);
     h.shutdown().await;
 }
 
@@ -227,5 +220,8 @@ async fn an_older_generation_indexed_late_keeps_the_newer_archive() {
     assert_eq!(git(bare, &["rev-list", "--count", "main"]).await, "3");
     let target = git(bare, &["cat-file", "-p", &format!("main:{}", gen1.message.archive_name)]).await;
     assert!(target.ends_with(&gen1.message.annex_key), "archive file points at {target}");
+    // The superdataset follows the session's newest commit, whatever the order.
+    let study = h.forge_dir.join("Investigator/Study1/sourcedata/dicoms/study.git");
+    assert_eq!(git(&study, &["rev-parse", "main:Doe/Jane"]).await, git(bare, &["rev-parse", "main"]).await);
     h.shutdown().await;
 }

@@ -64,9 +64,11 @@ async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
     let sessions = 9;
     let mut studies = BTreeSet::new();
     let mut messages = Vec::new();
-    for _ in 0..sessions {
-        let m =
-            archive_study(&h, StudySpec { series: 2, instances_per_series: 60, ..StudySpec::default() }).await.message;
+    for i in 0..sessions {
+        // One participant per session: each is a subdataset of the study at its PatientName.
+        let patient_name = format!("sub-{i:02}^ses-1");
+        let spec = StudySpec { series: 2, instances_per_series: 60, patient_name, ..StudySpec::default() };
+        let m = archive_study(&h, spec).await.message;
         studies.insert(m.study_instance_uid.clone());
         messages.push(m);
     }
@@ -107,7 +109,20 @@ async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
         assert_eq!(lines.iter().filter(|l| l.starts_with("[bidsflux] index study")).count(), 1, "{study}: {lines:?}");
     }
     let projects = std::fs::read_dir(h.forge_dir.join("Investigator/Study1/sourcedata/dicoms")).unwrap().count();
-    assert_eq!(projects, sessions, "projects in the forge");
+    assert_eq!(projects, sessions + 1, "session projects and the study superdataset in the forge");
+    // One superdataset entry per session, at its indexing commit, whatever replica added it.
+    let superdataset = h.forge_dir.join("Investigator/Study1/sourcedata/dicoms/study.git");
+    let modules = git(&superdataset, &["config", "--blob", "main:.gitmodules", "--get-regexp", "url"]).await;
+    let urls: Vec<&str> = modules.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    let expected: Vec<String> = studies.iter().map(|s| format!("../{s}.git")).collect();
+    let mut sorted = urls.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, expected, "{modules}");
+    for (i, m) in messages.iter().enumerate() {
+        let gitlink = git(&superdataset, &["rev-parse", &format!("main:sub-{i:02}/ses-1")]).await;
+        let session = h.forge_dir.join(format!("Investigator/Study1/sourcedata/dicoms/{}.git", m.study_instance_uid));
+        assert_eq!(gitlink, git(&session, &["rev-parse", "main"]).await);
+    }
     assert_eq!(
         h.bus.js.get_stream(subjects::STREAM_DEADLETTER).await.unwrap().info().await.unwrap().state.messages,
         0,

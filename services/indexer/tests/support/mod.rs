@@ -239,3 +239,21 @@ pub async fn run_datalad(h: &Harness, dir: &Path, args: &[&str]) -> Output {
 pub async fn publish(h: &Harness, msg: &pb::ArchiveStored) {
     h.bus.publish(subjects::ARCHIVE_STORED, msg, None).await.unwrap();
 }
+
+/// The next `StudyIndexed` on `sub` (40 s at most).
+pub async fn next_indexed(sub: &mut async_nats::Subscriber) -> pb::StudyIndexed {
+    let msg = tokio::time::timeout(Duration::from_secs(40), futures::StreamExt::next(sub))
+        .await
+        .expect("no StudyIndexed within 40 s")
+        .expect("subscription closed");
+    prost::Message::decode(msg.payload.as_ref()).unwrap()
+}
+
+/// The next dead letter on `sub` (30 s at most).
+pub async fn next_dead_letter(sub: &mut async_nats::Subscriber) -> pb::DeadLetter {
+    let msg = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(sub))
+        .await
+        .expect("no dead letter within 30 s")
+        .expect("subscription closed");
+    prost::Message::decode(msg.payload.as_ref()).unwrap()
+}

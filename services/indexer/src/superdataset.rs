@@ -1,0 +1,438 @@
+//! The study superdataset and the BIDS dataset of a study group `G`.
+//!
+//! - `G/sourcedata/dicoms/study`: created on first use from the `study`
+//!   template (a DataLad dataset with `.ci-env.yml` and `.gitlab-ci.yml`);
+//!   every session dataset is a subdataset of it, at the path rendered from
+//!   `BIDSFLUX_SESSION_NAME_TEMPLATE` (default `{PatientName}`, `^` → `/`),
+//!   recorded at the session's newest indexed commit.
+//! - `G/bids`: created on first use from the `bids` template, with the study
+//!   superdataset installed at `sourcedata/dicoms`, and the branches `main`,
+//!   `BIDS_DEV_BRANCH` and `BIDS_BASE_BRANCH`.
+//!
+//! Subdataset URLs are relative (`../<StudyInstanceUID>.git`,
+//! `../sourcedata/dicoms/study.git`): git and DataLad resolve them against the
+//! URL the superdataset was cloned from, so HTTPS, SSH and a moved GitLab all
+//! keep working.
+//!
+//! Replicas race: each change is a commit on the fetched `main`, pushed
+//! without force. A push refused because `main` moved (another session was
+//! added meanwhile) fetches the new `main` and applies the change again on it,
+//! up to [`PUSH_ATTEMPTS`] times, so two sessions indexed at once both end up
+//! in the superdataset. A change already present (redelivery) is not made again.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use uuid::Uuid;
+
+use crate::annex_branch::{BranchUpdate, Timestamp};
+use crate::forge::Project;
+use crate::git::{Git, GitError};
+use crate::templates::{TemplateSet, Values};
+
+/// How often a push refused because `main` moved is tried again on the new `main`.
+pub const PUSH_ATTEMPTS: u32 = 12;
+
+/// Where the study superdataset is installed in the BIDS dataset.
+pub const BIDS_SOURCEDATA_PATH: &str = "sourcedata/dicoms";
+
+/// The study superdataset's URL relative to the BIDS dataset's
+/// (`G/bids` → `G/sourcedata/dicoms/study`).
+pub const STUDY_URL_FROM_BIDS: &str = "../sourcedata/dicoms/study.git";
+
+/// Description of the throw-away repositories the indexer builds in.
+const WORK_REPO_DESCRIPTION: &str = "bidsflux indexer work tree (removed after push)";
+
+/// A subdataset to record: where, from where, which dataset, at which commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subdataset {
+    /// Path in the superdataset (patient data for sessions: never log it).
+    pub path: String,
+    /// URL relative to the superdataset's.
+    pub url: String,
+    /// DataLad dataset id.
+    pub id: String,
+    /// Commit to record.
+    pub commit: String,
+}
+
+/// The session URL relative to the study superdataset.
+pub fn session_url(study: &str) -> String {
+    format!("../{study}.git")
+}
+
+/// The session path cannot be used in the superdataset (dead-lettered: the
+/// session dataset is pushed, only its superdataset entry is missing).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Conflict(pub String);
+
+/// Which rule a session path breaks, if any (the message never quotes it).
+pub fn session_path_problem(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        Some("it is empty")
+    } else if path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        Some("it has an empty, '.' or '..' segment")
+    } else if path.contains('\\') || path.chars().any(char::is_control) {
+        Some("it contains a backslash or a control character")
+    } else if path.split('/').any(|s| s.starts_with('.')) {
+        Some("a segment starts with '.' (reserved for .git, .datalad and the CI files)")
+    } else if path.split('/').any(|s| s.len() > 255) || path.len() > 4096 {
+        Some("it is too long for a file system")
+    } else {
+        None
+    }
+}
+
+/// The study superdataset after a session was recorded in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyUpdate {
+    /// Its DataLad dataset id.
+    pub dataset_id: String,
+    /// Its `main` (with the session).
+    pub commit: String,
+    /// False when the session was already recorded (nothing pushed).
+    pub pushed: bool,
+    /// True when this call created the superdataset.
+    pub created: bool,
+}
+
+/// An entry of `.gitmodules`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Module {
+    name: String,
+    path: String,
+    url: String,
+    id: String,
+}
+
+/// Records `session` in the study superdataset `project` (creating the
+/// superdataset from `template` if it has no `main`). `newer(a, b)` tells
+/// whether session commit `b` contains `a` (so `a` need not replace `b`).
+pub async fn add_session<F, Fut>(
+    git: &Git,
+    work: &Path,
+    project: &Project,
+    template: &TemplateSet,
+    values: &Values,
+    session: &Subdataset,
+    contains: F,
+) -> anyhow::Result<StudyUpdate>
+where
+    F: Fn(String, String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let remote = git.with_config(&project.git_config);
+    for attempt in 0..PUSH_ATTEMPTS {
+        let dir = work.join(format!("study-{attempt}"));
+        init_work_repo(git, &dir).await?;
+        let heads = remote_heads(&remote, &dir, &project.push_url, &["main"]).await?;
+        let created = !heads.contains("main");
+        if created {
+            create_dataset(git, &dir, template, values, "[bidsflux] new study superdataset").await?;
+        } else {
+            fetch_main(&remote, &dir, &project.push_url).await?;
+            git.run(&dir, &["checkout", "-q", "-B", "main", "refs/remotes/origin/main"])
+                .await
+                .context("check out the study superdataset")?;
+        }
+        let changed = record(git, &dir, session, &contains).await?;
+        let dataset_id = read_dataset_id(git, &dir).await?;
+        let commit = head(git, &dir).await?;
+        if !changed && !created {
+            return Ok(StudyUpdate { dataset_id, commit, pushed: false, created });
+        }
+        let mut refs = vec!["refs/heads/main:refs/heads/main"];
+        if created {
+            annex_init_dead(git, &dir).await?;
+            refs.push("refs/heads/git-annex:refs/heads/git-annex");
+        }
+        if push(&remote, &dir, &project.push_url, &refs).await? {
+            return Ok(StudyUpdate { dataset_id, commit, pushed: true, created });
+        }
+        tracing::debug!(attempt, "the study superdataset moved while a session was added; adding it again");
+        backoff(attempt).await;
+    }
+    anyhow::bail!("the study superdataset kept moving: {PUSH_ATTEMPTS} pushes were refused; retrying later")
+}
+
+/// Creates the BIDS dataset `project` if it has no `main` (from `template`,
+/// with `study` installed at [`BIDS_SOURCEDATA_PATH`]), and the branches
+/// `branches` it lacks, all at `main`'s commit. Returns whether anything was pushed.
+pub async fn init_bids(
+    git: &Git,
+    work: &Path,
+    project: &Project,
+    template: &TemplateSet,
+    values: &Values,
+    study: &Subdataset,
+    branches: &[&str],
+) -> anyhow::Result<bool> {
+    let remote = git.with_config(&project.git_config);
+    for attempt in 0..PUSH_ATTEMPTS {
+        let dir = work.join(format!("bids-{attempt}"));
+        init_work_repo(git, &dir).await?;
+        let mut wanted = vec!["main"];
+        wanted.extend(branches.iter().copied().filter(|b| *b != "main"));
+        let heads = remote_heads(&remote, &dir, &project.push_url, &wanted).await?;
+        let missing: Vec<&str> = wanted.iter().copied().filter(|b| !heads.contains(*b)).collect();
+        if missing.is_empty() {
+            return Ok(attempt > 0);
+        }
+        let refs: Vec<String> = if heads.contains("main") {
+            // Branches lost or never pushed (a crash): from the current main.
+            fetch_main(&remote, &dir, &project.push_url).await?;
+            missing.iter().map(|b| format!("refs/remotes/origin/main:refs/heads/{b}")).collect()
+        } else {
+            create_dataset(git, &dir, template, values, "[bidsflux] new BIDS dataset").await?;
+            record(git, &dir, study, &|_, _| async { false }).await?;
+            annex_init_dead(git, &dir).await?;
+            let mut refs: Vec<String> = wanted.iter().map(|b| format!("refs/heads/main:refs/heads/{b}")).collect();
+            refs.push("refs/heads/git-annex:refs/heads/git-annex".into());
+            refs
+        };
+        let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        if push(&remote, &dir, &project.push_url, &refs).await? {
+            return Ok(true);
+        }
+        // Another replica created it meanwhile: look again.
+        backoff(attempt).await;
+    }
+    anyhow::bail!("the BIDS dataset kept moving: {PUSH_ATTEMPTS} pushes were refused; retrying later")
+}
+
+async fn init_work_repo(git: &Git, dir: &Path) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(dir).await.with_context(|| format!("create {}", dir.display()))?;
+    git.run(dir, &["init", "-q", "-b", "main", "."]).await.context("create work repository")?;
+    let id = git.identity();
+    for (k, v) in [("user.name", id.name.as_str()), ("user.email", id.email.as_str())] {
+        git.run(dir, &["config", k, v]).await.context("configure work repository")?;
+    }
+    Ok(())
+}
+
+/// The branches among `names` the remote has.
+async fn remote_heads(
+    git: &Git,
+    dir: &Path,
+    url: &str,
+    names: &[&str],
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let refs: Vec<String> = names.iter().map(|n| format!("refs/heads/{n}")).collect();
+    let mut args = vec!["ls-remote", url];
+    args.extend(refs.iter().map(String::as_str));
+    let out = git.run(dir, &args).await.context("list the branches of the forge project")?;
+    Ok(out.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).map(str::to_owned).collect())
+}
+
+async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<()> {
+    git.run(dir, &["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"])
+        .await
+        .context("fetch the superdataset")?;
+    Ok(())
+}
+
+async fn head(git: &Git, dir: &Path) -> anyhow::Result<String> {
+    Ok(git.run(dir, &["rev-parse", "HEAD"]).await.context("read the new commit")?.trim().to_owned())
+}
+
+async fn read_dataset_id(git: &Git, dir: &Path) -> anyhow::Result<String> {
+    Ok(git
+        .run(dir, &["config", "-f", ".datalad/config", "datalad.dataset.id"])
+        .await
+        .context("read the superdataset's dataset id")?
+        .trim()
+        .to_owned())
+}
+
+/// Commits a new DataLad dataset (random id) with the rendered template.
+async fn create_dataset(
+    git: &Git,
+    dir: &Path,
+    template: &TemplateSet,
+    values: &Values,
+    message: &str,
+) -> anyhow::Result<()> {
+    let id = Uuid::new_v4().to_string();
+    crate::dataset::create_dataset(git, dir, &id, &template.render(values), message).await
+}
+
+/// `git annex init` the work repository and mark it dead on the git-annex
+/// branch: it is deleted after the push and never holds content.
+async fn annex_init_dead(git: &Git, dir: &Path) -> anyhow::Result<()> {
+    git.run(dir, &["annex", "init", "--quiet", WORK_REPO_DESCRIPTION]).await.context("initialise git-annex")?;
+    git.run(dir, &["annex", "merge", "--quiet"]).await.context("flush the git-annex journal")?;
+    let here = git.run(dir, &["config", "annex.uuid"]).await.context("read the work repository's uuid")?;
+    let mut update = BranchUpdate::new(Timestamp::now());
+    update.dead(here.trim());
+    update.apply(git, dir, "update (bidsflux indexer)").await.context("write the git-annex branch")?;
+    Ok(())
+}
+
+/// Pushes `refs` atomically; false when refused because a branch moved.
+async fn push(git: &Git, dir: &Path, url: &str, refs: &[&str]) -> anyhow::Result<bool> {
+    let mut args = vec!["push", "-q", "--atomic", url];
+    args.extend_from_slice(refs);
+    match git.run(dir, &args).await {
+        Ok(_) => Ok(true),
+        Err(GitError::Failed { ref stderr, .. }) if moved(stderr) => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("push the superdataset")),
+    }
+}
+
+/// Whether git push was refused because the remote branch moved: it is no
+/// longer an ancestor (`[rejected] (fetch first)`), or another push updated
+/// it while the server was applying ours (`cannot lock ref`, `failed to update ref`).
+fn moved(stderr: &str) -> bool {
+    stderr.lines().any(|l| {
+        (l.contains("[rejected]")
+            && (l.contains("fetch first") || l.contains("non-fast-forward") || l.contains("stale")))
+            || l.contains("cannot lock ref")
+            || l.contains("failed to update ref")
+    })
+}
+
+async fn backoff(attempt: u32) {
+    let base = 50u64 * u64::from(attempt.min(6) + 1);
+    let jitter = u64::from(Uuid::new_v4().as_u128() as u16) % base;
+    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+}
+
+/// The entries of `.gitmodules` in the work tree (none if it has none).
+async fn read_modules(git: &Git, dir: &Path) -> anyhow::Result<Vec<Module>> {
+    if !tokio::fs::try_exists(dir.join(".gitmodules")).await.unwrap_or(false) {
+        return Ok(Vec::new());
+    }
+    let out = git.run(dir, &["config", "-f", ".gitmodules", "--null", "--list"]).await.context("read .gitmodules")?;
+    let mut modules: BTreeMap<String, Module> = BTreeMap::new();
+    for item in out.split('\0').filter(|i| !i.is_empty()) {
+        let (key, value) = item.split_once('\n').unwrap_or((item, ""));
+        let Some(rest) = key.strip_prefix("submodule.") else { continue };
+        let Some((name, var)) = rest.rsplit_once('.') else { continue };
+        let m = modules.entry(name.to_owned()).or_insert_with(|| Module { name: name.to_owned(), ..Module::default() });
+        match var {
+            "path" => m.path = value.to_owned(),
+            "url" => m.url = value.to_owned(),
+            "datalad-id" => m.id = value.to_owned(),
+            _ => {}
+        }
+    }
+    Ok(modules.into_values().collect())
+}
+
+/// `(mode, object, path)` of every entry of HEAD (gitlinks are not entered).
+async fn tree_entries(git: &Git, dir: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
+    let out = git.run(dir, &["ls-tree", "-r", "-z", "--full-tree", "HEAD"]).await.context("list the superdataset")?;
+    Ok(out
+        .split('\0')
+        .filter_map(|e| {
+            let (meta, path) = e.split_once('\t')?;
+            let mut meta = meta.split(' ');
+            let mode = meta.next()?.to_owned();
+            let _kind = meta.next()?;
+            let object = meta.next()?.to_owned();
+            Some((mode, object, path.to_owned()))
+        })
+        .collect())
+}
+
+/// `what` failed, with the command's status but not its arguments or output,
+/// which quote the session path.
+fn without_path(what: &str, e: &GitError) -> anyhow::Error {
+    match e {
+        GitError::Failed { status, .. } => anyhow::anyhow!("{what}: git failed ({status})"),
+        GitError::Timeout { timeout, .. } => anyhow::anyhow!("{what}: git did not finish within {timeout:?}"),
+        GitError::Spawn { program, source } => anyhow::anyhow!("{what}: cannot run {program}: {source}"),
+    }
+}
+
+/// The StudyInstanceUID in a session URL `../<uid>.git`, for messages.
+fn study_of_url(url: &str) -> &str {
+    url.strip_prefix("../").and_then(|u| u.strip_suffix(".git")).unwrap_or("another dataset")
+}
+
+/// Records `sub` in the checked-out superdataset and commits; false when it
+/// is already recorded at `sub.commit` or at a commit that contains it.
+async fn record<F, Fut>(git: &Git, dir: &Path, sub: &Subdataset, contains: &F) -> anyhow::Result<bool>
+where
+    F: Fn(String, String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let modules = read_modules(git, dir).await?;
+    // Already a subdataset (maybe at an earlier path: one entry per session).
+    let ours = modules.iter().find(|m| m.url == sub.url || (!sub.id.is_empty() && m.id == sub.id));
+    let path = ours.map_or(sub.path.as_str(), |m| m.path.as_str());
+    let entries = tree_entries(git, dir).await?;
+    if let Some((mode, object, _)) = entries.iter().find(|(_, _, p)| p == path) {
+        if mode != "160000" {
+            return Err(Conflict("the session path is a file of the superdataset".into()).into());
+        }
+        if ours.is_none() {
+            let other = modules.iter().find(|m| m.path == path).map_or("another dataset", |m| study_of_url(&m.url));
+            return Err(Conflict(format!("the session path is already the subdataset of study {other}")).into());
+        }
+        if *object == sub.commit || contains(sub.commit.clone(), object.clone()).await {
+            return Ok(false);
+        }
+    } else {
+        let below = format!("{path}/");
+        if let Some((_, _, p)) = entries.iter().find(|(_, _, p)| p.starts_with(&below)) {
+            let what = modules.iter().find(|m| m.path == *p).map_or("other files", |m| study_of_url(&m.url));
+            return Err(Conflict(format!("the session path is a directory holding {what}")).into());
+        }
+        if let Some((_, _, p)) = entries.iter().find(|(_, _, p)| path.starts_with(&format!("{p}/"))) {
+            let what = modules.iter().find(|m| m.path == *p).map_or("a file", |m| study_of_url(&m.url));
+            return Err(Conflict(format!("the session path is inside the entry of {what}")).into());
+        }
+    }
+    // These commands name the path (patient data): their errors keep only the status.
+    if ours.is_none_or(|m| m.path != m.name || m.url != sub.url || m.id != sub.id) {
+        let name = ours.map_or(path, |m| m.name.as_str());
+        for (var, value) in [("path", path), ("url", sub.url.as_str()), ("datalad-id", sub.id.as_str())] {
+            git.run(dir, &["config", "-f", ".gitmodules", &format!("submodule.{name}.{var}"), value])
+                .await
+                .map_err(|e| without_path("write .gitmodules", &e))?;
+        }
+        git.run(dir, &["add", "-f", "--", ".gitmodules"]).await.context("stage .gitmodules")?;
+    }
+    git.run(dir, &["update-index", "--add", "--cacheinfo", &format!("160000,{},{path}", sub.commit)])
+        .await
+        .map_err(|e| without_path("stage the subdataset", &e))?;
+    let message = format!("[bidsflux] record {} at {}", study_of_url(&sub.url), sub.commit);
+    git.run(dir, &["commit", "-q", "-m", &message]).await.context("commit the subdataset")?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_paths_cannot_escape_or_hide() {
+        assert_eq!(session_path_problem("Doe/Jane"), None);
+        assert_eq!(session_path_problem("sub-01/ses-1"), None);
+        assert_eq!(session_path_problem("Müller"), None);
+        for bad in ["", "..", "a/../b", "/abs", "a//b", ".git", "a/.datalad", ".gitmodules", "a\\b", "a\nb"] {
+            assert!(session_path_problem(bad).is_some(), "{bad:?} accepted");
+        }
+        assert!(session_path_problem(&"x".repeat(256)).is_some());
+    }
+
+    #[test]
+    fn refused_pushes_are_told_from_failures() {
+        assert!(moved(" ! [rejected]        main -> main (fetch first)\nerror: failed to push some refs"));
+        assert!(moved(" ! [rejected]        main -> main (non-fast-forward)"));
+        assert!(moved("remote: error: cannot lock ref 'refs/heads/main': reference already exists"));
+        assert!(!moved(" ! [remote rejected] main -> main (pre-receive hook declined)"));
+        assert!(!moved("fatal: unable to access 'http://x/': Failed to connect"));
+    }
+
+    #[test]
+    fn session_urls_name_the_study() {
+        assert_eq!(session_url("1.2.3"), "../1.2.3.git");
+        assert_eq!(study_of_url("../1.2.3.git"), "1.2.3");
+        assert_eq!(study_of_url("https://elsewhere/x"), "another dataset");
+    }
+}
