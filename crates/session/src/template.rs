@@ -188,7 +188,16 @@ impl Template {
                         None => RenderError::Empty { template: template.clone(), var: var.clone() },
                         Some(why) => RenderError::Unsafe { template: template.clone(), var: var.clone(), why },
                     })?;
-                    out.push_str(value);
+                    if values_span_segments {
+                        // A PersonName's empty components (`DOE^JOHN^^MR`) make no directory.
+                        let segments: Vec<&str> = value.split('/').filter(|s| !s.is_empty()).collect();
+                        if segments.is_empty() {
+                            return Err(RenderError::Empty { template: template.clone(), var: var.clone() });
+                        }
+                        out.push_str(&segments.join("/"));
+                    } else {
+                        out.push_str(value);
+                    }
                 }
             }
         }
@@ -248,7 +257,9 @@ mod tests {
         let t = Template::parse("{PatientName}").unwrap();
         assert_eq!(t.render_path(&metas("PI", "Brain^Study1")).unwrap(), "Doe/Jane");
         assert!(matches!(t.render(&metas("PI", "Brain^Study1")), Err(RenderError::Unsafe { .. })));
-        for name in ["..^x", "Doe^^Jane", "^Doe", "Doe\\x"] {
+        let m = SessionMetas::from_raw("1.2.3.4", "P001", "DOE^JOHN^^MR^", "PI", "20261127", "x").unwrap();
+        assert_eq!(t.render_path(&m).unwrap(), "DOE/JOHN/MR");
+        for name in ["..^x", "^^", "Doe\\x"] {
             let m = SessionMetas::from_raw("1.2.3.4", "P001", name, "PI", "20261127", "x").unwrap();
             let e = t.render_path(&m).unwrap_err().to_string();
             assert!(!e.contains("Doe"), "{name:?}: {e}");

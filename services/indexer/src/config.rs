@@ -190,7 +190,8 @@ fn branch(env: &Env, var: &'static str, default: &str) -> Result<String, ConfigE
         && !name.ends_with(".lock")
         && !name.contains("..")
         && !name.contains("//")
-        && name != "main";
+        && name != "main"
+        && name != "HEAD";
     if ok {
         Ok(name)
     } else {
@@ -241,8 +242,15 @@ impl Config {
         }
         let bids_dev_branch = branch(env, "BIDS_DEV_BRANCH", "dev")?;
         let bids_base_branch = branch(env, "BIDS_BASE_BRANCH", "base")?;
-        if bids_dev_branch == bids_base_branch {
-            return Err(ConfigError::invalid("BIDS_BASE_BRANCH", "must differ from BIDS_DEV_BRANCH"));
+        let nested = |a: &str, b: &str| b.starts_with(&format!("{a}/"));
+        if bids_dev_branch == bids_base_branch
+            || nested(&bids_dev_branch, &bids_base_branch)
+            || nested(&bids_base_branch, &bids_dev_branch)
+        {
+            return Err(ConfigError::invalid(
+                "BIDS_BASE_BRANCH",
+                "must differ from BIDS_DEV_BRANCH, and neither may be a directory of the other (git refuses dev and dev/x)",
+            ));
         }
         let templates = match env.get("BIDSFLUX_TEMPLATES_DIR").filter(|d| !d.trim().is_empty()) {
             Some(dir) => {
@@ -307,6 +315,8 @@ mod tests {
             ("BIDS_DEV_BRANCH", "main"),
             ("BIDS_DEV_BRANCH", "a..b"),
             ("BIDS_BASE_BRANCH", "dev"),
+            ("BIDS_BASE_BRANCH", "dev/base"),
+            ("BIDS_DEV_BRANCH", "HEAD"),
             ("BIDS_BASE_BRANCH", "-x"),
             ("BIDSFLUX_TEMPLATES_DIR", "/nonexistent-dir/x"),
         ] {

@@ -12,8 +12,9 @@ use bidsflux_session::{Template, Uid};
 use tracing::Instrument as _;
 
 use crate::dataset;
+use crate::forge::Project;
 use crate::forge::{Forge, ForgeError, ProjectPath};
-use crate::git::Git;
+use crate::git::{Git, GitError};
 use crate::job::{IndexJob, JobError};
 use crate::superdataset::{self, Conflict, StudyUpdate, Subdataset};
 use crate::templates::{Templates, Values};
@@ -75,15 +76,27 @@ pub(crate) fn project_paths(
             HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE {:?}: {e}", group_template.as_str()))
         })
     };
-    let session_name = session_template
-        .render_path(&job.metas)
-        .map_err(|e| HandlerError::invalid(format!("BIDSFLUX_SESSION_NAME_TEMPLATE: {e}")))?;
-    if let Some(why) = superdataset::session_path_problem(&session_name) {
-        return Err(HandlerError::invalid(format!(
-            "BIDSFLUX_SESSION_NAME_TEMPLATE {:?} renders a path that cannot be a subdataset: {why}",
-            session_template.as_str()
-        )));
-    }
+    // A session whose name cannot be a path (no PatientName, a hostile one)
+    // is still indexed: its subdataset is then at its StudyInstanceUID.
+    let session_name = match session_template.render_path(&job.metas) {
+        Ok(name) => match superdataset::session_path_problem(&name) {
+            None => name,
+            Some(why) => {
+                tracing::warn!(
+                    study_uid = %job.study,
+                    template = session_template.as_str(),
+                    "BIDSFLUX_SESSION_NAME_TEMPLATE renders a path that cannot be a subdataset ({why}): \
+                     the session is recorded at its StudyInstanceUID"
+                );
+                job.study.to_string()
+            }
+        },
+        Err(e) => {
+            // The error names the template and variable, never the value.
+            tracing::warn!(study_uid = %job.study, "{e}: the session is recorded at its StudyInstanceUID");
+            job.study.to_string()
+        }
+    };
     Ok(Paths {
         session: in_group(&format!("sourcedata/dicoms/{}", job.study))?,
         study: in_group("sourcedata/dicoms/study")?,
@@ -107,9 +120,29 @@ fn hide_session_name(text: &str, name: &str) -> String {
     bidsflux_session::redact(text, &[name, &quoted])
 }
 
-/// Whether commit `a` is an ancestor of (or is) commit `b` in the repository `dir`.
-async fn contains(git: Git, dir: PathBuf, a: String, b: String) -> bool {
-    git.run(&dir, &["merge-base", "--is-ancestor", &a, &b]).await.is_ok()
+/// Whether commit `a` is an ancestor of (or is) commit `b`, in the session
+/// work repository `dir`; a `b` it does not have (pushed by another replica
+/// since) is fetched from the session project first. Fails rather than guess.
+async fn contains(git: Git, dir: PathBuf, project: Project, a: String, b: String) -> anyhow::Result<bool> {
+    let have = |c: String| {
+        let (git, dir) = (git.clone(), dir.clone());
+        async move { git.run(&dir, &["cat-file", "-e", &format!("{c}^{{commit}}")]).await.is_ok() }
+    };
+    if !have(b.clone()).await {
+        git.with_config(&project.git_config)
+            .run(&dir, &["fetch", "-q", "--no-tags", &project.push_url, "+refs/heads/main:refs/remotes/origin/main"])
+            .await
+            .context("fetch the session to compare it with the superdataset's entry")?;
+        if !have(b.clone()).await {
+            // Not in the session's history (rewritten by hand): ours replaces it.
+            return Ok(false);
+        }
+    }
+    match git.run(&dir, &["merge-base", "--is-ancestor", &a, &b]).await {
+        Ok(_) => Ok(true),
+        Err(GitError::Failed { status, .. }) if status == "exit status: 1" => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("compare the session with the superdataset's entry")),
+    }
 }
 
 /// `e` with the patient part of `path` scrubbed from its text (git errors
@@ -221,7 +254,7 @@ impl<F: Forge> Indexer<F> {
         &self,
         job: &IndexJob,
         paths: &Paths,
-        project: &crate::forge::Project,
+        project: &Project,
         work: &Path,
     ) -> Result<(dataset::Indexed, StudyUpdate), HandlerError> {
         let values = self.values(paths);
@@ -245,7 +278,7 @@ impl<F: Forge> Indexer<F> {
             &self.templates.study,
             &values,
             &session,
-            |a, b| contains(git.clone(), session_dir.clone(), a, b),
+            |a, b| contains(git.clone(), session_dir.clone(), project.clone(), a, b),
         )
         .await
         .map_err(|e| match e.downcast_ref::<Conflict>() {
@@ -263,7 +296,18 @@ impl<F: Forge> Indexer<F> {
                 hide_session_name(&format!("{e:#}"), &paths.session_name)
             )),
         })?;
-        self.ensure_bids(paths, &values, &study, work).await?;
+        match self.ensure_bids(paths, &values, &study, work).await {
+            Ok(()) => {}
+            // The session and its entry are pushed: a BIDS project GitLab
+            // refuses to set up (e.g. made by hand, the bot not Maintainer)
+            // must not hold them back. Tried again with the next session.
+            Err(HandlerError::Permanent { reason, .. }) => tracing::error!(
+                project = paths.bids.shown(),
+                reason = paths.session.redact(&reason),
+                "the BIDS dataset of the study could not be set up; fix it in the forge"
+            ),
+            Err(e) => return Err(e),
+        }
         Ok((indexed, study))
     }
 
@@ -315,5 +359,36 @@ mod tests {
         let e = "fatal: 'Doe/Jane' and \"M\\303\\274ller/ses-1\" failed";
         assert_eq!(hide_session_name(e, "Doe/Jane"), "fatal: '[redacted]' and \"M\\303\\274ller/ses-1\" failed");
         assert_eq!(hide_session_name(e, "Müller/ses-1"), "fatal: 'Doe/Jane' and \"[redacted]\" failed");
+    }
+
+    /// A recorded commit another replica pushed after this job fetched the
+    /// session is fetched before comparing, never taken as "not newer".
+    #[tokio::test]
+    async fn commits_pushed_since_are_fetched_before_comparing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let identity = crate::git::Identity { name: "bot".into(), email: "bot@localhost".into() };
+        let git = Git::new("git", identity, std::time::Duration::from_secs(30));
+        let (origin, work) = (tmp.path().join("origin"), tmp.path().join("work"));
+        for dir in [&origin, &work] {
+            std::fs::create_dir_all(dir).unwrap();
+            git.run(dir, &["init", "-q", "-b", "main", "."]).await.unwrap();
+        }
+        let commit = |m: &'static str| {
+            let git = git.clone();
+            let origin = origin.clone();
+            async move {
+                git.run(&origin, &["commit", "-q", "--allow-empty", "-m", m]).await.unwrap();
+                git.run(&origin, &["rev-parse", "HEAD"]).await.unwrap().trim().to_owned()
+            }
+        };
+        let c1 = commit("generation 0").await;
+        let url = origin.to_string_lossy().into_owned();
+        git.run(&work, &["fetch", "-q", &url, "main:refs/remotes/origin/main"]).await.unwrap();
+        let c2 = commit("generation 1").await;
+        let project = Project { push_url: url.clone(), clone_url: url, git_config: Vec::new() };
+        let check = |a: &str, b: &str| contains(git.clone(), work.clone(), project.clone(), a.to_owned(), b.to_owned());
+        assert!(check(&c1, &c2).await.unwrap(), "c2 (fetched on demand) contains c1");
+        assert!(!check(&c2, &c1).await.unwrap());
+        assert!(!check(&c1, &"f".repeat(40)).await.unwrap(), "an unknown commit is replaced");
     }
 }

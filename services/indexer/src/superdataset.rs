@@ -46,7 +46,7 @@ pub const STUDY_URL_FROM_BIDS: &str = "../sourcedata/dicoms/study.git";
 const WORK_REPO_DESCRIPTION: &str = "bidsflux indexer work tree (removed after push)";
 
 /// A subdataset to record: where, from where, which dataset, at which commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Subdataset {
     /// Path in the superdataset (patient data for sessions: never log it).
     pub path: String,
@@ -56,6 +56,17 @@ pub struct Subdataset {
     pub id: String,
     /// Commit to record.
     pub commit: String,
+}
+
+impl std::fmt::Debug for Subdataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subdataset")
+            .field("path", &bidsflux_session::REDACTED)
+            .field("url", &self.url)
+            .field("id", &self.id)
+            .field("commit", &self.commit)
+            .finish()
+    }
 }
 
 /// The session URL relative to the study superdataset.
@@ -79,6 +90,8 @@ pub fn session_path_problem(path: &str) -> Option<&'static str> {
         Some("it contains a backslash or a control character")
     } else if path.split('/').any(|s| s.starts_with('.')) {
         Some("a segment starts with '.' (reserved for .git, .datalad and the CI files)")
+    } else if path.split('/').any(|s| s.starts_with('-')) {
+        Some("a segment starts with '-' (git refuses such submodule paths)")
     } else if path.split('/').any(|s| s.len() > 255) || path.len() > 4096 {
         Some("it is too long for a file system")
     } else {
@@ -109,8 +122,9 @@ struct Module {
 }
 
 /// Records `session` in the study superdataset `project` (creating the
-/// superdataset from `template` if it has no `main`). `newer(a, b)` tells
-/// whether session commit `b` contains `a` (so `a` need not replace `b`).
+/// superdataset from `template` if it has no `main`). `contains(a, b)` tells
+/// whether session commit `b` contains commit `a` (so `a` must not replace
+/// `b`); it fails rather than guess when it cannot tell.
 pub async fn add_session<F, Fut>(
     git: &Git,
     work: &Path,
@@ -122,7 +136,7 @@ pub async fn add_session<F, Fut>(
 ) -> anyhow::Result<StudyUpdate>
 where
     F: Fn(String, String) -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
     let remote = git.with_config(&project.git_config);
     for attempt in 0..PUSH_ATTEMPTS {
@@ -134,9 +148,12 @@ where
             create_dataset(git, &dir, template, values, "[bidsflux] new study superdataset").await?;
         } else {
             fetch_main(&remote, &dir, &project.push_url).await?;
-            git.run(&dir, &["checkout", "-q", "-B", "main", "refs/remotes/origin/main"])
+            // Index only, no work tree: checking out would create a directory
+            // per session, and git's errors about them would quote patient names.
+            git.run(&dir, &["update-ref", "refs/heads/main", "refs/remotes/origin/main"])
                 .await
-                .context("check out the study superdataset")?;
+                .map_err(|e| without_path("take the fetched superdataset", &e))?;
+            git.run(&dir, &["read-tree", "HEAD"]).await.map_err(|e| without_path("read the superdataset", &e))?;
         }
         let changed = record(git, &dir, session, &contains).await?;
         let dataset_id = read_dataset_id(git, &dir).await?;
@@ -179,7 +196,8 @@ pub async fn init_bids(
         let heads = remote_heads(&remote, &dir, &project.push_url, &wanted).await?;
         let missing: Vec<&str> = wanted.iter().copied().filter(|b| !heads.contains(*b)).collect();
         if missing.is_empty() {
-            return Ok(attempt > 0);
+            // Complete (maybe made by another replica since the first attempt).
+            return Ok(false);
         }
         let refs: Vec<String> = if heads.contains("main") {
             // Branches lost or never pushed (a crash): from the current main.
@@ -187,7 +205,7 @@ pub async fn init_bids(
             missing.iter().map(|b| format!("refs/remotes/origin/main:refs/heads/{b}")).collect()
         } else {
             create_dataset(git, &dir, template, values, "[bidsflux] new BIDS dataset").await?;
-            record(git, &dir, study, &|_, _| async { false }).await?;
+            record(git, &dir, study, &|_, _| async { Ok(false) }).await?;
             annex_init_dead(git, &dir).await?;
             let mut refs: Vec<String> = wanted.iter().map(|b| format!("refs/heads/main:refs/heads/{b}")).collect();
             refs.push("refs/heads/git-annex:refs/heads/git-annex".into());
@@ -240,7 +258,7 @@ async fn head(git: &Git, dir: &Path) -> anyhow::Result<String> {
 
 async fn read_dataset_id(git: &Git, dir: &Path) -> anyhow::Result<String> {
     Ok(git
-        .run(dir, &["config", "-f", ".datalad/config", "datalad.dataset.id"])
+        .run(dir, &["config", "--blob", "HEAD:.datalad/config", "datalad.dataset.id"])
         .await
         .context("read the superdataset's dataset id")?
         .trim()
@@ -300,12 +318,15 @@ async fn backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_millis(base + jitter)).await;
 }
 
-/// The entries of `.gitmodules` in the work tree (none if it has none).
+/// The entries of `.gitmodules` at HEAD (none if it has none).
 async fn read_modules(git: &Git, dir: &Path) -> anyhow::Result<Vec<Module>> {
-    if !tokio::fs::try_exists(dir.join(".gitmodules")).await.unwrap_or(false) {
+    if git.run(dir, &["cat-file", "-e", "HEAD:.gitmodules"]).await.is_err() {
         return Ok(Vec::new());
     }
-    let out = git.run(dir, &["config", "-f", ".gitmodules", "--null", "--list"]).await.context("read .gitmodules")?;
+    let out = git
+        .run(dir, &["config", "--blob", "HEAD:.gitmodules", "--null", "--list"])
+        .await
+        .map_err(|e| without_path("read .gitmodules", &e))?;
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     for item in out.split('\0').filter(|i| !i.is_empty()) {
         let (key, value) = item.split_once('\n').unwrap_or((item, ""));
@@ -324,7 +345,10 @@ async fn read_modules(git: &Git, dir: &Path) -> anyhow::Result<Vec<Module>> {
 
 /// `(mode, object, path)` of every entry of HEAD (gitlinks are not entered).
 async fn tree_entries(git: &Git, dir: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
-    let out = git.run(dir, &["ls-tree", "-r", "-z", "--full-tree", "HEAD"]).await.context("list the superdataset")?;
+    let out = git
+        .run(dir, &["ls-tree", "-r", "-z", "--full-tree", "HEAD"])
+        .await
+        .map_err(|e| without_path("list the superdataset", &e))?;
     Ok(out
         .split('\0')
         .filter_map(|e| {
@@ -353,12 +377,14 @@ fn study_of_url(url: &str) -> &str {
     url.strip_prefix("../").and_then(|u| u.strip_suffix(".git")).unwrap_or("another dataset")
 }
 
-/// Records `sub` in the checked-out superdataset and commits; false when it
-/// is already recorded at `sub.commit` or at a commit that contains it.
+/// Records `sub` in the superdataset (HEAD, its index read) and commits with
+/// plumbing, no work tree; false when it is already recorded at `sub.commit`
+/// or at a commit that contains it. Errors of commands naming paths keep
+/// only git's status: paths are patient data.
 async fn record<F, Fut>(git: &Git, dir: &Path, sub: &Subdataset, contains: &F) -> anyhow::Result<bool>
 where
     F: Fn(String, String) -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
     let modules = read_modules(git, dir).await?;
     // Already a subdataset (maybe at an earlier path: one entry per session).
@@ -373,7 +399,7 @@ where
             let other = modules.iter().find(|m| m.path == path).map_or("another dataset", |m| study_of_url(&m.url));
             return Err(Conflict(format!("the session path is already the subdataset of study {other}")).into());
         }
-        if *object == sub.commit || contains(sub.commit.clone(), object.clone()).await {
+        if *object == sub.commit || contains(sub.commit.clone(), object.clone()).await? {
             return Ok(false);
         }
     } else {
@@ -387,21 +413,47 @@ where
             return Err(Conflict(format!("the session path is inside the entry of {what}")).into());
         }
     }
-    // These commands name the path (patient data): their errors keep only the status.
-    if ours.is_none_or(|m| m.path != m.name || m.url != sub.url || m.id != sub.id) {
-        let name = ours.map_or(path, |m| m.name.as_str());
+    if ours.is_none_or(|m| m.url != sub.url || m.id != sub.id) {
+        // DataLad names an entry by its path; a name an entry moved away from
+        // (git mv keeps it) is not reused, so no other entry is overwritten.
+        let name = match ours {
+            Some(m) => m.name.clone(),
+            None if modules.iter().any(|m| m.name == path) => format!("{path}@{}", study_of_url(&sub.url)),
+            None => path.to_owned(),
+        };
+        let file = dir.join(".git").join("bidsflux-gitmodules");
+        let current = if modules.is_empty() {
+            Vec::new()
+        } else {
+            git.run_input(dir, &["cat-file", "blob", "HEAD:.gitmodules"], Vec::new())
+                .await
+                .map_err(|e| without_path("read .gitmodules", &e))?
+        };
+        tokio::fs::write(&file, current).await.context("write .gitmodules")?;
+        let file_arg = file.to_string_lossy().into_owned();
         for (var, value) in [("path", path), ("url", sub.url.as_str()), ("datalad-id", sub.id.as_str())] {
-            git.run(dir, &["config", "-f", ".gitmodules", &format!("submodule.{name}.{var}"), value])
+            git.run(dir, &["config", "-f", &file_arg, &format!("submodule.{name}.{var}"), value])
                 .await
                 .map_err(|e| without_path("write .gitmodules", &e))?;
         }
-        git.run(dir, &["add", "-f", "--", ".gitmodules"]).await.context("stage .gitmodules")?;
+        let blob = git
+            .run(dir, &["hash-object", "-w", "--", &file_arg])
+            .await
+            .map_err(|e| without_path("store .gitmodules", &e))?;
+        git.run(dir, &["update-index", "--add", "--cacheinfo", &format!("100644,{},.gitmodules", blob.trim())])
+            .await
+            .map_err(|e| without_path("stage .gitmodules", &e))?;
     }
     git.run(dir, &["update-index", "--add", "--cacheinfo", &format!("160000,{},{path}", sub.commit)])
         .await
         .map_err(|e| without_path("stage the subdataset", &e))?;
+    let tree = git.run(dir, &["write-tree"]).await.map_err(|e| without_path("write the superdataset tree", &e))?;
     let message = format!("[bidsflux] record {} at {}", study_of_url(&sub.url), sub.commit);
-    git.run(dir, &["commit", "-q", "-m", &message]).await.context("commit the subdataset")?;
+    let commit = git
+        .run(dir, &["commit-tree", tree.trim(), "-p", "HEAD", "-m", &message])
+        .await
+        .map_err(|e| without_path("commit the subdataset", &e))?;
+    git.run(dir, &["update-ref", "HEAD", commit.trim()]).await.map_err(|e| without_path("move main", &e))?;
     Ok(true)
 }
 
@@ -414,7 +466,9 @@ mod tests {
         assert_eq!(session_path_problem("Doe/Jane"), None);
         assert_eq!(session_path_problem("sub-01/ses-1"), None);
         assert_eq!(session_path_problem("Müller"), None);
-        for bad in ["", "..", "a/../b", "/abs", "a//b", ".git", "a/.datalad", ".gitmodules", "a\\b", "a\nb"] {
+        for bad in
+            ["", "..", "a/../b", "/abs", "a//b", ".git", "a/.datalad", ".gitmodules", "a\\b", "a\nb", "-anon", "a/-b"]
+        {
             assert!(session_path_problem(bad).is_some(), "{bad:?} accepted");
         }
         assert!(session_path_problem(&"x".repeat(256)).is_some());

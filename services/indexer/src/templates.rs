@@ -121,6 +121,14 @@ impl Templates {
                 let mut files = Vec::new();
                 read_dir(&sub, &sub, &mut files)?;
                 files.sort();
+                if kind == "bids"
+                    && let Some((p, _)) = files.iter().find(|(p, _)| p.starts_with("sourcedata/dicoms/"))
+                {
+                    return Err(format!(
+                        "{}: sourcedata/dicoms is where the indexer installs the study superdataset",
+                        sub.join(p).display()
+                    ));
+                }
                 *set = TemplateSet { files };
             }
         }
@@ -133,7 +141,8 @@ fn read_dir(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<
     for entry in entries {
         let entry = entry.map_err(|e| format!("read {}: {e}", dir.display()))?;
         let path = entry.path();
-        let kind = entry.file_type().map_err(|e| format!("read {}: {e}", path.display()))?;
+        // Followed: a mounted directory of symlinks (a swarm config, a ConfigMap) works.
+        let kind = std::fs::metadata(&path).map_err(|e| format!("read {}: {e}", path.display()))?.file_type();
         if kind.is_dir() {
             read_dir(root, &path, out)?;
             continue;

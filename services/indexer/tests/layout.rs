@@ -258,7 +258,7 @@ async fn gitlab_gets_the_whole_layout_and_datalad_gets_every_session() {
 }
 
 #[tokio::test]
-async fn a_session_path_taken_by_another_study_is_dead_lettered_without_patient_values() {
+async fn session_paths_taken_or_unusable_are_handled_without_patient_values() {
     let h = Harness::start().await;
     let mut dead = h.bus.client.subscribe(subjects::deadletter("indexer")).await.unwrap();
     let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
@@ -279,11 +279,16 @@ async fn a_session_path_taken_by_another_study_is_dead_lettered_without_patient_
     assert!(h.forge_dir.join(format!("Smith/StudyA/sourcedata/dicoms/{}.git", uid(&second))).is_dir());
     assert_eq!(submodules(&study, "main").await.len(), 1);
 
-    // A PatientName that would hide the session (".x") is refused before anything is made.
-    let hidden = archive_study(&h, spec("Other", "Brain^StudyC", ".x^y")).await;
+    // A PatientName that cannot be a path (".x" would hide the session) or has
+    // empty components: the session is indexed all the same, at its
+    // StudyInstanceUID or with the empty components dropped.
+    let hidden = archive_study(&h, spec("Smith", "Brain^StudyA", ".x^y")).await;
     publish(&h, &hidden.message).await;
-    let letter = next_dead_letter(&mut dead).await;
-    assert_eq!(letter.kind(), pb::FailureKind::InvalidInput, "{}", letter.reason);
-    assert!(!h.forge_dir.join("Other").exists(), "a group was created for a refused session");
+    next_indexed(&mut sub).await;
+    let named = archive_study(&h, spec("Smith", "Brain^StudyA", "DOE^JOHN^^MR")).await;
+    publish(&h, &named.message).await;
+    next_indexed(&mut sub).await;
+    let paths: BTreeSet<String> = submodules(&study, "main").await.into_keys().collect();
+    assert_eq!(paths, ["DOE/JOHN/MR".to_owned(), "Rescan/Patient".to_owned(), uid(&hidden).to_owned()].into());
     h.shutdown().await;
 }

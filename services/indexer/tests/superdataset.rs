@@ -55,7 +55,7 @@ async fn sessions_added_at_once_all_land_in_one_superdataset() {
         let work = tmp.path().join(format!("work-{i}"));
         tasks.push(tokio::spawn(async move {
             std::fs::create_dir_all(&work).unwrap();
-            let contains = |_: String, _: String| async { false };
+            let contains = |_: String, _: String| async { Ok(false) };
             superdataset::add_session(&git(), &work, &project, &templates.study, &values(), &session(i), contains)
                 .await
                 .unwrap()
@@ -93,7 +93,7 @@ async fn an_entry_only_moves_to_a_commit_that_contains_it() {
         async move {
             std::fs::create_dir_all(&work).unwrap();
             // `newer`: the recorded commit contains the one being added.
-            let contains = move |_: String, _: String| async move { newer };
+            let contains = move |_: String, _: String| async move { Ok(newer) };
             superdataset::add_session(&git(), &work, &project, &templates.study, &values(), &s, contains).await
         }
     };
