@@ -7,7 +7,7 @@
 //!   superdataset and the BIDS dataset; a second session is timed too) —
 //!   against the original's way on the same 7z: `datalad create`, the archive saved into the
 //!   dataset, `datalad add-archive-content --strip-leading-dirs` (DataLad from PyPI).
-//! - `replicas`: `BENCH_SESSIONS` (default 8) sessions of `BENCH_SESSION_FILES` (default 250)
+//! - `replicas`: `BENCH_SESSIONS` (default 16) sessions of `BENCH_SESSION_FILES` (default 250)
 //!   files indexed by one replica, then by two (each with `BIDSFLUX_INDEXER_CONCURRENCY=1`,
 //!   sharing the work queue): throughput ratio. All sessions are participants of one study group,
 //!   so replicas also race on its superdataset.
@@ -146,7 +146,7 @@ async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration 
 }
 
 async fn replicas() {
-    let (sessions, files) = (env_or("BENCH_SESSIONS", 8), env_or("BENCH_SESSION_FILES", 250));
+    let (sessions, files) = (env_or("BENCH_SESSIONS", 16), env_or("BENCH_SESSION_FILES", 250));
     let one = index_with(1, sessions, files).await;
     let two = index_with(2, sessions, files).await;
     println!();

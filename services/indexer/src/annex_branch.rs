@@ -188,12 +188,16 @@ impl BranchUpdate {
         out
     }
 
-    /// Commits the update on top of `git-annex` in the repository at `repo`.
+    /// Commits the update on top of `git-annex` in the repository at `repo`
+    /// (creating the branch if it has none).
     pub async fn apply(&self, git: &Git, repo: &Path, message: &str) -> Result<(), GitError> {
         if self.files.is_empty() {
             return Ok(());
         }
         let existing = read_existing(git, repo, self.paths()).await?;
+        // A new dataset has no branch yet: this update creates it (what
+        // `git annex init` would, without running git-annex).
+        let exists = git.run(repo, &["rev-parse", "--verify", "-q", BRANCH]).await.is_ok();
         let id = git.identity();
         let mut stream = Vec::new();
         let data = |out: &mut Vec<u8>, bytes: &[u8]| {
@@ -205,7 +209,9 @@ impl BranchUpdate {
         stream
             .extend_from_slice(format!("committer {} <{}> {} +0000\n", id.name, id.email, self.t().secs()).as_bytes());
         data(&mut stream, message.as_bytes());
-        stream.extend_from_slice(format!("from {BRANCH}^0\n").as_bytes());
+        if exists {
+            stream.extend_from_slice(format!("from {BRANCH}^0\n").as_bytes());
+        }
         for path in self.paths() {
             let content = self.merged(path, existing.get(path).map(String::as_str).unwrap_or_default());
             stream.extend_from_slice(format!("M 100644 inline {path}\n").as_bytes());

@@ -103,13 +103,11 @@ pub async fn index(
     git.run_input(work, &["commit", "-q", "--allow-empty", "-F", "-"], message.into_bytes())
         .await
         .context("commit indexed files")?;
-    // Commits git-annex's journal, so the branch can be written directly.
-    git.run(work, &["annex", "merge", "--quiet"]).await.context("flush the git-annex journal")?;
-    let here = git.run(work, &["config", "annex.uuid"]).await.context("read the work repository's uuid")?;
     let mut update = branch_update(job);
-    // The work repository is deleted after the push and never held content:
-    // mark it dead so clones do not list it as a place to get files from.
-    update.dead(here.trim());
+    // git-annex itself never runs: the work repository is described as
+    // `git annex init` would, and marked dead (it is deleted after the push
+    // and never held content) so clones do not list it as a place to get files from.
+    work_repo_dead(&mut update);
     update.apply(git, work, "update (bidsflux indexer)").await.context("write the git-annex branch")?;
     // Only the commands that talk to the forge get its credentials.
     git.with_config(&project.git_config)
@@ -154,7 +152,6 @@ async fn open(
     if !remote.main {
         let dataset_id = dataset_id(&job.study).to_string();
         create_dataset(git, work, &dataset_id, files, "[DATALAD] new dataset").await?;
-        annex_init(git, work).await?;
         return Ok(Opened::Ready { dataset_id, newest_generation: None });
     }
     fetch(&remote_git, work, &project.push_url, remote.git_annex).await?;
@@ -166,13 +163,20 @@ async fn open(
             .unwrap_or_else(|_| dataset_id(&job.study).to_string());
         return Ok(Opened::AlreadyIndexed(Indexed { dataset_id, commit, pushed: false }));
     }
-    git.run(work, &["checkout", "-q", "-B", "main", "refs/remotes/origin/main"])
+    // The index only: checking out would create a symlink per file (≈ 1 ms
+    // each on a disk like this VM's), and the commit is made from the index.
+    git.run(work, &["update-ref", "refs/heads/main", "refs/remotes/origin/main"])
         .await
-        .context("check out existing dataset")?;
-    annex_init(git, work).await?;
+        .context("take the existing dataset")?;
+    git.run(work, &["read-tree", "HEAD"]).await.context("read the existing dataset")?;
+    if remote.git_annex {
+        git.run(work, &["update-ref", "refs/heads/git-annex", "refs/remotes/origin/git-annex"])
+            .await
+            .context("take the existing git-annex branch")?;
+    }
     let newest_generation = newest_generation_in(git, work).await?;
     let dataset_id = git
-        .run(work, &["config", "-f", ".datalad/config", "datalad.dataset.id"])
+        .run(work, &["config", "--blob", "HEAD:.datalad/config", "datalad.dataset.id"])
         .await
         .context("read the dataset id of the existing dataset")?
         .trim()
@@ -226,13 +230,12 @@ async fn newest_generation_in(git: &Git, work: &Path) -> anyhow::Result<Option<u
     Ok(out.split_whitespace().filter_map(|g| g.parse::<u32>().ok()).max())
 }
 
-/// `git annex init` without enabling the special remotes an existing dataset
-/// configures (the indexer never needs their content).
-async fn annex_init(git: &Git, work: &Path) -> anyhow::Result<()> {
-    git.run(work, &["annex", "init", "--quiet", "--no-autoenable", WORK_REPO_DESCRIPTION])
-        .await
-        .context("initialise git-annex")?;
-    Ok(())
+/// Describes a new work repository on the git-annex branch, as `git annex
+/// init` would, and marks it dead: it is deleted after the push.
+pub(crate) fn work_repo_dead(update: &mut BranchUpdate) {
+    let here = Uuid::new_v4().to_string();
+    update.describe(&here, WORK_REPO_DESCRIPTION);
+    update.dead(&here);
 }
 
 /// Writes and commits what `datalad create` writes, with `extra` files

@@ -42,9 +42,6 @@ pub const BIDS_SOURCEDATA_PATH: &str = "sourcedata/dicoms";
 /// (`G/bids` → `G/sourcedata/dicoms/study`).
 pub const STUDY_URL_FROM_BIDS: &str = "../sourcedata/dicoms/study.git";
 
-/// Description of the throw-away repositories the indexer builds in.
-const WORK_REPO_DESCRIPTION: &str = "bidsflux indexer work tree (removed after push)";
-
 /// A subdataset to record: where, from where, which dataset, at which commit.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Subdataset {
@@ -138,30 +135,32 @@ where
     F: Fn(String, String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
+    // Replicas race on this superdataset: the time from fetch to push is
+    // kept to a few git processes, none of them touching a work tree.
     let remote = git.with_config(&project.git_config);
     for attempt in 0..PUSH_ATTEMPTS {
         let dir = work.join(format!("study-{attempt}"));
         init_work_repo(git, &dir).await?;
-        let heads = remote_heads(&remote, &dir, &project.push_url, &["main"]).await?;
-        let created = !heads.contains("main");
-        if created {
-            create_dataset(git, &dir, template, values, "[bidsflux] new study superdataset").await?;
+        let fetched = fetch_main(&remote, &dir, &project.push_url).await?;
+        let base = if fetched {
+            "refs/remotes/origin/main"
         } else {
-            fetch_main(&remote, &dir, &project.push_url).await?;
-            // Index only, no work tree: checking out would create a directory
-            // per session, and git's errors about them would quote patient names.
-            git.run(&dir, &["update-ref", "refs/heads/main", "refs/remotes/origin/main"])
-                .await
-                .map_err(|e| without_path("take the fetched superdataset", &e))?;
-            git.run(&dir, &["read-tree", "HEAD"]).await.map_err(|e| without_path("read the superdataset", &e))?;
-        }
-        let changed = record(git, &dir, session, &contains).await?;
-        let dataset_id = read_dataset_id(git, &dir).await?;
-        let commit = head(git, &dir).await?;
-        if !changed && !created {
-            return Ok(StudyUpdate { dataset_id, commit, pushed: false, created });
-        }
-        let mut refs = vec!["refs/heads/main:refs/heads/main"];
+            create_dataset(git, &dir, template, values, "[bidsflux] new study superdataset").await?;
+            "refs/heads/main"
+        };
+        let created = !fetched;
+        let recorded = record(git, &dir, base, session, &contains).await?;
+        let dataset_id = read_dataset_id(git, &dir, base).await?;
+        let commit = match recorded {
+            Some(commit) => commit,
+            None if !created => {
+                let commit = git.run(&dir, &["rev-parse", base]).await.context("read the superdataset")?;
+                return Ok(StudyUpdate { dataset_id, commit: commit.trim().to_owned(), pushed: false, created });
+            }
+            None => anyhow::bail!("a new study superdataset did not record its first session"),
+        };
+        let main = format!("{commit}:refs/heads/main");
+        let mut refs = vec![main.as_str()];
         if created {
             annex_init_dead(git, &dir).await?;
             refs.push("refs/heads/git-annex:refs/heads/git-annex");
@@ -205,9 +204,11 @@ pub async fn init_bids(
             missing.iter().map(|b| format!("refs/remotes/origin/main:refs/heads/{b}")).collect()
         } else {
             create_dataset(git, &dir, template, values, "[bidsflux] new BIDS dataset").await?;
-            record(git, &dir, study, &|_, _| async { Ok(false) }).await?;
+            let commit = record(git, &dir, "refs/heads/main", study, &|_, _| async { Ok(false) })
+                .await?
+                .context("the new BIDS dataset did not record the study superdataset")?;
             annex_init_dead(git, &dir).await?;
-            let mut refs: Vec<String> = wanted.iter().map(|b| format!("refs/heads/main:refs/heads/{b}")).collect();
+            let mut refs: Vec<String> = wanted.iter().map(|b| format!("{commit}:refs/heads/{b}")).collect();
             refs.push("refs/heads/git-annex:refs/heads/git-annex".into());
             refs
         };
@@ -221,13 +222,10 @@ pub async fn init_bids(
     anyhow::bail!("the BIDS dataset kept moving: {PUSH_ATTEMPTS} pushes were refused; retrying later")
 }
 
+/// A new repository; commits get the bot's identity from [`Git`]'s environment.
 async fn init_work_repo(git: &Git, dir: &Path) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(dir).await.with_context(|| format!("create {}", dir.display()))?;
     git.run(dir, &["init", "-q", "-b", "main", "."]).await.context("create work repository")?;
-    let id = git.identity();
-    for (k, v) in [("user.name", id.name.as_str()), ("user.email", id.email.as_str())] {
-        git.run(dir, &["config", k, v]).await.context("configure work repository")?;
-    }
     Ok(())
 }
 
@@ -245,20 +243,18 @@ async fn remote_heads(
     Ok(out.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).map(str::to_owned).collect())
 }
 
-async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<()> {
-    git.run(dir, &["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"])
-        .await
-        .context("fetch the superdataset")?;
-    Ok(())
+/// Fetches `main` into `refs/remotes/origin/main`; false when the project has none yet.
+async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<bool> {
+    match git.run(dir, &["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"]).await {
+        Ok(_) => Ok(true),
+        Err(GitError::Failed { ref stderr, .. }) if stderr.contains("couldn't find remote ref") => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("fetch the superdataset")),
+    }
 }
 
-async fn head(git: &Git, dir: &Path) -> anyhow::Result<String> {
-    Ok(git.run(dir, &["rev-parse", "HEAD"]).await.context("read the new commit")?.trim().to_owned())
-}
-
-async fn read_dataset_id(git: &Git, dir: &Path) -> anyhow::Result<String> {
+async fn read_dataset_id(git: &Git, dir: &Path, base: &str) -> anyhow::Result<String> {
     Ok(git
-        .run(dir, &["config", "--blob", "HEAD:.datalad/config", "datalad.dataset.id"])
+        .run(dir, &["config", "--blob", &format!("{base}:.datalad/config"), "datalad.dataset.id"])
         .await
         .context("read the superdataset's dataset id")?
         .trim()
@@ -277,14 +273,11 @@ async fn create_dataset(
     crate::dataset::create_dataset(git, dir, &id, &template.render(values), message).await
 }
 
-/// `git annex init` the work repository and mark it dead on the git-annex
-/// branch: it is deleted after the push and never holds content.
+/// Creates the git-annex branch (a dataset DataLad and git-annex recognise)
+/// with the work repository described and dead, without running git-annex.
 async fn annex_init_dead(git: &Git, dir: &Path) -> anyhow::Result<()> {
-    git.run(dir, &["annex", "init", "--quiet", WORK_REPO_DESCRIPTION]).await.context("initialise git-annex")?;
-    git.run(dir, &["annex", "merge", "--quiet"]).await.context("flush the git-annex journal")?;
-    let here = git.run(dir, &["config", "annex.uuid"]).await.context("read the work repository's uuid")?;
     let mut update = BranchUpdate::new(Timestamp::now());
-    update.dead(here.trim());
+    crate::dataset::work_repo_dead(&mut update);
     update.apply(git, dir, "update (bidsflux indexer)").await.context("write the git-annex branch")?;
     Ok(())
 }
@@ -313,20 +306,33 @@ fn moved(stderr: &str) -> bool {
 }
 
 async fn backoff(attempt: u32) {
-    let base = 50u64 * u64::from(attempt.min(6) + 1);
+    let base = 25u64 * u64::from(attempt.min(8) + 1);
     let jitter = u64::from(Uuid::new_v4().as_u128() as u16) % base;
     tokio::time::sleep(Duration::from_millis(base + jitter)).await;
 }
 
-/// The entries of `.gitmodules` at HEAD (none if it has none).
-async fn read_modules(git: &Git, dir: &Path) -> anyhow::Result<Vec<Module>> {
-    if git.run(dir, &["cat-file", "-e", "HEAD:.gitmodules"]).await.is_err() {
-        return Ok(Vec::new());
-    }
+/// The content of `.gitmodules` at `base` (None if it has none).
+async fn read_gitmodules(git: &Git, dir: &Path, base: &str) -> anyhow::Result<Option<Vec<u8>>> {
     let out = git
-        .run(dir, &["config", "--blob", "HEAD:.gitmodules", "--null", "--list"])
+        .run_input(dir, &["cat-file", "--batch"], format!("{base}:.gitmodules\n").into_bytes())
         .await
         .map_err(|e| without_path("read .gitmodules", &e))?;
+    let Some(nl) = out.iter().position(|&b| b == b'\n') else { return Ok(None) };
+    let header = String::from_utf8_lossy(&out[..nl]);
+    if header.ends_with(" missing") {
+        return Ok(None);
+    }
+    let size: usize = header.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    Ok(Some(out.get(nl + 1..nl + 1 + size).unwrap_or_default().to_vec()))
+}
+
+/// The entries of `.gitmodules` (`content`), as git reads them.
+async fn parse_modules(git: &Git, dir: &Path, content: &[u8]) -> anyhow::Result<Vec<Module>> {
+    let out = git
+        .run_input(dir, &["config", "--file", "-", "--null", "--list"], content.to_vec())
+        .await
+        .map_err(|e| without_path("read .gitmodules", &e))?;
+    let out = String::from_utf8_lossy(&out);
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     for item in out.split('\0').filter(|i| !i.is_empty()) {
         let (key, value) = item.split_once('\n').unwrap_or((item, ""));
@@ -343,10 +349,52 @@ async fn read_modules(git: &Git, dir: &Path) -> anyhow::Result<Vec<Module>> {
     Ok(modules.into_values().collect())
 }
 
-/// `(mode, object, path)` of every entry of HEAD (gitlinks are not entered).
-async fn tree_entries(git: &Git, dir: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
+/// `s` as a git config quoted string (subsection name or value).
+fn config_quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `content` (a `.gitmodules`) with the entry `name` set to `sub` at `path`:
+/// appended when new; an existing entry is rewritten by `git config`.
+async fn with_module(
+    git: &Git,
+    dir: &Path,
+    content: Vec<u8>,
+    existing: bool,
+    name: &str,
+    path: &str,
+    sub: &Subdataset,
+) -> anyhow::Result<Vec<u8>> {
+    if !existing {
+        let mut out = content;
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+        let section = format!(
+            "[submodule {}]\n\tpath = {}\n\turl = {}\n\tdatalad-id = {}\n",
+            config_quoted(name),
+            config_quoted(path),
+            config_quoted(&sub.url),
+            config_quoted(&sub.id)
+        );
+        out.extend_from_slice(section.as_bytes());
+        return Ok(out);
+    }
+    let file = dir.join(".git").join("bidsflux-gitmodules");
+    tokio::fs::write(&file, content).await.context("write .gitmodules")?;
+    let file_arg = file.to_string_lossy().into_owned();
+    for (var, value) in [("path", path), ("url", sub.url.as_str()), ("datalad-id", sub.id.as_str())] {
+        git.run(dir, &["config", "-f", &file_arg, &format!("submodule.{name}.{var}"), value])
+            .await
+            .map_err(|e| without_path("write .gitmodules", &e))?;
+    }
+    tokio::fs::read(&file).await.context("read .gitmodules")
+}
+
+/// `(mode, object, path)` of every entry of `base` (gitlinks are not entered).
+async fn tree_entries(git: &Git, dir: &Path, base: &str) -> anyhow::Result<Vec<(String, String, String)>> {
     let out = git
-        .run(dir, &["ls-tree", "-r", "-z", "--full-tree", "HEAD"])
+        .run(dir, &["ls-tree", "-r", "-z", "--full-tree", base])
         .await
         .map_err(|e| without_path("list the superdataset", &e))?;
     Ok(out
@@ -377,20 +425,31 @@ fn study_of_url(url: &str) -> &str {
     url.strip_prefix("../").and_then(|u| u.strip_suffix(".git")).unwrap_or("another dataset")
 }
 
-/// Records `sub` in the superdataset (HEAD, its index read) and commits with
-/// plumbing, no work tree; false when it is already recorded at `sub.commit`
-/// or at a commit that contains it. Errors of commands naming paths keep
-/// only git's status: paths are patient data.
-async fn record<F, Fut>(git: &Git, dir: &Path, sub: &Subdataset, contains: &F) -> anyhow::Result<bool>
+/// Records `sub` in the superdataset at `base` with plumbing (no work tree,
+/// no index read from it) and returns the new commit (child of `base`), or
+/// None when `sub` is already recorded at `sub.commit` or at a commit that
+/// contains it. Errors of commands naming paths keep only git's status:
+/// paths are patient data.
+async fn record<F, Fut>(
+    git: &Git,
+    dir: &Path,
+    base: &str,
+    sub: &Subdataset,
+    contains: &F,
+) -> anyhow::Result<Option<String>>
 where
     F: Fn(String, String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
-    let modules = read_modules(git, dir).await?;
+    let gitmodules = read_gitmodules(git, dir, base).await?;
+    let modules = match &gitmodules {
+        Some(content) => parse_modules(git, dir, content).await?,
+        None => Vec::new(),
+    };
     // Already a subdataset (maybe at an earlier path: one entry per session).
     let ours = modules.iter().find(|m| m.url == sub.url || (!sub.id.is_empty() && m.id == sub.id));
     let path = ours.map_or(sub.path.as_str(), |m| m.path.as_str());
-    let entries = tree_entries(git, dir).await?;
+    let entries = tree_entries(git, dir, base).await?;
     if let Some((mode, object, _)) = entries.iter().find(|(_, _, p)| p == path) {
         if mode != "160000" {
             return Err(Conflict("the session path is a file of the superdataset".into()).into());
@@ -400,7 +459,7 @@ where
             return Err(Conflict(format!("the session path is already the subdataset of study {other}")).into());
         }
         if *object == sub.commit || contains(sub.commit.clone(), object.clone()).await? {
-            return Ok(false);
+            return Ok(None);
         }
     } else {
         let below = format!("{path}/");
@@ -413,6 +472,8 @@ where
             return Err(Conflict(format!("the session path is inside the entry of {what}")).into());
         }
     }
+    git.run(dir, &["read-tree", base]).await.map_err(|e| without_path("read the superdataset", &e))?;
+    let mut index = Vec::new();
     if ours.is_none_or(|m| m.url != sub.url || m.id != sub.id) {
         // DataLad names an entry by its path; a name an entry moved away from
         // (git mv keeps it) is not reused, so no other entry is overwritten.
@@ -421,40 +482,24 @@ where
             None if modules.iter().any(|m| m.name == path) => format!("{path}@{}", study_of_url(&sub.url)),
             None => path.to_owned(),
         };
-        let file = dir.join(".git").join("bidsflux-gitmodules");
-        let current = if modules.is_empty() {
-            Vec::new()
-        } else {
-            git.run_input(dir, &["cat-file", "blob", "HEAD:.gitmodules"], Vec::new())
-                .await
-                .map_err(|e| without_path("read .gitmodules", &e))?
-        };
-        tokio::fs::write(&file, current).await.context("write .gitmodules")?;
-        let file_arg = file.to_string_lossy().into_owned();
-        for (var, value) in [("path", path), ("url", sub.url.as_str()), ("datalad-id", sub.id.as_str())] {
-            git.run(dir, &["config", "-f", &file_arg, &format!("submodule.{name}.{var}"), value])
-                .await
-                .map_err(|e| without_path("write .gitmodules", &e))?;
-        }
+        let content = with_module(git, dir, gitmodules.unwrap_or_default(), ours.is_some(), &name, path, sub).await?;
         let blob = git
-            .run(dir, &["hash-object", "-w", "--", &file_arg])
+            .run_input(dir, &["hash-object", "-w", "--stdin"], content)
             .await
             .map_err(|e| without_path("store .gitmodules", &e))?;
-        git.run(dir, &["update-index", "--add", "--cacheinfo", &format!("100644,{},.gitmodules", blob.trim())])
-            .await
-            .map_err(|e| without_path("stage .gitmodules", &e))?;
+        index.extend_from_slice(format!("100644 {}\t.gitmodules\0", String::from_utf8_lossy(&blob).trim()).as_bytes());
     }
-    git.run(dir, &["update-index", "--add", "--cacheinfo", &format!("160000,{},{path}", sub.commit)])
+    index.extend_from_slice(format!("160000 {}\t{path}\0", sub.commit).as_bytes());
+    git.run_input(dir, &["update-index", "-z", "--index-info"], index)
         .await
         .map_err(|e| without_path("stage the subdataset", &e))?;
     let tree = git.run(dir, &["write-tree"]).await.map_err(|e| without_path("write the superdataset tree", &e))?;
     let message = format!("[bidsflux] record {} at {}", study_of_url(&sub.url), sub.commit);
     let commit = git
-        .run(dir, &["commit-tree", tree.trim(), "-p", "HEAD", "-m", &message])
+        .run(dir, &["commit-tree", tree.trim(), "-p", base, "-m", &message])
         .await
         .map_err(|e| without_path("commit the subdataset", &e))?;
-    git.run(dir, &["update-ref", "HEAD", commit.trim()]).await.map_err(|e| without_path("move main", &e))?;
-    Ok(true)
+    Ok(Some(commit.trim().to_owned()))
 }
 
 #[cfg(test)]
