@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 apt_pkgs=(nats-server git git-annex p7zip-full python3)
 pip_pkgs=(datalad)
 if [ "$what" = test ]; then
-  apt_pkgs+=(dcmtk)
+  # openssh-server: the fake GitLab's git-over-SSH endpoint (sshd, run by the tests).
+  apt_pkgs+=(dcmtk openssh-server curl)
   pip_pkgs+=(pynetdicom pydicom)
 fi
 

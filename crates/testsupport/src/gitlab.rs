@@ -86,8 +86,10 @@
 //! # What it does not implement
 //!
 //! Everything else: merge requests, pipelines, jobs, issues, tags, files and
-//! commits APIs, webhooks, SSH (the `ssh_url_to_repo` it reports leads
-//! nowhere), LFS, GraphQL, OAuth, passwords, group/project access tokens, CI
+//! commits APIs, webhooks, SSH key APIs (keys are seeded with
+//! [`FakeGitlab::add_ssh_key`]; git over SSH runs through a real `sshd` with
+//! [`FakeGitlab::start_ssh`], whose forced command asks a fake-only endpoint
+//! where gitlab-shell would ask GitLab's internal API), LFS, GraphQL, OAuth, passwords, group/project access tokens, CI
 //! job tokens, `sudo`, deletion and transfer of groups and projects, invites,
 //! group sharing, member expiry, approval rules, the `allowed_to_*` per-user
 //! or per-group protected branch rules (only the access levels), protected
@@ -470,6 +472,16 @@ impl FakeGitlab {
         lock(&self.inner.state).insert_token(user_id, "seeded", scopes, expires_at.map(str::to_owned)).token
     }
 
+    /// Registers an SSH public key (`ssh-ed25519 AAAA...`) of a user, as
+    /// `POST /users/:id/keys` would; returns the key id. Keys added before
+    /// [`FakeGitlab::start_ssh`] may log in.
+    pub fn add_ssh_key(&self, user_id: u64, public_key: &str) -> u64 {
+        let mut st = lock(&self.inner.state);
+        let id = st.next();
+        st.ssh_keys.push((id, user_id, public_key.trim().to_owned()));
+        id
+    }
+
     /// Creates the groups of `full_path` that are missing (private, owned by
     /// `root`) and returns the id of the last one.
     pub fn add_group(&self, full_path: &str) -> anyhow::Result<u64> {
@@ -811,6 +823,9 @@ impl Inner {
         if let Some((repo, action)) = git_route(path) {
             return self.git_http(req, &repo, action, query).await;
         }
+        if path == SSH_ALLOWED_PATH && method == "GET" {
+            return self.ssh_allowed(query);
+        }
         json_response(404, &json!({"error": "404 Not Found"}), Vec::new())
     }
 
@@ -897,6 +912,39 @@ impl Inner {
                 tracing::warn!("fake gitlab: git http-backend failed: {e:#}");
                 text_response(500, "git http-backend failed", false)
             }
+        }
+    }
+
+    /// The fake's stand-in for gitlab-shell's `/api/v4/internal/allowed`:
+    /// the forced command of an SSH key asks whether its user may run
+    /// `service` on `project`. Answers `ok` and the protected-branch lines
+    /// for the pre-receive hook, or `denied: <GitLab's message>` (always 200,
+    /// so the shell script reads the message).
+    fn ssh_allowed(&self, query: Option<&str>) -> Response<Body> {
+        let params: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
+        let get = |k: &str| params.get(k).map(String::as_str).unwrap_or_default();
+        let push = match get("service") {
+            "git-receive-pack" => true,
+            "git-upload-pack" => false,
+            _ => return text_response(200, "denied: only git fetch and push are served over SSH", false),
+        };
+        let st = lock(&self.state);
+        let key_id: u64 = get("key_id").parse().unwrap_or(0);
+        let Some(user) = st
+            .ssh_keys
+            .iter()
+            .find(|(id, _, _)| *id == key_id)
+            .and_then(|(_, user_id, _)| st.users.iter().find(|u| u.id == *user_id))
+            .cloned()
+        else {
+            return text_response(200, "denied: unknown SSH key", false);
+        };
+        // SSH keys are not scoped: the user's role decides.
+        let scopes = vec!["read_repository".to_owned(), "write_repository".to_owned()];
+        match st.git_grant(get("project").trim_end_matches(".git"), AuthUser { user, scopes, token_id: 0 }, push) {
+            Ok(grant) => text_response(200, &format!("ok\n{}", grant.protected), false),
+            Err((_, message)) => text_response(200, &format!("denied: {message}"), false),
         }
     }
 
@@ -1313,6 +1361,8 @@ struct State {
     protected: Vec<ProtectedBranch>,
     variables: Vec<Variable>,
     runners: Vec<Runner>,
+    /// SSH keys: `(key id, user id, public key)`.
+    ssh_keys: Vec<(u64, u64, String)>,
     next_id: u64,
 }
 
@@ -1984,8 +2034,6 @@ impl State {
         push: bool,
     ) -> Result<GitGrant, (u16, &'static str)> {
         const DENIED: &str = "HTTP Basic: Access denied. If a password was provided for Git authentication, the password was incorrect or you're required to use a token instead of a password. If a token was provided, it was either incorrect, expired, or improperly scoped.";
-        const NOT_FOUND: &str =
-            "The project you were looking for could not be found or you don't have permission to view it.";
         let project = self.project_by_path(repo);
         let user = match creds {
             None => {
@@ -2000,6 +2048,14 @@ impl State {
             }
             Some((_, token)) => self.token_user(token).ok_or((401, DENIED))?,
         };
+        self.git_grant(repo, user, push)
+    }
+
+    /// What `user` may do with the repository of `repo` (scopes, role, protected branches).
+    fn git_grant(&self, repo: &str, user: AuthUser, push: bool) -> Result<GitGrant, (u16, &'static str)> {
+        const NOT_FOUND: &str =
+            "The project you were looking for could not be found or you don't have permission to view it.";
+        let project = self.project_by_path(repo);
         let has = |s: &str| user.scopes.iter().any(|x| x == s);
         let scoped = if push { has("api") || has("write_repository") } else { has("api") || has("read_repository") };
         if !scoped {
@@ -2880,6 +2936,151 @@ fn is_date(s: &str) -> bool {
         && b[4] == b'-'
         && b[7] == b'-'
         && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+// ---------------------------------------------------------------------------
+// git over SSH
+
+/// Path of the fake's stand-in for gitlab-shell's internal API (not a GitLab path).
+const SSH_ALLOWED_PATH: &str = "/-/fake-gitlab/ssh-allowed";
+
+/// The forced command of every SSH key: what gitlab-shell does for a git
+/// command over SSH. It asks the fake whether the key's user may run it, then
+/// runs it on the repository with the protected-branch rules for the
+/// pre-receive hook.
+const SSH_COMMAND: &str = r#"#!/bin/sh
+# Installed by bidsflux's fake GitLab (crates/testsupport/src/gitlab.rs).
+# $1: API URL, $2: repositories, $3: key id; SSH_ORIGINAL_COMMAND is e.g.
+# git-receive-pack '/group/project.git'.
+set -f
+cmd=${SSH_ORIGINAL_COMMAND%% *}
+repo=${SSH_ORIGINAL_COMMAND#"$cmd"}
+repo=${repo# }; repo=${repo#"'"}; repo=${repo%"'"}; repo=${repo#/}; repo=${repo%.git}
+answer=$(curl -sS -G "$1/-/fake-gitlab/ssh-allowed" --data-urlencode "key_id=$3"   --data-urlencode "service=$cmd" --data-urlencode "project=$repo") || {
+  echo "GitLab: the API is unreachable" >&2; exit 1; }
+case "$answer" in
+  ok*) ;;
+  *) printf 'GitLab: %s
+' "${answer#denied: }" >&2; exit 1 ;;
+esac
+FAKE_GITLAB_PROTECTED=$(printf '%s
+' "$answer" | tail -n +2)
+export FAKE_GITLAB_PROTECTED
+cd "$2" || exit 1
+exec git "${cmd#git-}" "$repo.git"
+"#;
+
+/// An `sshd` serving the fake's repositories as GitLab's SSH endpoint
+/// (`ssh://<user>@127.0.0.1:<port>/<path_with_namespace>.git`); stopped on drop.
+#[derive(Debug)]
+pub struct FakeGitlabSsh {
+    child: tokio::process::Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The user to log in as (this process's user: sshd serves only existing
+    /// users, GitLab's is `git`).
+    pub user: String,
+    /// A known_hosts file with the server's host key.
+    pub known_hosts: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeGitlabSsh {
+    /// `ssh://<user>@127.0.0.1:<port>/<path_with_namespace>.git`.
+    pub fn url(&self, path_with_namespace: &str) -> String {
+        format!("ssh://{}@127.0.0.1:{}/{path_with_namespace}.git", self.user, self.port)
+    }
+}
+
+impl Drop for FakeGitlabSsh {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl FakeGitlab {
+    /// Starts OpenSSH's `sshd` (Debian `openssh-server`; it must run as root,
+    /// as tests here do) on a free loopback port. Each key registered with
+    /// [`FakeGitlab::add_ssh_key`] logs in to a forced command that asks the
+    /// fake, as gitlab-shell asks GitLab, whether its user may fetch or push
+    /// (role, project visibility) and applies the protected-branch rules.
+    pub async fn start_ssh(&self) -> anyhow::Result<FakeGitlabSsh> {
+        let sshd = Path::new("/usr/sbin/sshd");
+        if !sshd.is_file() {
+            anyhow::bail!("git over SSH needs OpenSSH's sshd (apt-get install openssh-server)");
+        }
+        // sshd's privilege separation directory.
+        std::fs::create_dir_all("/run/sshd")?;
+        let dir = tempfile::Builder::new().prefix("fake-gitlab-ssh-").tempdir()?;
+        let host_key = dir.path().join("host_ed25519");
+        let out = tokio::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .output()
+            .await?;
+        anyhow::ensure!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let command = dir.path().join("gitlab-shell");
+        std::fs::write(&command, SSH_COMMAND)?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&command, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let keys = lock(&self.inner.state).ssh_keys.clone();
+        let mut authorized = String::new();
+        for (id, _, key) in keys {
+            authorized.push_str(&format!(
+                "command=\"{} {} {} {id}\",no-pty,no-port-forwarding,no-agent-forwarding,no-X11-forwarding {key}\n",
+                command.display(),
+                self.inner.url,
+                self.inner.repos.display()
+            ));
+        }
+        let authorized_keys = dir.path().join("authorized_keys");
+        std::fs::write(&authorized_keys, authorized)?;
+        let user = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| {
+                let out = std::process::Command::new("id").arg("-un").output().ok()?;
+                Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            })
+            .unwrap_or_else(|| "root".to_owned());
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+                 StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 PermitRootLogin forced-commands-only\nAllowUsers {user}\nLogLevel ERROR\n",
+                host_key.display(),
+                dir.path().join("sshd.pid").display(),
+                authorized_keys.display()
+            ),
+        )?;
+        let child = tokio::process::Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let public = std::fs::read_to_string(host_key.with_extension("pub"))?;
+        let host_key_line = public.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_key_line}\n"))?;
+        let ssh = FakeGitlabSsh { child, port, user, known_hosts, _dir: dir };
+        // Ready when it accepts connections.
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(ssh);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("sshd did not listen on 127.0.0.1:{port} within 5 s")
+    }
 }
 
 // ---------------------------------------------------------------------------

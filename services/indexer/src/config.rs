@@ -53,6 +53,43 @@ impl Visibility {
     }
 }
 
+/// Where the indexer reads its SSH key for GitLab when `GITLAB_SSH_KEY` is
+/// not set (`BIDSFLUX_GITLAB_GIT_TRANSPORT=ssh`).
+pub const GITLAB_SSH_KEY_SECRET: &str = "/run/secrets/dicom_bot_ssh_key";
+
+/// Where the indexer reads GitLab's SSH host keys by default.
+pub const GITLAB_SSH_KNOWN_HOSTS: &str = "/run/secrets/ssh_known_hosts";
+
+/// How git reaches GitLab's repositories (the API always uses the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GitTransport {
+    /// HTTPS at `GITLAB_URL`, the token in an `http.extraHeader` (the default).
+    Https,
+    /// SSH (`BIDSFLUX_GITLAB_GIT_TRANSPORT=ssh`), as the original on `GIT_SSH_PORT`.
+    Ssh(SshTransport),
+}
+
+/// git over SSH to GitLab: `ssh://<user>@<host>:<port>/<project>.git`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTransport {
+    /// SSH host (`BIDSFLUX_GITLAB_SSH_HOST`, default the host of `GITLAB_URL`).
+    pub host: String,
+    /// SSH port (`GIT_SSH_PORT`, default 222 as the original deployments).
+    pub port: u16,
+    /// SSH user (`BIDSFLUX_GITLAB_SSH_USER`, default `git`, GitLab's).
+    pub user: String,
+    /// The bot's private key (`GITLAB_SSH_KEY`, `GITLAB_SSH_KEY_FILE` or the
+    /// secret `/run/secrets/dicom_bot_ssh_key`).
+    pub key: Secret,
+    /// Where the indexer writes the key for ssh, readable by it only
+    /// (`<BIDSFLUX_WORK_DIR>/.ssh/gitlab_key`): docker secrets are mode 0444,
+    /// which ssh refuses for a private key.
+    pub key_file: PathBuf,
+    /// GitLab's host keys in known_hosts format (`GITLAB_SSH_KNOWN_HOSTS`,
+    /// default `/run/secrets/ssh_known_hosts`); hosts not listed are refused.
+    pub known_hosts: PathBuf,
+}
+
 /// How the indexer reaches GitLab.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GitlabConfig {
@@ -69,6 +106,50 @@ pub struct GitlabConfig {
     /// Longest a GitLab API request may take before it counts as GitLab
     /// being unavailable (`BIDSFLUX_GITLAB_TIMEOUT`, default 30s).
     pub request_timeout: Duration,
+    /// How git pushes and fetches (`BIDSFLUX_GITLAB_GIT_TRANSPORT`: `https`, the default, or `ssh`).
+    pub transport: GitTransport,
+}
+
+fn ssh_transport(env: &Env, url: &str, work_dir: &Path) -> Result<SshTransport, ConfigError> {
+    let url_host = url.split("://").nth(1).unwrap_or_default().split(['/', ':']).next().unwrap_or_default();
+    let host = env.get("BIDSFLUX_GITLAB_SSH_HOST").map_or(url_host, str::trim).to_owned();
+    let host_ok = !host.is_empty()
+        && !host.starts_with('-')
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    if !host_ok {
+        return Err(ConfigError::invalid("BIDSFLUX_GITLAB_SSH_HOST", "must be a host name or address"));
+    }
+    let port = env.parse_or("GIT_SSH_PORT", 222u16)?;
+    if port == 0 {
+        return Err(ConfigError::invalid("GIT_SSH_PORT", "must be a TCP port"));
+    }
+    let user = env.get_or("BIDSFLUX_GITLAB_SSH_USER", "git").trim().to_owned();
+    if user.is_empty()
+        || user.starts_with('-')
+        || !user.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(ConfigError::invalid("BIDSFLUX_GITLAB_SSH_USER", "must be a user name such as git"));
+    }
+    let key = env
+        .secret("GITLAB_SSH_KEY", Some(Path::new(GITLAB_SSH_KEY_SECRET)))?
+        .filter(|k| k.expose().contains("PRIVATE KEY"))
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "GITLAB_SSH_KEY",
+                format!(
+                    "required with BIDSFLUX_GITLAB_GIT_TRANSPORT=ssh: a private key in GITLAB_SSH_KEY_FILE or the secret {GITLAB_SSH_KEY_SECRET}"
+                ),
+            )
+        })?;
+    let key = Secret::new(format!("{}\n", key.expose().trim()));
+    let known_hosts = env.path_or("GITLAB_SSH_KNOWN_HOSTS", GITLAB_SSH_KNOWN_HOSTS);
+    if !known_hosts.is_file() {
+        return Err(ConfigError::invalid(
+            "GITLAB_SSH_KNOWN_HOSTS",
+            format!("{} is not a file: GitLab's SSH host keys are needed to trust it", known_hosts.display()),
+        ));
+    }
+    Ok(SshTransport { host, port, user, key, key_file: work_dir.join(".ssh").join("gitlab_key"), known_hosts })
 }
 
 /// `GITLAB_URL` (or `https://$CI_SERVER_HOST`), checked and without a trailing slash.
@@ -98,7 +179,7 @@ fn gitlab_url(env: &Env) -> Result<String, ConfigError> {
     Ok(url)
 }
 
-fn gitlab_config(env: &Env, bot_username: &str) -> Result<GitlabConfig, ConfigError> {
+fn gitlab_config(env: &Env, bot_username: &str, work_dir: &Path) -> Result<GitlabConfig, ConfigError> {
     let url = gitlab_url(env)?;
     let token = env
         .secret("GITLAB_TOKEN", Some(Path::new(GITLAB_TOKEN_SECRET)))?
@@ -130,7 +211,17 @@ fn gitlab_config(env: &Env, bot_username: &str) -> Result<GitlabConfig, ConfigEr
     if request_timeout.is_zero() {
         return Err(ConfigError::invalid("BIDSFLUX_GITLAB_TIMEOUT", "must be greater than zero"));
     }
-    Ok(GitlabConfig { url, token, bot_username: bot_username.to_owned(), visibility, request_timeout })
+    let transport = match env.get_or("BIDSFLUX_GITLAB_GIT_TRANSPORT", "https") {
+        "https" => GitTransport::Https,
+        "ssh" => GitTransport::Ssh(ssh_transport(env, &url, work_dir)?),
+        other => {
+            return Err(ConfigError::invalid(
+                "BIDSFLUX_GITLAB_GIT_TRANSPORT",
+                format!("{other:?} is not one of https, ssh"),
+            ));
+        }
+    };
+    Ok(GitlabConfig { url, token, bot_username: bot_username.to_owned(), visibility, request_timeout, transport })
 }
 
 /// Indexer settings.
@@ -209,9 +300,10 @@ impl Config {
         if bot_username.contains(['<', '>', '\n']) {
             return Err(ConfigError::invalid("GITLAB_BOT_USERNAME", "must not contain '<', '>' or newlines"));
         }
+        let work_dir = env.path_or("BIDSFLUX_WORK_DIR", "/var/lib/bidsflux/work");
         let forge = match env.get_or("BIDSFLUX_FORGE", "local") {
             "local" => ForgeConfig::Local { dir: env.path_or("BIDSFLUX_FORGE_DIR", "/var/lib/bidsflux/forge") },
-            "gitlab" => ForgeConfig::Gitlab(gitlab_config(env, &bot_username)?),
+            "gitlab" => ForgeConfig::Gitlab(gitlab_config(env, &bot_username, &work_dir)?),
             other => {
                 return Err(ConfigError::invalid(
                     "BIDSFLUX_FORGE",
@@ -264,7 +356,7 @@ impl Config {
         }
         Ok(Self {
             nats_url: env.get_or("NATS_URL", "nats://127.0.0.1:4222").to_owned(),
-            work_dir: env.path_or("BIDSFLUX_WORK_DIR", "/var/lib/bidsflux/work"),
+            work_dir,
             forge,
             group_template,
             bot_username,
@@ -359,6 +451,38 @@ mod tests {
         );
         assert_eq!((g.bot_username.as_str(), g.visibility), ("indexer_bot", Visibility::Internal));
         assert_eq!(g.request_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn git_over_ssh() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, hosts) = (dir.path().join("id"), dir.path().join("known_hosts"));
+        std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n").unwrap();
+        std::fs::write(&hosts, "[gitlab.example.org]:222 ssh-ed25519 AAAA\n").unwrap();
+        let env = gitlab_env()
+            .with("BIDSFLUX_GITLAB_GIT_TRANSPORT", "ssh")
+            .with("GITLAB_SSH_KEY_FILE", key.to_str().unwrap())
+            .with("GITLAB_SSH_KNOWN_HOSTS", hosts.to_str().unwrap())
+            .with("BIDSFLUX_WORK_DIR", "/w");
+        let GitTransport::Ssh(ssh) = gitlab(&env).transport else { panic!("not ssh") };
+        assert_eq!((ssh.host.as_str(), ssh.port, ssh.user.as_str()), ("gitlab.example.org", 222, "git"));
+        assert_eq!(ssh.key_file, PathBuf::from("/w/.ssh/gitlab_key"));
+        assert!(!format!("{ssh:?}").contains("abc"));
+        let ssh_env = env.clone().with("GIT_SSH_PORT", "2222").with("BIDSFLUX_GITLAB_SSH_HOST", "10.0.0.5");
+        let GitTransport::Ssh(ssh) = gitlab(&ssh_env).transport else { panic!("not ssh") };
+        assert_eq!((ssh.host.as_str(), ssh.port), ("10.0.0.5", 2222));
+        assert_eq!(gitlab(&gitlab_env()).transport, GitTransport::Https);
+        for (var, value) in [
+            ("BIDSFLUX_GITLAB_GIT_TRANSPORT", "ftp"),
+            ("GIT_SSH_PORT", "0"),
+            ("BIDSFLUX_GITLAB_SSH_USER", "-oProxyCommand=x"),
+            ("BIDSFLUX_GITLAB_SSH_HOST", "-oProxyCommand=x"),
+            ("GITLAB_SSH_KNOWN_HOSTS", "/nonexistent"),
+            ("GITLAB_SSH_KEY_FILE", hosts.to_str().unwrap()),
+        ] {
+            let e = Config::from_env(&env.clone().with(var, value)).unwrap_err().to_string();
+            assert!(e.contains(var) || (var == "GITLAB_SSH_KEY_FILE" && e.contains("GITLAB_SSH_KEY")), "{var}: {e}");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ use gitlab::{AsyncGitlab, GitlabBuilder, GitlabError, RestError};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::{GitlabConfig, Visibility};
+use crate::config::{GitTransport, GitlabConfig, Visibility};
 use crate::forge::{Forge, ForgeError, Project, ProjectPath};
 
 /// GitLab's Maintainer level.
@@ -187,6 +187,11 @@ fn visibility(v: Visibility) -> VisibilityLevel {
     }
 }
 
+/// `s` quoted for the shell git runs `core.sshCommand` with.
+fn shell_quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// The study group of `G/sourcedata/dicoms/<uid>` (else the project's namespace).
 fn study_group(segments: &[&str]) -> usize {
     let n = segments.len();
@@ -200,10 +205,24 @@ impl GitlabForge {
             Some(rest) => (true, rest.to_owned()),
             None => (false, config.url.strip_prefix("https://").unwrap_or(&config.url).to_owned()),
         };
-        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{}", config.token.expose()));
-        // Scoped to GitLab's URL: git sends it to no other server.
-        let git_config =
-            vec![(format!("http.{}/.extraHeader", config.url), format!("Authorization: Basic {credentials}"))];
+        let git_config = match &config.transport {
+            GitTransport::Https => {
+                let credentials =
+                    base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{}", config.token.expose()));
+                // Scoped to GitLab's URL: git sends it to no other server.
+                vec![(format!("http.{}/.extraHeader", config.url), format!("Authorization: Basic {credentials}"))]
+            }
+            // The key the indexer wrote at start; only GitLab's listed host keys are trusted.
+            GitTransport::Ssh(ssh) => vec![(
+                "core.sshCommand".to_owned(),
+                format!(
+                    "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
+                     -o UserKnownHostsFile={} -o ConnectTimeout=30",
+                    shell_quoted(&ssh.key_file.to_string_lossy()),
+                    shell_quoted(&ssh.known_hosts.to_string_lossy())
+                ),
+            )],
+        };
         Self {
             config,
             host,
@@ -416,12 +435,16 @@ impl GitlabForge {
         let namespace = parent.ok_or_else(|| Fail::Refused("no namespace".into()))?;
         let name = segments.last().copied().unwrap_or_default();
         let info = self.project(path, namespace, name).await?;
-        // GitLab reports its external URL; behind another address (e.g. inside
-        // a swarm) push where the API was reached, so the credentials apply.
-        let push_url = if info.http_url_to_repo.starts_with(&format!("{}/", self.config.url)) {
-            info.http_url_to_repo.clone()
-        } else {
-            format!("{}/{}.git", self.config.url, info.path_with_namespace)
+        let push_url = match &self.config.transport {
+            GitTransport::Ssh(ssh) => {
+                format!("ssh://{}@{}:{}/{}.git", ssh.user, ssh.host, ssh.port, info.path_with_namespace)
+            }
+            // GitLab reports its external URL; behind another address (e.g.
+            // inside a swarm) push where the API was reached, so the credentials apply.
+            GitTransport::Https if info.http_url_to_repo.starts_with(&format!("{}/", self.config.url)) => {
+                info.http_url_to_repo.clone()
+            }
+            GitTransport::Https => format!("{}/{}.git", self.config.url, info.path_with_namespace),
         };
         Ok(Project { push_url, clone_url: info.http_url_to_repo, git_config: self.git_config.clone() })
     }
@@ -506,6 +529,7 @@ mod tests {
             bot_username: "dicom_bot".into(),
             visibility: Visibility::Private,
             request_timeout: Duration::from_secs(5),
+            transport: GitTransport::Https,
         })
     }
 
@@ -524,6 +548,27 @@ mod tests {
         assert!(!format!("{f:?}").contains("glpat-abc"));
         let f = forge("http://127.0.0.1:8080/gitlab");
         assert_eq!((f.host.as_str(), f.insecure), ("127.0.0.1:8080/gitlab", true));
+    }
+
+    #[test]
+    fn ssh_pushes_with_the_written_key_and_known_hosts_only() {
+        let mut config = forge("https://gitlab.example.org").config;
+        config.transport = GitTransport::Ssh(crate::config::SshTransport {
+            host: "gitlab.example.org".into(),
+            port: 222,
+            user: "git".into(),
+            key: Secret::new("-----BEGIN OPENSSH PRIVATE KEY-----"),
+            key_file: "/work/.ssh/gitlab_key".into(),
+            known_hosts: "/run/secrets/it's hosts".into(),
+        });
+        let f = GitlabForge::new(config);
+        assert_eq!(f.git_config.len(), 1);
+        let (key, command) = &f.git_config[0];
+        assert_eq!(key, "core.sshCommand");
+        assert!(command.starts_with("ssh -i '/work/.ssh/gitlab_key' "), "{command}");
+        assert!(command.contains("StrictHostKeyChecking=yes"), "{command}");
+        assert!(command.contains("UserKnownHostsFile='/run/secrets/it'\\''s hosts'"), "{command}");
+        assert!(!command.contains("PRIVATE KEY"));
     }
 
     #[test]

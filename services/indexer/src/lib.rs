@@ -69,6 +69,12 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
             serve(config, bus, shutdown, git, forge).await
         }
         ForgeConfig::Gitlab(gitlab) => {
+            if let config::GitTransport::Ssh(ssh) = &gitlab.transport {
+                write_ssh_key(&ssh.key_file, ssh.key.expose())
+                    .await
+                    .with_context(|| format!("write the GitLab SSH key to {}", ssh.key_file.display()))?;
+                tracing::info!(host = ssh.host, port = ssh.port, "git reaches GitLab over SSH");
+            }
             // Contacts GitLab only when the first study arrives: the indexer
             // starts (and its consumer waits) while GitLab is down.
             tracing::info!(url = gitlab.url, bot = gitlab.bot_username, "using the GitLab forge");
@@ -76,6 +82,24 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
             serve(config, bus, shutdown, git, forge).await
         }
     }
+}
+
+/// Writes the bot's SSH key readable by this user only (ssh refuses a key
+/// others can read; docker secrets are mode 0444).
+async fn write_ssh_key(path: &std::path::Path, key: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let (path, key) = (path.to_path_buf(), key.to_owned());
+    tokio::task::spawn_blocking(move || {
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        // Replaced, not rewritten: an old file may have a wider mode.
+        let _ = std::fs::remove_file(&path);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        std::io::Write::write_all(&mut f, key.as_bytes())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn serve<F: Forge>(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bidsflux_config::Secret;
-use bidsflux_indexer::config::{GitlabConfig, Visibility};
+use bidsflux_indexer::config::{GitTransport, GitlabConfig, Visibility};
 use bidsflux_indexer::forge::{Forge, ForgeError, ProjectPath};
 use bidsflux_indexer::git::{Git, Identity};
 use bidsflux_indexer::gitlab_forge::GitlabForge;
@@ -23,6 +23,7 @@ fn config(fake: &FakeGitlab, token: &str) -> GitlabConfig {
         bot_username: "dicom_bot".into(),
         visibility: Visibility::Private,
         request_timeout: Duration::from_secs(5),
+        transport: GitTransport::Https,
     }
 }
 

@@ -292,3 +292,77 @@ async fn session_paths_taken_or_unusable_are_handled_without_patient_values() {
     assert_eq!(paths, ["DOE/JOHN/MR".to_owned(), "Rescan/Patient".to_owned(), uid(&hidden).to_owned()].into());
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn gitlab_over_ssh_gets_the_layout_with_no_git_over_https() {
+    let fake = FakeGitlab::start().await.unwrap();
+    let (bot, token) = fake.add_user("dicom_bot", false);
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("id_ed25519");
+    let out = tokio::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "dicom_bot", "-f", key.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fake.add_ssh_key(bot, &std::fs::read_to_string(key.with_extension("pub")).unwrap());
+    let ssh = fake.start_ssh().await.unwrap();
+    let url = fake.url();
+    let port = ssh.port.to_string();
+    let h = Harness::start_with(&[
+        ("BIDSFLUX_FORGE", "gitlab"),
+        ("GITLAB_URL", url.as_str()),
+        ("GITLAB_TOKEN", token.as_str()),
+        ("BIDSFLUX_GITLAB_GIT_TRANSPORT", "ssh"),
+        ("GIT_SSH_PORT", port.as_str()),
+        ("BIDSFLUX_GITLAB_SSH_USER", ssh.user.as_str()),
+        ("GITLAB_SSH_KEY_FILE", key.to_str().unwrap()),
+        ("GITLAB_SSH_KNOWN_HOSTS", ssh.known_hosts.to_str().unwrap()),
+    ])
+    .await;
+    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    let a = archive_study(&h, spec("Smith", "Brain^StudyA", "sub-01^ses-1")).await;
+    publish(&h, &a.message).await;
+    let ev = next_indexed(&mut sub).await;
+    let session = format!("Smith/StudyA/sourcedata/dicoms/{}", uid(&a));
+    let bare = fake.repo_dir(&session).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "main"]).await, ev.commit);
+    let study = fake.repo_dir("Smith/StudyA/sourcedata/dicoms/study").unwrap();
+    assert_eq!(git(&study, &["rev-parse", "main:sub-01/ses-1"]).await, ev.commit);
+    let branches = git(&fake.repo_dir("Smith/StudyA/bids").unwrap(), &["branch", "--format=%(refname:short)"]).await;
+    assert_eq!(branches.lines().collect::<BTreeSet<_>>(), ["base", "dev", "git-annex", "main"].into());
+    // Every fetch and push went over SSH; the API still used HTTPS with the token.
+    let git_http: Vec<String> = fake.requests().into_iter().map(|(_, p)| p).filter(|p| p.contains(".git/")).collect();
+    assert!(git_http.is_empty(), "git over HTTP: {git_http:?}");
+    // The key was written for ssh, readable by the indexer only.
+    let written = h.tmp.path().join("work/.ssh/gitlab_key");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&written).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A host key that is not GitLab's is refused: the message is retried, not pushed.
+    std::fs::write(
+        &ssh.known_hosts,
+        format!(
+            "[127.0.0.1]:{port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHqB6C5o2HaoUH2lv0GRjcJ5hYfEfk6b3oA7yR0kGVQY\n"
+        ),
+    )
+    .unwrap();
+    let b = archive_study(&h, spec("Smith", "Brain^StudyA", "sub-02^ses-1")).await;
+    publish(&h, &b.message).await;
+    // Wait until the job has failed once (it is redelivered), then check nothing was pushed.
+    bidsflux_testsupport::wait_until(
+        "the push to an unknown host to fail",
+        std::time::Duration::from_secs(30),
+        || async {
+            let stream = h.bus.js.get_stream(subjects::STREAM_ARCHIVES).await.ok()?;
+            let info = stream.consumer_info(subjects::CONSUMER_INDEXER).await.ok()?;
+            (info.num_redelivered >= 1).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let b_repo = fake.repo_dir(&format!("Smith/StudyA/sourcedata/dicoms/{}", uid(&b))).unwrap();
+    let heads = git(&b_repo, &["for-each-ref", "refs/heads"]).await;
+    assert!(heads.is_empty(), "pushed to a host that is not in known_hosts: {heads}");
+    h.shutdown().await;
+}
