@@ -100,6 +100,12 @@ pub struct ConsumerOptions {
     pub consumer: &'static str,
     /// Messages handled at once.
     pub concurrency: usize,
+    /// Messages one pull request asks for (default 200, async-nats'). Consumers
+    /// of long jobs shared by replicas set it to `concurrency`: a replica then
+    /// holds only what it works on, the others get the rest, and no buffered
+    /// message waits out its `ack_wait` unacknowledged (to be redelivered
+    /// elsewhere while still queued here).
+    pub pull_batch: usize,
     /// A transient failure is retried until the message is this old (counted
     /// from when JetStream stored it), then dead-lettered. Long enough to ride
     /// out a maintenance window of a downstream service.
@@ -126,6 +132,7 @@ impl ConsumerOptions {
             stream,
             consumer,
             concurrency: 1,
+            pull_batch: 200,
             max_retry_age: Duration::from_secs(24 * 3600),
             max_attempts: None,
             warn_every: 10,
@@ -160,7 +167,12 @@ where
         .map_err(|e| anyhow::anyhow!("get consumer {} on {}: {e}", opts.consumer, opts.stream))?;
     tracing::info!(stream = opts.stream, consumer = opts.consumer, "consuming");
     while !shutdown.is_cancelled() {
-        let messages = match consumer.messages().await {
+        let pull = consumer
+            .stream()
+            .max_messages_per_batch(opts.pull_batch.max(1))
+            .heartbeat(Duration::from_secs(15))
+            .messages();
+        let messages = match pull.await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, consumer = opts.consumer, "cannot pull messages, retrying");

@@ -9,8 +9,8 @@
 //!   dataset, `datalad add-archive-content --strip-leading-dirs` (DataLad from PyPI).
 //! - `replicas`: `BENCH_SESSIONS` (default 16) sessions of `BENCH_SESSION_FILES` (default 250)
 //!   files indexed by one replica, then by two (each with `BIDSFLUX_INDEXER_CONCURRENCY=1`,
-//!   sharing the work queue): throughput ratio. All sessions are participants of one study group,
-//!   so replicas also race on its superdataset.
+//!   sharing the work queue): throughput ratio. Sessions are participants of `BENCH_GROUPS`
+//!   (default 1) study groups in turn; in one group, replicas also race on its superdataset.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 #[path = "../tests/support/mod.rs"]
@@ -39,16 +39,19 @@ async fn indexed(sub: &mut async_nats::Subscriber, n: usize) {
     }
 }
 
-/// A session of `files` files; each call is another participant of the same
-/// study group (its own subdataset of the study superdataset).
+/// A session of `files` files; each call is another participant, in one of
+/// `BENCH_GROUPS` (default 1) study groups in turn (its own subdataset of
+/// that group's study superdataset).
 fn spec(files: usize) -> StudySpec {
     static PARTICIPANT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = PARTICIPANT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let groups = env_or("BENCH_GROUPS", 1).max(1);
     let series = 4;
     StudySpec {
         series,
         instances_per_series: files.div_ceil(series),
         patient_name: format!("sub-{n:03}^ses-1"),
+        study_description: format!("Brain^Study{}", n % groups + 1),
         ..StudySpec::default()
     }
 }
@@ -150,7 +153,8 @@ async fn replicas() {
     let one = index_with(1, sessions, files).await;
     let two = index_with(2, sessions, files).await;
     println!();
-    println!("{sessions} sessions of {files} files, each replica indexing one at a time");
+    let groups = env_or("BENCH_GROUPS", 1);
+    println!("{sessions} sessions of {files} files in {groups} study group(s), each replica indexing one at a time");
     println!("| replicas | time | sessions/min |");
     println!("|---|---|---|");
     for (n, t) in [(1, one), (2, two)] {

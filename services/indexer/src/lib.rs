@@ -124,6 +124,8 @@ async fn serve<F: Forge>(
     });
     let mut opts = ConsumerOptions::new(subjects::STREAM_ARCHIVES, subjects::CONSUMER_INDEXER);
     opts.concurrency = config.concurrency;
+    // Jobs take seconds to minutes: replicas share the queue message by message.
+    opts.pull_batch = config.concurrency;
     run_consumer(bus, opts, shutdown, handler::study_of, move |d| {
         let indexer = Arc::clone(&indexer);
         async move { indexer.handle(d).await }

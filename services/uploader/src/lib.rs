@@ -163,6 +163,8 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     );
     let opts = ConsumerOptions {
         concurrency: config.concurrency,
+        // Archives take minutes: hold only those being made.
+        pull_batch: config.concurrency,
         ..ConsumerOptions::new(subjects::STREAM_STUDIES, subjects::CONSUMER_UPLOADER)
     };
     let lifecycle = run_lifecycle(&config, bus.clone(), metrics, shutdown.clone());
