@@ -8,8 +8,8 @@
 //!   against the original's way on the same 7z: `datalad create`, the archive saved into the
 //!   dataset, `datalad add-archive-content --strip-leading-dirs` (DataLad from PyPI).
 //! - `replicas`: `BENCH_SESSIONS` (default 16) sessions of `BENCH_SESSION_FILES` (default 250)
-//!   files indexed by one replica, then by two (each with `BIDSFLUX_INDEXER_CONCURRENCY=1`,
-//!   sharing the work queue): throughput ratio. Sessions are participants of `BENCH_GROUPS`
+//!   files indexed by one replica, then by two (each its own `bidsflux-indexer` process with
+//!   `BIDSFLUX_INDEXER_CONCURRENCY=1`, sharing the work queue): throughput ratio. Sessions are participants of `BENCH_GROUPS`
 //!   (default 1) study groups in turn; in one group, replicas also race on its superdataset.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
@@ -18,14 +18,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bidsflux_config::Env;
-use bidsflux_messaging::{Bus, subjects};
+use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
 use futures::StreamExt as _;
 use prost::Message as _;
-use support::{Harness, archive_study, publish, run_datalad};
-use tokio_util::sync::CancellationToken;
+use support::{Harness, archive_study, publish, replicas_pulling, run_datalad, spawn_replica};
 
 fn env_or(var: &str, default: usize) -> usize {
     std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -111,24 +109,17 @@ async fn session_vs_datalad() {
     h.shutdown().await;
 }
 
-/// Time for one harness with `replicas` indexers to index `sessions` sessions.
+/// Time for `replicas` indexer processes (as swarm replicas run: each its own
+/// process) to index `sessions` sessions.
 async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration {
-    let h = Harness::start_with(&[("BIDSFLUX_INDEXER_CONCURRENCY", "1")]).await;
-    let mut extra = Vec::new();
-    for i in 1..replicas {
-        let work = h.tmp.path().join(format!("work-{i}"));
-        let env = Env::from_pairs([
-            ("NATS_URL", h.nats.url.as_str()),
-            ("BIDSFLUX_WORK_DIR", work.to_str().unwrap()),
-            ("BIDSFLUX_FORGE", "local"),
-            ("BIDSFLUX_FORGE_DIR", h.forge_dir.to_str().unwrap()),
-            ("BIDSFLUX_INDEXER_CONCURRENCY", "1"),
-        ]);
-        let config = bidsflux_indexer::Config::from_env(&env).unwrap();
-        let bus = Bus::connect(&h.nats.url, "indexer", Duration::from_secs(5)).await.unwrap();
-        let stop = CancellationToken::new();
-        extra.push((stop.clone(), tokio::spawn(bidsflux_indexer::run(config, bus, stop))));
+    let h = Harness::start().await;
+    // Only the processes index: the harness's in-process indexer stops.
+    h.stop.cancel();
+    let mut processes = Vec::new();
+    for i in 0..replicas {
+        processes.push(spawn_replica(&h, &h.tmp.path().join(format!("work-{i}"))));
     }
+    replicas_pulling(&h, replicas).await;
     let mut messages = Vec::new();
     for _ in 0..sessions {
         messages.push(archive_study(&h, spec(files)).await.message);
@@ -140,9 +131,9 @@ async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration 
     }
     indexed(&mut sub, sessions).await;
     let took = t.elapsed();
-    for (stop, task) in extra {
-        stop.cancel();
-        task.await.unwrap().unwrap();
+    for mut p in processes {
+        let _ = p.start_kill();
+        let _ = p.wait().await;
     }
     h.shutdown().await;
     took

@@ -142,11 +142,8 @@ async fn open(
     project: &Project,
     files: &[(String, String)],
 ) -> anyhow::Result<Opened> {
-    git.run(work, &["init", "-q", "-b", "main", "."]).await.context("create work repository")?;
-    let id = git.identity();
-    for (k, v) in [("user.name", id.name.as_str()), ("user.email", id.email.as_str())] {
-        git.run(work, &["config", k, v]).await.context("configure work repository")?;
-    }
+    // No template (sample hooks): commits get the bot's identity from `Git`'s environment.
+    git.run(work, &["init", "-q", "--template=", "-b", "main", "."]).await.context("create work repository")?;
     let remote_git = git.with_config(&project.git_config);
     let remote = remote_heads(&remote_git, work, &project.push_url).await?;
     if !remote.main {

@@ -225,7 +225,7 @@ pub async fn init_bids(
 /// A new repository; commits get the bot's identity from [`Git`]'s environment.
 async fn init_work_repo(git: &Git, dir: &Path) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(dir).await.with_context(|| format!("create {}", dir.display()))?;
-    git.run(dir, &["init", "-q", "-b", "main", "."]).await.context("create work repository")?;
+    git.run(dir, &["init", "-q", "--template=", "-b", "main", "."]).await.context("create work repository")?;
     Ok(())
 }
 

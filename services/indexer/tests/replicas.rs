@@ -13,25 +13,7 @@ use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
 use futures::StreamExt as _;
 use prost::Message as _;
-use support::{Harness, archive_study, git, publish};
-
-/// An indexer process on the harness's NATS and forge, with its own work directory.
-fn spawn_replica(h: &Harness, work: &Path) -> tokio::process::Child {
-    std::fs::create_dir_all(work).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_bidsflux-indexer"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
-        .env("NATS_URL", &h.nats.url)
-        .env("BIDSFLUX_WORK_DIR", work)
-        .env("BIDSFLUX_FORGE", "local")
-        .env("BIDSFLUX_FORGE_DIR", &h.forge_dir)
-        .env("BIDSFLUX_INDEXER_CONCURRENCY", "1")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
+use support::{Harness, archive_study, git, publish, spawn_replica};
 
 fn has_job(work: &Path) -> bool {
     std::fs::read_dir(work).map(|mut d| d.next().is_some()).unwrap_or(false)

@@ -257,3 +257,33 @@ pub async fn next_dead_letter(sub: &mut async_nats::Subscriber) -> pb::DeadLette
         .expect("subscription closed");
     prost::Message::decode(msg.payload.as_ref()).unwrap()
 }
+
+/// An indexer process (the binary, as a swarm replica runs) on the harness's
+/// NATS and forge, with its own work directory; killed on drop.
+pub fn spawn_replica(h: &Harness, work: &Path) -> tokio::process::Child {
+    std::fs::create_dir_all(work).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bidsflux-indexer"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .env("NATS_URL", &h.nats.url)
+        .env("BIDSFLUX_WORK_DIR", work)
+        .env("BIDSFLUX_FORGE", "local")
+        .env("BIDSFLUX_FORGE_DIR", &h.forge_dir)
+        .env("BIDSFLUX_INDEXER_CONCURRENCY", "1")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `n` pull requests wait on the indexer's consumer.
+pub async fn replicas_pulling(h: &Harness, n: usize) {
+    bidsflux_testsupport::wait_until("replicas pulling", Duration::from_secs(30), || async {
+        let s = h.bus.js.get_stream(subjects::STREAM_ARCHIVES).await.ok()?;
+        let waiting = s.consumer_info(subjects::CONSUMER_INDEXER).await.ok()?.num_waiting;
+        (waiting >= n).then_some(())
+    })
+    .await
+    .unwrap();
+}
