@@ -3029,7 +3029,7 @@ impl FakeGitlab {
         let mut authorized = String::new();
         for (id, _, key) in keys {
             authorized.push_str(&format!(
-                "command=\"{} {} {} {id}\",no-pty,no-port-forwarding,no-agent-forwarding,no-X11-forwarding {key}\n",
+                "restrict,command=\"{} {} {} {id}\" {key}\n",
                 command.display(),
                 self.inner.url,
                 self.inner.repos.display()
@@ -3055,7 +3055,8 @@ impl FakeGitlab {
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
                  StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 PermitRootLogin forced-commands-only\nAllowUsers {user}\nLogLevel ERROR\n",
+                 PermitRootLogin forced-commands-only\nAllowUsers {user}\nLogLevel ERROR\n\
+                 AcceptEnv GIT_PROTOCOL\n",
                 host_key.display(),
                 dir.path().join("sshd.pid").display(),
                 authorized_keys.display()

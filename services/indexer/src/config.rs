@@ -81,9 +81,10 @@ pub struct SshTransport {
     /// The bot's private key (`GITLAB_SSH_KEY`, `GITLAB_SSH_KEY_FILE` or the
     /// secret `/run/secrets/dicom_bot_ssh_key`).
     pub key: Secret,
-    /// Where the indexer writes the key for ssh, readable by it only
-    /// (`<BIDSFLUX_WORK_DIR>/.ssh/gitlab_key`): docker secrets are mode 0444,
-    /// which ssh refuses for a private key.
+    /// Where this process writes the key for ssh, readable by it only
+    /// (`<BIDSFLUX_WORK_DIR>/.ssh/gitlab_key-<random>`, removed at exit):
+    /// docker secrets are mode 0444, which ssh refuses for a private key, and
+    /// replicas sharing the work directory each have their own file.
     pub key_file: PathBuf,
     /// GitLab's host keys in known_hosts format (`GITLAB_SSH_KNOWN_HOSTS`,
     /// default `/run/secrets/ssh_known_hosts`); hosts not listed are refused.
@@ -113,8 +114,10 @@ pub struct GitlabConfig {
 fn ssh_transport(env: &Env, url: &str, work_dir: &Path) -> Result<SshTransport, ConfigError> {
     let url_host = url.split("://").nth(1).unwrap_or_default().split(['/', ':']).next().unwrap_or_default();
     let host = env.get("BIDSFLUX_GITLAB_SSH_HOST").map_or(url_host, str::trim).to_owned();
+    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
     let host_ok = !host.is_empty()
         && !host.starts_with('-')
+        && (bracketed || !host.contains(['[', ']', ':']))
         && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
     if !host_ok {
         return Err(ConfigError::invalid("BIDSFLUX_GITLAB_SSH_HOST", "must be a host name or address"));
@@ -142,14 +145,17 @@ fn ssh_transport(env: &Env, url: &str, work_dir: &Path) -> Result<SshTransport, 
             )
         })?;
     let key = Secret::new(format!("{}\n", key.expose().trim()));
-    let known_hosts = env.path_or("GITLAB_SSH_KNOWN_HOSTS", GITLAB_SSH_KNOWN_HOSTS);
+    // Absolute: ssh runs in each job's directory.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let known_hosts = absolute(env.path_or("GITLAB_SSH_KNOWN_HOSTS", GITLAB_SSH_KNOWN_HOSTS));
     if !known_hosts.is_file() {
         return Err(ConfigError::invalid(
             "GITLAB_SSH_KNOWN_HOSTS",
             format!("{} is not a file: GitLab's SSH host keys are needed to trust it", known_hosts.display()),
         ));
     }
-    Ok(SshTransport { host, port, user, key, key_file: work_dir.join(".ssh").join("gitlab_key"), known_hosts })
+    let key_file = absolute(work_dir.join(".ssh").join(format!("gitlab_key-{}", uuid::Uuid::new_v4().simple())));
+    Ok(SshTransport { host, port, user, key, key_file, known_hosts })
 }
 
 /// `GITLAB_URL` (or `https://$CI_SERVER_HOST`), checked and without a trailing slash.
@@ -466,7 +472,9 @@ mod tests {
             .with("BIDSFLUX_WORK_DIR", "/w");
         let GitTransport::Ssh(ssh) = gitlab(&env).transport else { panic!("not ssh") };
         assert_eq!((ssh.host.as_str(), ssh.port, ssh.user.as_str()), ("gitlab.example.org", 222, "git"));
-        assert_eq!(ssh.key_file, PathBuf::from("/w/.ssh/gitlab_key"));
+        assert!(ssh.key_file.starts_with("/w/.ssh") && ssh.key_file.to_string_lossy().contains("gitlab_key-"));
+        let GitTransport::Ssh(other) = gitlab(&env).transport else { panic!("not ssh") };
+        assert_ne!(other.key_file, ssh.key_file, "each process has its own key file");
         assert!(!format!("{ssh:?}").contains("abc"));
         let ssh_env = env.clone().with("GIT_SSH_PORT", "2222").with("BIDSFLUX_GITLAB_SSH_HOST", "10.0.0.5");
         let GitTransport::Ssh(ssh) = gitlab(&ssh_env).transport else { panic!("not ssh") };

@@ -122,8 +122,19 @@ impl Git {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_NAMESPACE", "GIT_PREFIX"]
-        {
+        // GIT_SSH_COMMAND and GIT_SSH would win over the forge's core.sshCommand
+        // (its key and host-key pinning).
+        for var in [
+            "GIT_DIR",
+            "GIT_WORK_TREE",
+            "GIT_INDEX_FILE",
+            "GIT_OBJECT_DIRECTORY",
+            "GIT_NAMESPACE",
+            "GIT_PREFIX",
+            "GIT_SSH_COMMAND",
+            "GIT_SSH",
+            "GIT_SSH_VARIANT",
+        ] {
             cmd.env_remove(var);
         }
         cmd.env("GIT_TERMINAL_PROMPT", "0")

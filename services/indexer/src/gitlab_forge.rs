@@ -171,7 +171,6 @@ struct MemberInfo {
 
 #[derive(Debug, Deserialize)]
 struct ProjectInfo {
-    path_with_namespace: String,
     http_url_to_repo: String,
 }
 
@@ -435,16 +434,13 @@ impl GitlabForge {
         let namespace = parent.ok_or_else(|| Fail::Refused("no namespace".into()))?;
         let name = segments.last().copied().unwrap_or_default();
         let info = self.project(path, namespace, name).await?;
+        // Built from our own path (GitLab matches it case-insensitively), so
+        // that the redaction of a patient group finds it in git's errors;
+        // and where the API was reached, so the credentials apply (GitLab's
+        // reported external URL may be another address, e.g. in a swarm).
         let push_url = match &self.config.transport {
-            GitTransport::Ssh(ssh) => {
-                format!("ssh://{}@{}:{}/{}.git", ssh.user, ssh.host, ssh.port, info.path_with_namespace)
-            }
-            // GitLab reports its external URL; behind another address (e.g.
-            // inside a swarm) push where the API was reached, so the credentials apply.
-            GitTransport::Https if info.http_url_to_repo.starts_with(&format!("{}/", self.config.url)) => {
-                info.http_url_to_repo.clone()
-            }
-            GitTransport::Https => format!("{}/{}.git", self.config.url, info.path_with_namespace),
+            GitTransport::Ssh(ssh) => format!("ssh://{}@{}:{}/{}.git", ssh.user, ssh.host, ssh.port, path.as_str()),
+            GitTransport::Https => format!("{}/{}.git", self.config.url, path.as_str()),
         };
         Ok(Project { push_url, clone_url: info.http_url_to_repo, git_config: self.git_config.clone() })
     }

@@ -69,17 +69,26 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
             serve(config, bus, shutdown, git, forge).await
         }
         ForgeConfig::Gitlab(gitlab) => {
-            if let config::GitTransport::Ssh(ssh) = &gitlab.transport {
-                write_ssh_key(&ssh.key_file, ssh.key.expose())
-                    .await
-                    .with_context(|| format!("write the GitLab SSH key to {}", ssh.key_file.display()))?;
-                tracing::info!(host = ssh.host, port = ssh.port, "git reaches GitLab over SSH");
-            }
+            let key_file = match &gitlab.transport {
+                config::GitTransport::Ssh(ssh) => {
+                    write_ssh_key(&ssh.key_file, ssh.key.expose())
+                        .await
+                        .with_context(|| format!("write the GitLab SSH key to {}", ssh.key_file.display()))?;
+                    tracing::info!(host = ssh.host, port = ssh.port, "git reaches GitLab over SSH");
+                    Some(ssh.key_file.clone())
+                }
+                config::GitTransport::Https => None,
+            };
             // Contacts GitLab only when the first study arrives: the indexer
             // starts (and its consumer waits) while GitLab is down.
             tracing::info!(url = gitlab.url, bot = gitlab.bot_username, "using the GitLab forge");
             let forge = GitlabForge::new(gitlab.clone());
-            serve(config, bus, shutdown, git, forge).await
+            let result = serve(config, bus, shutdown, git, forge).await;
+            // The key does not outlive the process on the shared work directory.
+            if let Some(file) = key_file {
+                let _ = tokio::fs::remove_file(file).await;
+            }
+            result
         }
     }
 }
@@ -93,8 +102,7 @@ async fn write_ssh_key(path: &std::path::Path, key: &str) -> std::io::Result<()>
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         }
-        // Replaced, not rewritten: an old file may have a wider mode.
-        let _ = std::fs::remove_file(&path);
+        // A name of its own (random), created with mode 0600 from the start.
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
         std::io::Write::write_all(&mut f, key.as_bytes())
     })

@@ -243,11 +243,28 @@ async fn remote_heads(
     Ok(out.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).map(str::to_owned).collect())
 }
 
-/// Fetches `main` into `refs/remotes/origin/main`; false when the project has none yet.
+/// Fetches `main` into `refs/remotes/origin/main`; false when the project is
+/// empty. A project with branches but no `main` (e.g. a superdataset made on
+/// `master` before bidsflux) is a [`Conflict`]: writing a second history
+/// beside it would be wrong, and retrying cannot help.
 async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<bool> {
     match git.run(dir, &["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"]).await {
         Ok(_) => Ok(true),
-        Err(GitError::Failed { ref stderr, .. }) if stderr.contains("couldn't find remote ref") => Ok(false),
+        Err(GitError::Failed { ref stderr, .. }) if stderr.contains("couldn't find remote ref") => {
+            let heads =
+                git.run(dir, &["ls-remote", "--heads", url]).await.context("list the superdataset's branches")?;
+            let branches: Vec<&str> =
+                heads.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).collect();
+            if branches.is_empty() {
+                Ok(false)
+            } else {
+                Err(Conflict(format!(
+                    "the project has no main branch but has {}; bidsflux writes main (rename the branch in the forge)",
+                    branches.join(", ")
+                ))
+                .into())
+            }
+        }
         Err(e) => Err(anyhow::Error::new(e).context("fetch the superdataset")),
     }
 }
@@ -302,6 +319,7 @@ fn moved(stderr: &str) -> bool {
             && (l.contains("fetch first") || l.contains("non-fast-forward") || l.contains("stale")))
             || l.contains("cannot lock ref")
             || l.contains("failed to update ref")
+            || l.contains("atomic transaction failed")
     })
 }
 
@@ -524,6 +542,7 @@ mod tests {
         assert!(moved(" ! [rejected]        main -> main (fetch first)\nerror: failed to push some refs"));
         assert!(moved(" ! [rejected]        main -> main (non-fast-forward)"));
         assert!(moved("remote: error: cannot lock ref 'refs/heads/main': reference already exists"));
+        assert!(moved(" ! [remote rejected] main -> main (atomic transaction failed)"));
         assert!(!moved(" ! [remote rejected] main -> main (pre-receive hook declined)"));
         assert!(!moved("fatal: unable to access 'http://x/': Failed to connect"));
     }

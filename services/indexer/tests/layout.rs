@@ -335,9 +335,11 @@ async fn gitlab_over_ssh_gets_the_layout_with_no_git_over_https() {
     let git_http: Vec<String> = fake.requests().into_iter().map(|(_, p)| p).filter(|p| p.contains(".git/")).collect();
     assert!(git_http.is_empty(), "git over HTTP: {git_http:?}");
     // The key was written for ssh, readable by the indexer only.
-    let written = h.tmp.path().join("work/.ssh/gitlab_key");
+    let written: Vec<PathBuf> =
+        std::fs::read_dir(h.tmp.path().join("work/.ssh")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(written.len(), 1, "{written:?}");
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(std::fs::metadata(&written).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&written[0]).unwrap().permissions().mode() & 0o777, 0o600);
 
     // A host key that is not GitLab's is refused: the message is retried, not pushed.
     std::fs::write(
@@ -364,5 +366,35 @@ async fn gitlab_over_ssh_gets_the_layout_with_no_git_over_https() {
     let b_repo = fake.repo_dir(&format!("Smith/StudyA/sourcedata/dicoms/{}", uid(&b))).unwrap();
     let heads = git(&b_repo, &["for-each-ref", "refs/heads"]).await;
     assert!(heads.is_empty(), "pushed to a host that is not in known_hosts: {heads}");
+    h.stop.cancel();
+    bidsflux_testsupport::wait_until("the key removed at exit", std::time::Duration::from_secs(20), || {
+        let gone = !written[0].exists();
+        async move { gone.then_some(()) }
+    })
+    .await
+    .unwrap();
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_superdataset_without_main_is_dead_lettered_not_replaced() {
+    let h = Harness::start().await;
+    let mut dead = h.bus.client.subscribe(subjects::deadletter("indexer")).await.unwrap();
+    // A superdataset made before bidsflux, on master.
+    let study = h.forge_dir.join("Smith/StudyA/sourcedata/dicoms/study.git");
+    std::fs::create_dir_all(&study).unwrap();
+    git(&study, &["init", "-q", "--bare", "-b", "master", "."]).await;
+    let seed = h.tmp.path().join("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    git(&seed, &["init", "-q", "-b", "master", "."]).await;
+    git(&seed, &["-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q", "--allow-empty", "-m", "old"]).await;
+    git(&seed, &["push", "-q", study.to_str().unwrap(), "master"]).await;
+
+    let a = archive_study(&h, spec("Smith", "Brain^StudyA", "sub-01^ses-1")).await;
+    publish(&h, &a.message).await;
+    let letter = next_dead_letter(&mut dead).await;
+    assert_eq!(letter.kind(), pb::FailureKind::InvalidInput, "{}", letter.reason);
+    assert!(letter.reason.contains("no main branch but has master"), "{}", letter.reason);
+    assert_eq!(git(&study, &["for-each-ref", "--format=%(refname)"]).await, "refs/heads/master");
     h.shutdown().await;
 }
