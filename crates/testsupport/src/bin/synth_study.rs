@@ -1,6 +1,8 @@
 //! Writes a synthetic MR study for trying bidsflux:
 //! `bidsflux-synth-study DIR [SERIES] [INSTANCES_PER_SERIES] [ROWS] [COLUMNS]`
 //! (images are 16-bit; ROWS and COLUMNS default to 64, COLUMNS to ROWS).
+//! Each study is another participant (PatientName `sub-<n>^ses-1`, ReproIn
+//! style), so each becomes its own subdataset of the study superdataset.
 
 const USAGE: &str = "usage: bidsflux-synth-study DIR [SERIES] [INSTANCES_PER_SERIES] [ROWS] [COLUMNS]";
 
@@ -21,7 +23,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(columns) = args.next() {
         spec.columns = columns.parse()?;
     }
+    let participant = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 100_000;
+    spec.patient_name = format!("sub-{participant:05}^ses-1");
+    spec.patient_id = format!("SUB{participant:05}");
     let study = bidsflux_testsupport::dicom::generate_study(std::path::Path::new(&dir), &spec)?;
-    println!("{} files, StudyInstanceUID {}", study.files.len(), study.study_instance_uid);
+    println!(
+        "{} files, StudyInstanceUID {}, PatientName {}",
+        study.files.len(),
+        study.study_instance_uid,
+        spec.patient_name
+    );
     Ok(())
 }
