@@ -100,12 +100,7 @@ async fn with_gitlab_the_dataset_lands_in_a_project_datalad_can_get() {
     let fake = FakeGitlab::start().await.unwrap();
     let (bot, token) = fake.add_user("dicom_bot", false);
     let url = fake.url();
-    let h = Harness::start_with(&[
-        ("BIDSFLUX_FORGE", "gitlab"),
-        ("GITLAB_URL", url.as_str()),
-        ("GITLAB_TOKEN", token.as_str()),
-    ])
-    .await;
+    let h = Harness::start_gitlab(&fake, &token, &[]).await;
     let spec = StudySpec { series: 1, instances_per_series: 3, ..StudySpec::default() };
     let archived = archive_study(&h, spec).await;
     let msg = &archived.message;

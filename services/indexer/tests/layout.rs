@@ -228,12 +228,7 @@ async fn gitlab_gets_the_whole_layout_and_datalad_gets_every_session() {
     let fake = FakeGitlab::start().await.unwrap();
     let (bot, token) = fake.add_user("dicom_bot", false);
     let url = fake.url();
-    let h = Harness::start_with(&[
-        ("BIDSFLUX_FORGE", "gitlab"),
-        ("GITLAB_URL", url.as_str()),
-        ("GITLAB_TOKEN", token.as_str()),
-    ])
-    .await;
+    let h = Harness::start_gitlab(&fake, &token, &[]).await;
     let s = three_sessions(&h).await;
     let indexed = index_concurrently(&h, &s).await;
 
@@ -307,18 +302,18 @@ async fn gitlab_over_ssh_gets_the_layout_with_no_git_over_https() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     fake.add_ssh_key(bot, &std::fs::read_to_string(key.with_extension("pub")).unwrap());
     let ssh = fake.start_ssh().await.unwrap();
-    let url = fake.url();
     let port = ssh.port.to_string();
-    let h = Harness::start_with(&[
-        ("BIDSFLUX_FORGE", "gitlab"),
-        ("GITLAB_URL", url.as_str()),
-        ("GITLAB_TOKEN", token.as_str()),
-        ("BIDSFLUX_GITLAB_GIT_TRANSPORT", "ssh"),
-        ("GIT_SSH_PORT", port.as_str()),
-        ("BIDSFLUX_GITLAB_SSH_USER", ssh.user.as_str()),
-        ("GITLAB_SSH_KEY_FILE", key.to_str().unwrap()),
-        ("GITLAB_SSH_KNOWN_HOSTS", ssh.known_hosts.to_str().unwrap()),
-    ])
+    let h = Harness::start_gitlab(
+        &fake,
+        &token,
+        &[
+            ("BIDSFLUX_GITLAB_GIT_TRANSPORT", "ssh"),
+            ("GIT_SSH_PORT", port.as_str()),
+            ("BIDSFLUX_GITLAB_SSH_USER", ssh.user.as_str()),
+            ("GITLAB_SSH_KEY_FILE", key.to_str().unwrap()),
+            ("GITLAB_SSH_KNOWN_HOSTS", ssh.known_hosts.to_str().unwrap()),
+        ],
+    )
     .await;
     let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
     let a = archive_study(&h, spec("Smith", "Brain^StudyA", "sub-01^ses-1")).await;

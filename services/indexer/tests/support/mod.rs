@@ -68,6 +68,18 @@ impl Harness {
         Self { nats, s3, bus, tmp, forge_dir, stop, task }
     }
 
+    /// Like [`Harness::start_with`], pushing to the fake GitLab `fake` with `token`.
+    pub async fn start_gitlab(
+        fake: &bidsflux_testsupport::gitlab::FakeGitlab,
+        token: &str,
+        more: &[(&str, &str)],
+    ) -> Self {
+        let url = fake.url();
+        let mut settings = vec![("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", url.as_str()), ("GITLAB_TOKEN", token)];
+        settings.extend_from_slice(more);
+        Self::start_with(&settings).await
+    }
+
     /// Stops the indexer and checks it ended cleanly.
     pub async fn shutdown(self) {
         self.stop.cancel();
