@@ -304,3 +304,51 @@ async fn a_patient_data_group_never_appears_in_errors() {
     fake.stop();
     check(fresh.ensure_project(&path).await.unwrap_err());
 }
+
+#[tokio::test]
+async fn branch_protection_and_subgroups_are_idempotent_and_fail_clearly() {
+    let fake = FakeGitlab::start().await.unwrap();
+    fake.add_user("dicom_bot", false);
+    let forge = GitlabForge::new(config(&fake, &fake.admin_token()));
+    let bids = ProjectPath::new("PI/Study1/bids").unwrap();
+    forge.ensure_project(&bids).await.unwrap();
+    let branches = ["convert/*".to_owned(), "dev".to_owned(), "base".to_owned()];
+
+    // Branches that do not exist yet can be protected; twice changes nothing.
+    forge.protect_branches(&bids, &branches).await.unwrap();
+    forge.protect_branches(&bids, &branches).await.unwrap();
+    let mut names: Vec<String> = fake.protected_branches("PI/Study1/bids").into_iter().map(|b| b.name).collect();
+    names.sort();
+    assert_eq!(names, ["base", "convert/*", "dev"]);
+
+    // A site's own rule is left as it is (409: already protected).
+    let other = ProjectPath::new("PI/Study2/bids").unwrap();
+    forge.ensure_project(&other).await.unwrap();
+    forge.protect_branches(&other, &["dev".to_owned()]).await.unwrap();
+    let before = fake.protected_branches("PI/Study2/bids");
+    forge.protect_branches(&other, &branches).await.unwrap();
+    let after = fake.protected_branches("PI/Study2/bids");
+    assert_eq!(after.iter().find(|b| b.name == "dev").map(|b| b.id), before.first().map(|b| b.id));
+
+    // 5xx: retry later; 403: refused with GitLab's message.
+    let third = ProjectPath::new("PI/Study3/bids").unwrap();
+    forge.ensure_project(&third).await.unwrap();
+    fake.fail_next(Some("POST"), "/api/v4/projects/", 503, 1);
+    let e = forge.protect_branches(&third, &branches).await.unwrap_err();
+    assert!(matches!(e, ForgeError::Unavailable(_)), "{e:?}");
+    fake.fail_next_with_message(Some("POST"), "/api/v4/projects/", 403, "403 Forbidden", 1);
+    let e = forge.protect_branches(&third, &branches).await.unwrap_err();
+    assert!(matches!(&e, ForgeError::Refused(m) if m.contains("protect branch") && m.contains("403")), "{e:?}");
+    forge.protect_branches(&third, &branches).await.unwrap();
+
+    // Subgroups: created once, nested under the study group.
+    fake.clear_requests();
+    for group in ["PI/Study1/derivatives", "PI/Study1/qc"] {
+        let g = ProjectPath::new(group).unwrap();
+        forge.ensure_group(&g).await.unwrap();
+        forge.ensure_group(&g).await.unwrap();
+        assert!(fake.group(group).is_some(), "{group}");
+    }
+    assert_eq!(posts(&fake), ["/api/v4/groups", "/api/v4/groups"], "derivatives and qc, once each");
+    assert_eq!(fake.group("PI/Study1/qc").unwrap().parent_id, fake.group("PI/Study1").map(|g| g.id));
+}
