@@ -117,7 +117,7 @@ async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration 
     h.stop.cancel();
     let mut processes = Vec::new();
     for i in 0..replicas {
-        processes.push(spawn_replica(&h, &h.tmp.path().join(format!("work-{i}"))));
+        processes.push(spawn_replica(&h, &h.tmp.path().join(format!("work-{i}")), &[]));
     }
     replicas_pulling(&h, replicas).await;
     let mut messages = Vec::new();

@@ -1,5 +1,6 @@
 //! Three indexer replicas on one work queue, one of them killed with SIGKILL in the middle of a
-//! job: every session is still indexed, exactly once (one project, one indexing commit).
+//! job, on the local forge and on the fake GitLab: every session is still indexed, exactly once
+//! (one project, one indexing commit, one superdataset entry).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
+use bidsflux_testsupport::gitlab::FakeGitlab;
 use futures::StreamExt as _;
 use prost::Message as _;
 use support::{Harness, archive_study, git, publish, spawn_replica};
@@ -23,6 +25,32 @@ fn has_job(work: &Path) -> bool {
 async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
     // Replica 1 runs in this process; replicas 2 and 3 are processes.
     let h = Harness::start_with(&[("BIDSFLUX_INDEXER_CONCURRENCY", "1")]).await;
+    let forge = h.forge_dir.clone();
+    kill_one_of_three(h, &[], |p| forge.join(format!("{p}.git"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_gitlab_three_replicas_and_a_kill_index_every_session_exactly_once() {
+    let fake = FakeGitlab::start().await.unwrap();
+    let (_, token) = fake.add_user("dicom_bot", false);
+    let url = fake.url();
+    let gitlab = [("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", url.as_str()), ("GITLAB_TOKEN", token.as_str())];
+    let h = Harness::start_gitlab(&fake, &token, &[("BIDSFLUX_INDEXER_CONCURRENCY", "1")]).await;
+    kill_one_of_three(h, &gitlab, |p| fake.repo_dir(p).unwrap()).await;
+    // One project per session and the study superdataset, nothing else under dicoms/.
+    let under: Vec<String> = fake
+        .projects()
+        .into_iter()
+        .map(|p| p.path_with_namespace)
+        .filter(|p| p.starts_with("Investigator/Study1/sourcedata/dicoms/"))
+        .collect();
+    assert_eq!(under.len(), 10, "{under:?}");
+}
+
+/// Indexes 9 sessions with three replicas (the harness's and two processes
+/// with the `forge` settings), kills one mid-job, and checks every session is
+/// indexed exactly once in the forge whose bare repositories `repo` finds.
+async fn kill_one_of_three(h: Harness, forge: &[(&str, &str)], repo: impl Fn(&str) -> PathBuf) {
     // The killed replica's message comes back after ack_wait: 5 s here instead of 120 s.
     let stream = h.bus.js.get_stream(subjects::STREAM_ARCHIVES).await.unwrap();
     let mut config = stream.clone().consumer_info(subjects::CONSUMER_INDEXER).await.unwrap().config.clone();
@@ -30,8 +58,8 @@ async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
     h.bus.js.update_consumer_on_stream(config, subjects::STREAM_ARCHIVES).await.unwrap();
 
     let (victim_work, other_work): (PathBuf, PathBuf) = (h.tmp.path().join("work-victim"), h.tmp.path().join("work-3"));
-    let mut victim = spawn_replica(&h, &victim_work);
-    let mut other = spawn_replica(&h, &other_work);
+    let mut victim = spawn_replica(&h, &victim_work, forge);
+    let mut other = spawn_replica(&h, &other_work, forge);
     // Both processes pull before anything is published.
     let consumer_waiting = || async {
         let s = h.bus.js.get_stream(subjects::STREAM_ARCHIVES).await.unwrap();
@@ -82,18 +110,16 @@ async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
     assert_eq!(seen, studies);
 
     // Exactly once: one project per session, holding the dataset commit and one indexing commit.
+    let dicoms = "Investigator/Study1/sourcedata/dicoms";
     for study in &studies {
-        let repo = h.forge_dir.join(format!("Investigator/Study1/sourcedata/dicoms/{study}.git"));
-        let repo = repo.to_str().unwrap();
-        let subjects = git(Path::new("/"), &["--git-dir", repo, "log", "--format=%s", "main"]).await;
+        let bare = repo(&format!("{dicoms}/{study}"));
+        let subjects = git(&bare, &["log", "--format=%s", "main"]).await;
         let lines: Vec<&str> = subjects.lines().collect();
         assert_eq!(lines.len(), 2, "{study}: {lines:?}");
         assert_eq!(lines.iter().filter(|l| l.starts_with("[bidsflux] index study")).count(), 1, "{study}: {lines:?}");
     }
-    let projects = std::fs::read_dir(h.forge_dir.join("Investigator/Study1/sourcedata/dicoms")).unwrap().count();
-    assert_eq!(projects, sessions + 1, "session projects and the study superdataset in the forge");
     // One superdataset entry per session, at its indexing commit, whatever replica added it.
-    let superdataset = h.forge_dir.join("Investigator/Study1/sourcedata/dicoms/study.git");
+    let superdataset = repo(&format!("{dicoms}/study"));
     let modules = git(&superdataset, &["config", "--blob", "main:.gitmodules", "--get-regexp", "url"]).await;
     let urls: Vec<&str> = modules.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
     let expected: Vec<String> = studies.iter().map(|s| format!("../{s}.git")).collect();
@@ -102,9 +128,11 @@ async fn three_replicas_and_a_kill_index_every_session_exactly_once() {
     assert_eq!(sorted, expected, "{modules}");
     for (i, m) in messages.iter().enumerate() {
         let gitlink = git(&superdataset, &["rev-parse", &format!("main:sub-{i:02}/ses-1")]).await;
-        let session = h.forge_dir.join(format!("Investigator/Study1/sourcedata/dicoms/{}.git", m.study_instance_uid));
+        let session = repo(&format!("{dicoms}/{}", m.study_instance_uid));
         assert_eq!(gitlink, git(&session, &["rev-parse", "main"]).await);
     }
+    let bids = repo("Investigator/Study1/bids");
+    assert_eq!(git(&bids, &["rev-list", "--count", "main"]).await, "2", "one BIDS dataset, made once");
     assert_eq!(
         h.bus.js.get_stream(subjects::STREAM_DEADLETTER).await.unwrap().info().await.unwrap().state.messages,
         0,

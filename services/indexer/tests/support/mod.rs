@@ -271,8 +271,9 @@ pub async fn next_dead_letter(sub: &mut async_nats::Subscriber) -> pb::DeadLette
 }
 
 /// An indexer process (the binary, as a swarm replica runs) on the harness's
-/// NATS and forge, with its own work directory; killed on drop.
-pub fn spawn_replica(h: &Harness, work: &Path) -> tokio::process::Child {
+/// NATS and forge (or the forge `settings` give), with its own work directory;
+/// killed on drop.
+pub fn spawn_replica(h: &Harness, work: &Path, settings: &[(&str, &str)]) -> tokio::process::Child {
     std::fs::create_dir_all(work).unwrap();
     Command::new(env!("CARGO_BIN_EXE_bidsflux-indexer"))
         .env_clear()
@@ -284,6 +285,7 @@ pub fn spawn_replica(h: &Harness, work: &Path) -> tokio::process::Child {
         .env("BIDSFLUX_FORGE_DIR", &h.forge_dir)
         .env("BIDSFLUX_INDEXER_CONCURRENCY", "1")
         .env("RUST_LOG", "warn")
+        .envs(settings.iter().copied())
         .kill_on_drop(true)
         .spawn()
         .unwrap()
