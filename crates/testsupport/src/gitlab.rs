@@ -3009,8 +3009,9 @@ impl FakeGitlab {
         if !sshd.is_file() {
             anyhow::bail!("git over SSH needs OpenSSH's sshd (apt-get install openssh-server)");
         }
-        // sshd's privilege separation directory.
-        std::fs::create_dir_all("/run/sshd")?;
+        // sshd's privilege separation directory (needed when run as root; a
+        // non-root sshd serves only its own user and does without).
+        let _ = std::fs::create_dir_all("/run/sshd");
         let dir = tempfile::Builder::new().prefix("fake-gitlab-ssh-").tempdir()?;
         let host_key = dir.path().join("host_ed25519");
         let out = tokio::process::Command::new("ssh-keygen")
