@@ -341,7 +341,10 @@ impl<F: Forge> Indexer<F> {
         let pushed =
             superdataset::init_bids(&self.git, work, &project, &self.templates.bids, values, &sourcedata, &branches)
                 .await
-                .context("create the BIDS dataset")?;
+                .map_err(|e| match e.downcast_ref::<Conflict>() {
+                    Some(c) => HandlerError::permanent(format!("BIDS dataset {}: {c}", paths.bids.shown())),
+                    None => HandlerError::Transient(e.context("create the BIDS dataset")),
+                })?;
         if pushed {
             tracing::info!(project = paths.bids.shown(), "created the BIDS dataset of the study");
         }

@@ -192,11 +192,21 @@ pub async fn init_bids(
         init_work_repo(git, &dir).await?;
         let mut wanted = vec!["main"];
         wanted.extend(branches.iter().copied().filter(|b| *b != "main"));
-        let heads = remote_heads(&remote, &dir, &project.push_url, &wanted).await?;
+        let heads = remote_heads(&remote, &dir, &project.push_url, &[]).await?;
         let missing: Vec<&str> = wanted.iter().copied().filter(|b| !heads.contains(*b)).collect();
         if missing.is_empty() {
             // Complete (maybe made by another replica since the first attempt).
             return Ok(false);
+        }
+        if !heads.contains("main") && !heads.is_empty() {
+            // A BIDS dataset made before bidsflux on another branch: not ours to replace.
+            let mut others: Vec<&str> = heads.iter().map(String::as_str).collect();
+            others.sort_unstable();
+            return Err(Conflict(format!(
+                "the BIDS project has no main branch but has {}; bidsflux writes main",
+                others.join(", ")
+            ))
+            .into());
         }
         let refs: Vec<String> = if heads.contains("main") {
             // Branches lost or never pushed (a crash): from the current main.
@@ -236,8 +246,9 @@ async fn remote_heads(
     url: &str,
     names: &[&str],
 ) -> anyhow::Result<std::collections::HashSet<String>> {
+    // No names: every branch.
     let refs: Vec<String> = names.iter().map(|n| format!("refs/heads/{n}")).collect();
-    let mut args = vec!["ls-remote", url];
+    let mut args = vec!["ls-remote", "--heads", url];
     args.extend(refs.iter().map(String::as_str));
     let out = git.run(dir, &args).await.context("list the branches of the forge project")?;
     Ok(out.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).map(str::to_owned).collect())

@@ -372,7 +372,7 @@ async fn gitlab_over_ssh_gets_the_layout_with_no_git_over_https() {
 }
 
 #[tokio::test]
-async fn a_superdataset_without_main_is_dead_lettered_not_replaced() {
+async fn datasets_without_main_are_never_replaced() {
     let h = Harness::start().await;
     let mut dead = h.bus.client.subscribe(subjects::deadletter("indexer")).await.unwrap();
     // A superdataset made before bidsflux, on master.
@@ -391,5 +391,17 @@ async fn a_superdataset_without_main_is_dead_lettered_not_replaced() {
     assert_eq!(letter.kind(), pb::FailureKind::InvalidInput, "{}", letter.reason);
     assert!(letter.reason.contains("no main branch but has master"), "{}", letter.reason);
     assert_eq!(git(&study, &["for-each-ref", "--format=%(refname)"]).await, "refs/heads/master");
+
+    // A BIDS project on master: the session is indexed all the same, the project left alone.
+    let bids = h.forge_dir.join("Jones/StudyB/bids.git");
+    std::fs::create_dir_all(&bids).unwrap();
+    git(&bids, &["init", "-q", "--bare", "-b", "master", "."]).await;
+    git(&seed, &["push", "-q", bids.to_str().unwrap(), "master"]).await;
+    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    let b = archive_study(&h, spec("Jones", "Heart^StudyB", "sub-01^ses-1")).await;
+    publish(&h, &b.message).await;
+    let ev = next_indexed(&mut sub).await;
+    assert_eq!(ev.study_instance_uid, uid(&b));
+    assert_eq!(git(&bids, &["for-each-ref", "--format=%(refname)"]).await, "refs/heads/master");
     h.shutdown().await;
 }
