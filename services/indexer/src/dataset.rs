@@ -142,16 +142,17 @@ async fn open(
     project: &Project,
     files: &[(String, String)],
 ) -> anyhow::Result<Opened> {
-    // No template (sample hooks): commits get the bot's identity from `Git`'s environment.
-    git.run(work, &["init", "-q", "--template=", "-b", "main", "."]).await.context("create work repository")?;
+    git.init_work_repo(work).await.context("create work repository")?;
     let remote_git = git.with_config(&project.git_config);
-    let remote = remote_heads(&remote_git, work, &project.push_url).await?;
-    if !remote.main {
+    let branches =
+        remote_git.remote_branches(work, &project.push_url).await.context("list the branches of the forge project")?;
+    if !branches.contains("main") {
         let dataset_id = dataset_id(&job.study).to_string();
         create_dataset(git, work, &dataset_id, files, "[DATALAD] new dataset").await?;
         return Ok(Opened::Ready { dataset_id, newest_generation: None });
     }
-    fetch(&remote_git, work, &project.push_url, remote.git_annex).await?;
+    let has_annex = branches.contains("git-annex");
+    fetch(&remote_git, work, &project.push_url, has_annex).await?;
     if let Some(commit) = commit_with_trailer(git, work, "refs/remotes/origin/main", &job.archive.key).await? {
         let dataset_id = git
             .run(work, &["config", "--blob", &format!("{commit}:.datalad/config"), "datalad.dataset.id"])
@@ -166,7 +167,7 @@ async fn open(
         .await
         .context("take the existing dataset")?;
     git.run(work, &["read-tree", "HEAD"]).await.context("read the existing dataset")?;
-    if remote.git_annex {
+    if has_annex {
         git.run(work, &["update-ref", "refs/heads/git-annex", "refs/remotes/origin/git-annex"])
             .await
             .context("take the existing git-annex branch")?;
@@ -181,22 +182,8 @@ async fn open(
     Ok(Opened::Ready { dataset_id, newest_generation })
 }
 
-/// Which branches the project already has.
-struct RemoteHeads {
-    main: bool,
-    git_annex: bool,
-}
-
-async fn remote_heads(git: &Git, work: &Path, url: &str) -> anyhow::Result<RemoteHeads> {
-    let out = git
-        .run(work, &["ls-remote", url, "refs/heads/main", "refs/heads/git-annex"])
-        .await
-        .context("list the branches of the forge project")?;
-    let has = |r: &str| out.lines().any(|l| l.split('\t').nth(1) == Some(r));
-    Ok(RemoteHeads { main: has("refs/heads/main"), git_annex: has("refs/heads/git-annex") })
-}
-
-async fn fetch(git: &Git, work: &Path, url: &str, with_annex: bool) -> anyhow::Result<()> {
+/// Fetches `main` (and `git-annex` if `with_annex`) of `url` into `refs/remotes/origin/`.
+pub(crate) async fn fetch(git: &Git, work: &Path, url: &str, with_annex: bool) -> anyhow::Result<()> {
     let mut args = vec!["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"];
     if with_annex {
         args.push("+refs/heads/git-annex:refs/remotes/origin/git-annex");

@@ -5,6 +5,7 @@
 //! inherited `GIT_DIR`/`GIT_INDEX_FILE`, no prompts, the C locale, the bot's
 //! identity), are killed when the future is dropped, and time out.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -99,6 +100,22 @@ impl Git {
     /// The committer identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Creates an empty work repository in `dir` (made if missing) on `main`,
+    /// without git's template (sample hooks); commits get the identity from
+    /// this `Git`'s environment.
+    pub async fn init_work_repo(&self, dir: &Path) -> Result<(), GitError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| GitError::Spawn { program: format!("mkdir {}", dir.display()), source })?;
+        self.run(dir, &["init", "-q", "--template=", "-b", "main", "."]).await.map(drop)
+    }
+
+    /// The branches (names without `refs/heads/`) of the repository at `url`.
+    pub async fn remote_branches(&self, dir: &Path, url: &str) -> Result<HashSet<String>, GitError> {
+        let out = self.run(dir, &["ls-remote", "--heads", url]).await?;
+        Ok(out.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).map(str::to_owned).collect())
     }
 
     /// Runs `git <args>` in `dir` and returns its standard output.

@@ -129,8 +129,7 @@ async fn contains(git: Git, dir: PathBuf, project: Project, a: String, b: String
         async move { git.run(&dir, &["cat-file", "-e", &format!("{c}^{{commit}}")]).await.is_ok() }
     };
     if !have(b.clone()).await {
-        git.with_config(&project.git_config)
-            .run(&dir, &["fetch", "-q", "--no-tags", &project.push_url, "+refs/heads/main:refs/remotes/origin/main"])
+        dataset::fetch(&git.with_config(&project.git_config), &dir, &project.push_url, false)
             .await
             .context("fetch the session to compare it with the superdataset's entry")?;
         if !have(b.clone()).await {

@@ -140,7 +140,7 @@ where
     let remote = git.with_config(&project.git_config);
     for attempt in 0..PUSH_ATTEMPTS {
         let dir = work.join(format!("study-{attempt}"));
-        init_work_repo(git, &dir).await?;
+        git.init_work_repo(&dir).await.context("create work repository")?;
         let fetched = fetch_main(&remote, &dir, &project.push_url).await?;
         let base = if fetched {
             "refs/remotes/origin/main"
@@ -189,10 +189,11 @@ pub async fn init_bids(
     let remote = git.with_config(&project.git_config);
     for attempt in 0..PUSH_ATTEMPTS {
         let dir = work.join(format!("bids-{attempt}"));
-        init_work_repo(git, &dir).await?;
+        git.init_work_repo(&dir).await.context("create work repository")?;
         let mut wanted = vec!["main"];
         wanted.extend(branches.iter().copied().filter(|b| *b != "main"));
-        let heads = remote_heads(&remote, &dir, &project.push_url, &[]).await?;
+        let heads =
+            remote.remote_branches(&dir, &project.push_url).await.context("list the branches of the BIDS project")?;
         let missing: Vec<&str> = wanted.iter().copied().filter(|b| !heads.contains(*b)).collect();
         if missing.is_empty() {
             // Complete (maybe made by another replica since the first attempt).
@@ -232,28 +233,6 @@ pub async fn init_bids(
     anyhow::bail!("the BIDS dataset kept moving: {PUSH_ATTEMPTS} pushes were refused; retrying later")
 }
 
-/// A new repository; commits get the bot's identity from [`Git`]'s environment.
-async fn init_work_repo(git: &Git, dir: &Path) -> anyhow::Result<()> {
-    tokio::fs::create_dir_all(dir).await.with_context(|| format!("create {}", dir.display()))?;
-    git.run(dir, &["init", "-q", "--template=", "-b", "main", "."]).await.context("create work repository")?;
-    Ok(())
-}
-
-/// The branches among `names` the remote has.
-async fn remote_heads(
-    git: &Git,
-    dir: &Path,
-    url: &str,
-    names: &[&str],
-) -> anyhow::Result<std::collections::HashSet<String>> {
-    // No names: every branch.
-    let refs: Vec<String> = names.iter().map(|n| format!("refs/heads/{n}")).collect();
-    let mut args = vec!["ls-remote", "--heads", url];
-    args.extend(refs.iter().map(String::as_str));
-    let out = git.run(dir, &args).await.context("list the branches of the forge project")?;
-    Ok(out.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).map(str::to_owned).collect())
-}
-
 /// Fetches `main` into `refs/remotes/origin/main`; false when the project is
 /// empty. A project with branches but no `main` (e.g. a superdataset made on
 /// `master` before bidsflux) is a [`Conflict`]: writing a second history
@@ -262,10 +241,9 @@ async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<bool> {
     match git.run(dir, &["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"]).await {
         Ok(_) => Ok(true),
         Err(GitError::Failed { ref stderr, .. }) if stderr.contains("couldn't find remote ref") => {
-            let heads =
-                git.run(dir, &["ls-remote", "--heads", url]).await.context("list the superdataset's branches")?;
-            let branches: Vec<&str> =
-                heads.lines().filter_map(|l| l.split('\t').nth(1)?.strip_prefix("refs/heads/")).collect();
+            let mut branches: Vec<String> =
+                git.remote_branches(dir, url).await.context("list the superdataset's branches")?.into_iter().collect();
+            branches.sort_unstable();
             if branches.is_empty() {
                 Ok(false)
             } else {
