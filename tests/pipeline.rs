@@ -166,15 +166,9 @@ async fn a_study_travels_from_storescu_to_a_datalad_dataset() {
     let bare = w.forge.join(format!("{}.git", ev.project_path));
     assert!(bare.is_dir(), "{} missing", bare.display());
     let clone = w._tmp.path().join("clone");
-    let datalad_env = [
-        ("AWS_ACCESS_KEY_ID", w.s3.access_key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", w.s3.secret_key.as_str()),
-        ("GIT_CONFIG_COUNT", "1"),
-        ("GIT_CONFIG_KEY_0", "annex.security.allowed-ip-addresses"),
-        ("GIT_CONFIG_VALUE_0", "127.0.0.1"),
-    ];
-    run(Command::new("datalad").envs(datalad_env).arg("clone").arg(&bare).arg(&clone));
-    run(Command::new("datalad").envs(datalad_env).current_dir(&clone).args(["get", "."]));
+    let datalad_env = w.s3.annex_user_env();
+    run(Command::new("datalad").envs(datalad_env.clone()).arg("clone").arg(&bare).arg(&clone));
+    run(Command::new("datalad").envs(datalad_env.clone()).current_dir(&clone).args(["get", "."]));
     let mut got: HashMap<String, PathBuf> = HashMap::new();
     for entry in walkdir::WalkDir::new(&clone).into_iter().filter_entry(|e| e.file_name() != ".git") {
         let entry = entry.unwrap();

@@ -88,6 +88,19 @@ impl S3Server {
         &self.root
     }
 
+    /// The environment a user of this server gives git-annex and DataLad:
+    /// its credentials, and loopback allowed (`annex.security.allowed-ip-addresses`,
+    /// through `GIT_CONFIG_*`, since git-annex refuses private addresses).
+    pub fn annex_user_env(&self) -> [(&'static str, String); 5] {
+        [
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("GIT_CONFIG_COUNT", "1".into()),
+            ("GIT_CONFIG_KEY_0", "annex.security.allowed-ip-addresses".into()),
+            ("GIT_CONFIG_VALUE_0", "127.0.0.1".into()),
+        ]
+    }
+
     /// Every request this server received so far, as `METHOD /path?query`
     /// (e.g. `PUT /bucket/key?partNumber=3&uploadId=…` for an UploadPart).
     pub fn requests(&self) -> Vec<String> {

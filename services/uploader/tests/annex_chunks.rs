@@ -22,17 +22,7 @@ use bidsflux_uploader::store::Store;
 
 /// Runs git asynchronously: the S3 server answers on this test's runtime.
 async fn git(dir: &Path, s3: &S3Server, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
-        .env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "annex.security.allowed-ip-addresses")
-        .env("GIT_CONFIG_VALUE_0", "127.0.0.1")
-        .output()
-        .await
-        .unwrap();
+    let out = Command::new("git").args(args).current_dir(dir).envs(s3.annex_user_env()).output().await.unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "git {args:?} failed:\n{text}\nS3 requests: {:?}", s3.requests());
     text

@@ -230,11 +230,7 @@ pub async fn run_datalad(h: &Harness, dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env("PATH", path)
-        .env("AWS_ACCESS_KEY_ID", &h.s3.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &h.s3.secret_key)
-        .env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "annex.security.allowed-ip-addresses")
-        .env("GIT_CONFIG_VALUE_0", "127.0.0.1")
+        .envs(h.s3.annex_user_env())
         .output()
         .await
         .unwrap();
