@@ -129,6 +129,18 @@ impl Env {
         }
     }
 
+    /// A listen address: `default` when unset, `None` for `off` (in any case), else parsed.
+    pub fn listen_addr_or(
+        &self,
+        var: &str,
+        default: std::net::SocketAddr,
+    ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        match self.get(var) {
+            Some(v) if v.eq_ignore_ascii_case("off") => Ok(None),
+            _ => self.parse_or(var, default).map(Some),
+        }
+    }
+
     /// Parses a boolean (`1/0`, `true/false`, `yes/no`, `on/off`).
     pub fn bool_or(&self, var: &str, default: bool) -> Result<bool, ConfigError> {
         match self.get(var).map(str::to_ascii_lowercase).as_deref() {
@@ -197,6 +209,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_default_parse_or_are_off_in_any_case() {
+        let d: std::net::SocketAddr = "0.0.0.0:9464".parse().unwrap();
+        let env = Env::from_pairs([("A", "off"), ("B", " OFF "), ("C", "127.0.0.1:80"), ("D", ""), ("E", "nowhere")]);
+        assert_eq!(env.listen_addr_or("A", d).unwrap(), None);
+        assert_eq!(env.listen_addr_or("B", d).unwrap(), None);
+        assert_eq!(env.listen_addr_or("C", d).unwrap(), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(env.listen_addr_or("D", d).unwrap(), Some(d));
+        assert_eq!(env.listen_addr_or("unset", d).unwrap(), Some(d));
+        assert!(env.listen_addr_or("E", d).unwrap_err().to_string().contains('E'));
+    }
 
     #[test]
     fn durations() {

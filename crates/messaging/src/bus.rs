@@ -47,6 +47,13 @@ pub struct Bus {
     service: String,
 }
 
+impl bidsflux_service::http::Ready for Bus {
+    /// Healthy only while the NATS connection is up.
+    fn ready(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
 impl Bus {
     /// How long a publish waits for JetStream's ack.
     pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -317,8 +317,8 @@ fn retry_decision(opts: &ConsumerOptions, delivered: i64, age: Option<Duration>)
     if too_old || too_many {
         return Retry::GiveUp;
     }
-    let shift = (delivered - 1).clamp(0, 16) as u32;
-    let delay = opts.backoff.saturating_mul(1 << shift).min(opts.max_backoff);
+    let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
+    let delay = bidsflux_service::Backoff::doubling(opts.backoff, opts.max_backoff).delay(attempt);
     let every = opts.warn_every.max(1);
     Retry::After { delay, warn: delivered <= every || delivered % every == 0 }
 }

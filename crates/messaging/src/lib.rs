@@ -6,10 +6,14 @@
 //! - [`Bus`]: a connection that publishes protobuf events to JetStream, waits
 //!   for the ack and carries the W3C trace context in headers ([`trace`]).
 //! - [`consume`]: durable pull consumers with in-progress acks, retries with
-//!   back-off and dead letters.
+//!   back-off and dead letters;
+//! - [`manifest`]: archive manifests kept in the JetStream object store;
+//! - [`trace`]: the W3C trace context in message headers.
+//!
+//! The health check of `bidsflux_service::http` asks the [`Bus`] whether its connection is up
+//! (`impl Ready for Bus`).
 
 pub mod consume;
-pub mod http;
 pub mod manifest;
 pub mod subjects;
 pub mod topology;
@@ -19,26 +23,3 @@ mod bus;
 
 pub use bus::{Bus, PublishError, now_unix_ms};
 pub use consume::{ConsumerOptions, Delivery, HandlerError, run_consumer};
-
-/// A token cancelled on SIGINT or SIGTERM (for service `main`s).
-pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
-    let token = tokio_util::sync::CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-        tracing::info!("shutdown requested");
-        t.cancel();
-    });
-    token
-}

@@ -6,6 +6,7 @@
 //! - [`S3Server`]: an embedded S3 server (`s3s-fs`: objects are files under a
 //!   directory), with signature checking;
 //! - [`dicom`]: a synthetic MR study generator and Part 10 helpers;
+//! - [`scrape`]: a service's `/healthz` and `/metrics`, as a probe and Prometheus ask them;
 //! - [`wait_until`]: polling with a deadline instead of sleeps.
 
 pub mod dicom;
@@ -14,6 +15,7 @@ mod http;
 mod nats;
 pub mod pki;
 mod s3;
+pub mod scrape;
 
 use std::future::Future;
 use std::time::Duration;

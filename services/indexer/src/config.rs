@@ -1,5 +1,6 @@
 //! Configuration of the indexer.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -275,7 +276,15 @@ pub struct Config {
     /// Files of new session, study and BIDS datasets: built in, or a site's
     /// from `BIDSFLUX_TEMPLATES_DIR` (see [`crate::templates`]).
     pub templates: Templates,
+    /// `GET /metrics` and `GET /healthz` ([`HTTP_BIND_VAR`], default [`DEFAULT_HTTP_BIND`];
+    /// `off` turns them off). Each replica serves its own.
+    pub http_bind: Option<SocketAddr>,
 }
+
+/// The variable of [`Config::http_bind`].
+pub const HTTP_BIND_VAR: &str = "BIDSFLUX_INDEXER_HTTP_BIND";
+/// Default of [`HTTP_BIND_VAR`] (the receiver's is 9464, study-completion's 9465, the uploader's 9466).
+pub const DEFAULT_HTTP_BIND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9467);
 
 /// Checks a branch name the way `git check-ref-format --branch` would, for the names a site sets.
 fn branch(env: &Env, var: &'static str, default: &str) -> Result<String, ConfigError> {
@@ -375,6 +384,7 @@ impl Config {
             bids_dev_branch,
             bids_base_branch,
             templates,
+            http_bind: env.listen_addr_or(HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?,
         })
     }
 }

@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use bidsflux_messaging::manifest::{self, ManifestError};
@@ -16,6 +17,7 @@ use crate::forge::Project;
 use crate::forge::{Forge, ForgeError, ProjectPath};
 use crate::git::{Git, GitError};
 use crate::job::{IndexJob, JobError};
+use crate::metrics::{Metrics, Outcome, Step};
 use crate::superdataset::{self, Conflict, StudyUpdate, Subdataset};
 use crate::templates::{Templates, Values};
 
@@ -34,6 +36,8 @@ pub(crate) struct Indexer<F> {
     pub(crate) bids_base_branch: String,
     /// BIDS projects known to be complete (all branches pushed): not checked again.
     pub(crate) bids_ready: Mutex<HashSet<String>>,
+    /// What `/metrics` shows.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Where one study's datasets go.
@@ -165,8 +169,19 @@ fn forge_error(e: ForgeError) -> HandlerError {
 }
 
 impl<F: Forge> Indexer<F> {
-    /// Handles one delivery.
+    /// Handles one delivery, counted in the metrics.
     pub(crate) async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
+        let started = Instant::now();
+        let result = self.handle_delivery(d).await;
+        match &result {
+            Ok(outcome) => self.metrics.session(*outcome, started.elapsed()),
+            Err(HandlerError::Transient(_)) => self.metrics.failure(None),
+            Err(HandlerError::Permanent { kind, .. }) => self.metrics.failure(Some(*kind)),
+        }
+        result.map(|_| ())
+    }
+
+    async fn handle_delivery(&self, d: Delivery) -> Result<Outcome, HandlerError> {
         let mut msg: pb::ArchiveStored = d.decode()?;
         manifest::resolve(&self.bus.js, &mut msg).await.map_err(|e| match e {
             ManifestError::Invalid { .. } => HandlerError::invalid(e.to_string()),
@@ -186,7 +201,7 @@ impl<F: Forge> Indexer<F> {
         self.index(&job).instrument(span).await
     }
 
-    async fn index(&self, job: &IndexJob) -> Result<(), HandlerError> {
+    async fn index(&self, job: &IndexJob) -> Result<Outcome, HandlerError> {
         let paths = project_paths(&self.group_template, &self.session_name_template, job)?;
         self.index_at(job, &paths).await.map_err(|e| redacted(&paths.session, e))
     }
@@ -201,9 +216,11 @@ impl<F: Forge> Indexer<F> {
         }
     }
 
-    async fn index_at(&self, job: &IndexJob, paths: &Paths) -> Result<(), HandlerError> {
+    async fn index_at(&self, job: &IndexJob, paths: &Paths) -> Result<Outcome, HandlerError> {
         let path = &paths.session;
+        let step = Instant::now();
         let project = self.forge.ensure_project(path).await.map_err(forge_error)?;
+        self.metrics.step(Step::Project, step.elapsed());
         let work = tempfile::Builder::new()
             .prefix(&format!("{}-", job.study))
             .tempdir_in(&self.work_dir)
@@ -240,8 +257,10 @@ impl<F: Forge> Indexer<F> {
             study_commit: study.commit,
         };
         let id = subjects::indexed_msg_id(job.study.as_str(), job.generation);
+        let step = Instant::now();
         self.bus.publish(subjects::STUDY_INDEXED, &event, Some(&id)).await.context("publish StudyIndexed")?;
-        Ok(())
+        self.metrics.step(Step::Publish, step.elapsed());
+        Ok(if indexed.pushed { Outcome::Indexed } else { Outcome::AlreadyIndexed })
     }
 }
 
@@ -260,8 +279,11 @@ impl<F: Forge> Indexer<F> {
         let session_dir = work.join("session");
         tokio::fs::create_dir_all(&session_dir).await.context("create the session work directory")?;
         let session_files = self.templates.session.render(&values);
+        let step = Instant::now();
         let indexed = dataset::index(&self.git, &session_dir, job, project, &session_files).await?;
+        self.metrics.step(Step::Session, step.elapsed());
 
+        let step = Instant::now();
         let study_project = self.forge.ensure_project(&paths.study).await.map_err(forge_error)?;
         let session = Subdataset {
             path: paths.session_name.clone(),
@@ -295,7 +317,12 @@ impl<F: Forge> Indexer<F> {
                 hide_session_name(&format!("{e:#}"), &paths.session_name)
             )),
         })?;
-        match self.ensure_bids(paths, &values, &study, work).await {
+        self.metrics.step(Step::Superdataset, step.elapsed());
+        self.metrics.push_retries(study.push_retries);
+        let step = Instant::now();
+        let bids = self.ensure_bids(paths, &values, &study, work).await;
+        self.metrics.step(Step::Bids, step.elapsed());
+        match bids {
             Ok(()) => {}
             // The session and its entry are pushed: a BIDS project GitLab
             // refuses to set up (e.g. made by hand, the bot not Maintainer)

@@ -13,7 +13,8 @@
 //!
 //! Failures of git, git-annex or the forge are retried; messages whose
 //! values cannot be used (bad UIDs, hostile paths, a group template that does
-//! not render) are dead-lettered as invalid input.
+//! not render) are dead-lettered as invalid input. Each replica serves
+//! `/healthz` and `/metrics` ([`metrics`]) on `BIDSFLUX_INDEXER_HTTP_BIND`.
 
 pub mod annex_branch;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod forge;
 pub mod git;
 pub mod gitlab_forge;
 pub mod job;
+pub mod metrics;
 pub mod superdataset;
 pub mod templates;
 
@@ -32,6 +34,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, run_consumer, subjects};
+use bidsflux_service::tasks::SHUTDOWN_GRACE;
+use bidsflux_service::{Tasks, listen};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ForgeConfig};
@@ -39,6 +43,7 @@ use forge::{Forge, LocalForge};
 use git::{Git, Identity};
 use gitlab_forge::GitlabForge;
 use handler::Indexer;
+use metrics::Metrics;
 
 /// The JetStream objects the indexer needs.
 pub const REQUIRES: &[Requirement] = &[
@@ -50,6 +55,7 @@ pub const REQUIRES: &[Requirement] = &[
 
 /// Runs the indexer until `shutdown` is cancelled.
 pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
     tokio::fs::create_dir_all(&config.work_dir)
         .await
         .with_context(|| format!("create BIDSFLUX_WORK_DIR {}", config.work_dir.display()))?;
@@ -66,7 +72,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
                 .await
                 .with_context(|| format!("create BIDSFLUX_FORGE_DIR {}", dir.display()))?;
             let forge = LocalForge::new(dir, git.clone());
-            serve(config, bus, shutdown, git, forge).await
+            serve(config, bus, http, shutdown, git, forge).await
         }
         ForgeConfig::Gitlab(gitlab) => {
             let key_file = match &gitlab.transport {
@@ -83,7 +89,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
             // starts (and its consumer waits) while GitLab is down.
             tracing::info!(url = gitlab.url, bot = gitlab.bot_username, "using the GitLab forge");
             let forge = GitlabForge::new(gitlab.clone());
-            let result = serve(config, bus, shutdown, git, forge).await;
+            let result = serve(config, bus, http, shutdown, git, forge).await;
             // The key does not outlive the process on the shared work directory.
             if let Some(file) = key_file {
                 let _ = tokio::fs::remove_file(file).await;
@@ -113,10 +119,19 @@ async fn write_ssh_key(path: &std::path::Path, key: &str) -> std::io::Result<()>
 async fn serve<F: Forge>(
     config: Config,
     bus: Bus,
+    http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
     git: Git,
     forge: F,
 ) -> anyhow::Result<()> {
+    let tasks = Tasks::new(&shutdown);
+    let metrics = Arc::new(Metrics::default());
+    let health = bidsflux_service::http::Health {
+        ready: Arc::new(bus.clone()),
+        metrics: metrics.clone(),
+        shutdown: tasks.shutdown().clone(),
+    };
+    bidsflux_service::http::spawn(&tasks, http, health);
     let indexer = Arc::new(Indexer {
         bus: bus.clone(),
         git,
@@ -129,14 +144,17 @@ async fn serve<F: Forge>(
         bids_dev_branch: config.bids_dev_branch.clone(),
         bids_base_branch: config.bids_base_branch.clone(),
         bids_ready: std::sync::Mutex::default(),
+        metrics,
     });
     let mut opts = ConsumerOptions::new(subjects::STREAM_ARCHIVES, subjects::CONSUMER_INDEXER);
     opts.concurrency = config.concurrency;
     // Jobs take seconds to minutes: replicas share the queue message by message.
     opts.pull_batch = config.concurrency;
-    run_consumer(bus, opts, shutdown, handler::study_of, move |d| {
+    let consumed = run_consumer(bus, opts, shutdown, handler::study_of, move |d| {
         let indexer = Arc::clone(&indexer);
         async move { indexer.handle(d).await }
     })
-    .await
+    .await;
+    tasks.stop(SHUTDOWN_GRACE).await;
+    consumed
 }

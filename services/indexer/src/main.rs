@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bidsflux_config::Env;
 use bidsflux_indexer::{Config, REQUIRES, run};
-use bidsflux_messaging::{Bus, shutdown_on_signals};
+use bidsflux_messaging::Bus;
+use bidsflux_service::shutdown_on_signals;
 
 #[tokio::main]
 async fn main() -> ExitCode {

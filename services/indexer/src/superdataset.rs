@@ -25,6 +25,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bidsflux_service::Backoff;
 use uuid::Uuid;
 
 use crate::annex_branch::{BranchUpdate, Timestamp};
@@ -107,6 +108,8 @@ pub struct StudyUpdate {
     pub pushed: bool,
     /// True when this call created the superdataset.
     pub created: bool,
+    /// Pushes refused because another replica moved the superdataset first, then redone.
+    pub push_retries: u32,
 }
 
 /// An entry of `.gitmodules`.
@@ -155,7 +158,13 @@ where
             Some(commit) => commit,
             None if !created => {
                 let commit = git.run(&dir, &["rev-parse", base]).await.context("read the superdataset")?;
-                return Ok(StudyUpdate { dataset_id, commit: commit.trim().to_owned(), pushed: false, created });
+                return Ok(StudyUpdate {
+                    dataset_id,
+                    commit: commit.trim().to_owned(),
+                    pushed: false,
+                    created,
+                    push_retries: attempt,
+                });
             }
             None => anyhow::bail!("a new study superdataset did not record its first session"),
         };
@@ -166,7 +175,7 @@ where
             refs.push("refs/heads/git-annex:refs/heads/git-annex");
         }
         if push(&remote, &dir, &project.push_url, &refs).await? {
-            return Ok(StudyUpdate { dataset_id, commit, pushed: true, created });
+            return Ok(StudyUpdate { dataset_id, commit, pushed: true, created, push_retries: attempt });
         }
         tracing::debug!(attempt, "the study superdataset moved while a session was added; adding it again");
         backoff(attempt).await;
@@ -312,10 +321,10 @@ fn moved(stderr: &str) -> bool {
     })
 }
 
+/// After refused push `attempt` (from 0): 25 ms more per attempt up to 225 ms, plus as much again at random.
 async fn backoff(attempt: u32) {
-    let base = 25u64 * u64::from(attempt.min(8) + 1);
-    let jitter = u64::from(Uuid::new_v4().as_u128() as u16) % base;
-    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+    const PUSH_RACE: Backoff = Backoff::linear(Duration::from_millis(25), Duration::from_millis(225)).with_jitter(1.0);
+    PUSH_RACE.sleep(attempt + 1).await;
 }
 
 /// The content of `.gitmodules` at `base` (None if it has none).

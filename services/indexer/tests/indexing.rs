@@ -220,3 +220,66 @@ async fn an_older_generation_indexed_late_keeps_the_newer_archive() {
     assert_eq!(git(&study, &["rev-parse", "main:Doe/Jane"]).await, git(bare, &["rev-parse", "main"]).await);
     h.shutdown().await;
 }
+
+/// Each replica serves `/healthz` and `/metrics` like the other services: sessions by result,
+/// failures by kind, the time of each step.
+#[tokio::test]
+async fn healthz_and_metrics_count_sessions_failures_and_steps() {
+    let port = bidsflux_testsupport::free_port().unwrap();
+    let bind = format!("127.0.0.1:{port}");
+    let h = Harness::start_with(&[("BIDSFLUX_INDEXER_HTTP_BIND", bind.as_str())]).await;
+    let addr: std::net::SocketAddr = bind.parse().unwrap();
+    let get = |path: &'static str| bidsflux_testsupport::scrape::http_get(addr, path);
+    let metrics = || async move {
+        let (status, body) = get("/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        body
+    };
+    let value = |body: &str, sample: &str| {
+        bidsflux_testsupport::scrape::sample(body, sample).unwrap_or_else(|| panic!("no {sample} in\n{body}"))
+    };
+    // Listening as soon as `run` binds: polled, as an orchestrator's probe would.
+    let healthz =
+        bidsflux_testsupport::wait_until("the indexer's /healthz", std::time::Duration::from_secs(10), || async move {
+            get("/healthz").await.ok()
+        })
+        .await
+        .unwrap();
+    assert_eq!(healthz, (200, "ok\n".to_owned()));
+
+    let archived = archive_study(&h, StudySpec { series: 1, instances_per_series: 2, ..StudySpec::default() }).await;
+    let mut indexed_sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    publish(&h, &archived.message).await;
+    next_indexed(&mut indexed_sub).await;
+    publish(&h, &archived.message).await;
+    next_indexed(&mut indexed_sub).await;
+    // A message that does not decode is dead-lettered as malformed.
+    let mut dead = h.bus.client.subscribe(format!("{}.>", subjects::DEADLETTER_PREFIX)).await.unwrap();
+    h.bus.js.publish(subjects::ARCHIVE_STORED, vec![0xff, 0xff, 0xff].into()).await.unwrap().await.unwrap();
+    support::next_dead_letter(&mut dead).await;
+
+    let body = bidsflux_testsupport::wait_until(
+        "the malformed message counted",
+        std::time::Duration::from_secs(10),
+        || async move {
+            let body = metrics().await;
+            (bidsflux_testsupport::scrape::sample(&body, "bidsflux_indexer_failures_total{kind=\"malformed\"}")
+                == Some(1.0))
+            .then_some(body)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(&body, "bidsflux_indexer_sessions_total{result=\"indexed\"}"), 1.0);
+    assert_eq!(value(&body, "bidsflux_indexer_sessions_total{result=\"already_indexed\"}"), 1.0);
+    assert_eq!(value(&body, "bidsflux_indexer_failures_total{kind=\"transient\"}"), 0.0);
+    assert_eq!(value(&body, "bidsflux_indexer_push_retries_total"), 0.0);
+    assert_eq!(value(&body, "bidsflux_indexer_session_seconds_count"), 2.0);
+    for step in ["project", "publish"] {
+        assert_eq!(value(&body, &format!("bidsflux_indexer_step_seconds_count{{step=\"{step}\"}}")), 2.0, "{step}");
+    }
+    // Session, superdataset and BIDS steps ran for both deliveries (the second converged at once).
+    assert_eq!(value(&body, "bidsflux_indexer_step_seconds_count{step=\"session\"}"), 2.0);
+    assert!(!body.contains("1.2.826"), "no UID in a label:\n{body}");
+    h.shutdown().await;
+}

@@ -160,11 +160,7 @@ impl Config {
             Some(text) => parse_size(text).map_err(|e| ConfigError::invalid(SPOOL_MIN_FREE_VAR, e))?,
             None => 2 << 30,
         };
-        let http_bind = match env.get(HTTP_BIND_VAR).map(str::trim) {
-            Some("off") => None,
-            Some(_) => Some(env.parse_or(HTTP_BIND_VAR, SocketAddr::from(([0, 0, 0, 0], 9464)))?),
-            None => Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
-        };
+        let http_bind = env.listen_addr_or(HTTP_BIND_VAR, SocketAddr::from(([0, 0, 0, 0], 9464)))?;
         let allow_patient = env.bool_or(rule_attributes::ALLOW_PATIENT_VAR, false)?;
         let rule_attributes = match env.get(rule_attributes::VAR) {
             Some("none") => RuleAttributes::default(),

@@ -14,7 +14,7 @@
 //! - [`store`]: one C-STORE, from fragments to the published event;
 //! - [`spool`]: temp files, the spool layout, atomic placement;
 //! - [`space`]: refuses stores while the spool's disk is nearly full;
-//! - [`metrics`]: Prometheus metrics, served with `/healthz` by [`bidsflux_messaging::http`].
+//! - [`metrics`]: Prometheus metrics, served with `/healthz` by [`bidsflux_service::http`].
 //!
 //! Patient values never reach logs, spans or error messages: only UIDs,
 //! sizes, AE titles and peer addresses do.
@@ -39,10 +39,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, subjects};
+use bidsflux_service::{Tasks, listen};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use config::Config;
@@ -72,12 +72,7 @@ pub struct Listeners {
 
 /// Binds [`Config::http_bind`] (if set) and calls [`run_with`].
 pub async fn run(config: Config, listener: TcpListener, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let http = match config.http_bind {
-        Some(addr) => {
-            Some(TcpListener::bind(addr).await.with_context(|| format!("bind {} {addr}", config::HTTP_BIND_VAR))?)
-        }
-        None => None,
-    };
+    let http = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
     run_with(config, Listeners { dicom: listener, http }, bus, shutdown).await
 }
 
@@ -110,20 +105,18 @@ pub async fn run_with(
             "the spool starts below its free-space threshold"
         );
     }
-    let http_stop = CancellationToken::new();
-    let http_task = http.map(|http| {
-        if let Ok(addr) = http.local_addr() {
-            info!(addr = %addr, "health and metrics listening");
-        }
-        let health =
-            bidsflux_messaging::http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
-        tokio::spawn(bidsflux_messaging::http::serve(http, health, http_stop.clone()))
-    });
+    let tasks = Tasks::new(&shutdown);
+    let health = bidsflux_service::http::Health {
+        ready: Arc::new(bus.clone()),
+        metrics: metrics.clone(),
+        shutdown: tasks.shutdown().clone(),
+    };
+    bidsflux_service::http::spawn(&tasks, http, health);
     let recovered = spool.take_recovered();
     if !recovered.is_empty() {
         // Announced again: JetStream de-duplicates what was published before the crash.
-        let bus = bus.clone();
-        tokio::spawn(async move {
+        let (bus, abort) = (bus.clone(), tasks.abort_token());
+        let announce = async move {
             let n = recovered.len();
             let mut failed = 0_usize;
             for r in recovered {
@@ -133,6 +126,14 @@ pub async fn run_with(
                 }
             }
             info!(instances = n, failed, "restored instances announced");
+        };
+        // Given up, like the associations, when the grace period is over.
+        tasks.spawn("announce restored instances", async move {
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = announce => {}
+            }
+            Ok(())
         });
     }
     if !config.rule_attributes.is_empty() {
@@ -144,8 +145,7 @@ pub async fn run_with(
     let rule_attributes = Arc::new(config.rule_attributes.clone());
     let ctx = Arc::new(StoreContext { spool, bus, space, metrics: metrics.clone(), rule_attributes });
     let acceptor = Arc::new(association::Acceptor::new(&config));
-    let tracker = TaskTracker::new();
-    let abort = CancellationToken::new();
+    let abort = tasks.abort_token();
     let slots = Arc::new(Semaphore::new(config.max_associations));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     match &config.access {
@@ -156,7 +156,11 @@ pub async fn run_with(
         Policy::AllowList(entries) => info!(entries = entries.len(), "scanner allow-list loaded"),
     }
     if let Some(tls) = &config.tls {
-        tokio::spawn(reload_certificate(tls.cert.clone(), tls.reload_interval, shutdown.clone()));
+        let reload = reload_certificate(tls.cert.clone(), tls.reload_interval, tasks.shutdown().clone());
+        tasks.spawn("reload the TLS certificate", async move {
+            reload.await;
+            Ok(())
+        });
     }
     info!(
         addr = %listener.local_addr().context("read listener address")?,
@@ -186,18 +190,20 @@ pub async fn run_with(
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let fut = association::serve(acceptor.clone(), ctx.clone(), socket, peer, abort.clone());
-                tracker.spawn(async move {
+                tasks.spawn("association", async move {
                     fut.await;
                     drop(slot);
+                    Ok(())
                 });
             }
             Err(_) => match rejecting.clone().try_acquire_owned() {
                 Ok(permit) => {
                     metrics.reject(RejectReason::Limit);
                     let fut = association::reject_busy(acceptor.clone(), socket, peer);
-                    tracker.spawn(async move {
+                    tasks.spawn("association rejection", async move {
                         fut.await;
                         drop(permit);
+                        Ok(())
                     });
                 }
                 Err(_) => {
@@ -208,20 +214,8 @@ pub async fn run_with(
         }
     }
     drop(listener);
-    tracker.close();
-    if !tracker.is_empty() {
-        info!(open = tracker.len(), grace = ?config.shutdown_grace, "stopped accepting, waiting for open associations");
-    }
-    if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
-        abort.cancel();
-        tracker.wait().await;
-    }
-    http_stop.cancel();
-    if let Some(task) = http_task
-        && let Err(e) = task.await
-    {
-        warn!(error = %e, "http listener task failed");
-    }
+    info!(open = tasks.len(), "stopped accepting associations");
+    tasks.stop(config.shutdown_grace).await;
     info!("receiver stopped");
     Ok(())
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bidsflux_config::Env;
-use bidsflux_messaging::{Bus, shutdown_on_signals};
+use bidsflux_messaging::Bus;
 use bidsflux_receiver::{Config, REQUIRES, run};
+use bidsflux_service::shutdown_on_signals;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -1,12 +1,13 @@
-//! The receiver's metrics: counters, gauges and one histogram in atomics, rendered by hand in
-//! the Prometheus text format (served by [`crate::http`]).
+//! The receiver's metrics: counters and gauges in atomics and one histogram, written in
+//! the Prometheus text format by [`bidsflux_service::metrics`] (served by [`bidsflux_service::http`]).
 //!
 //! Labels are small fixed sets (a store's result, a rejection's reason): never UIDs, AE titles
 //! or anything from a data set.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use bidsflux_service::metrics::{Exposition, Histogram, Kind};
 
 /// How a C-STORE ended, for `bidsflux_receiver_instances_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,18 +65,30 @@ impl RejectReason {
 const STORE_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// Every metric of the receiver.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     instances: [AtomicU64; 4],
     /// Data set bytes of instances answered Success.
     bytes: AtomicU64,
     rejects: [AtomicU64; 4],
-    /// Cumulative per bucket is computed at render time; these are per-bucket counts (last: `+Inf`).
-    store_buckets: [AtomicU64; STORE_BUCKETS.len() + 1],
-    store_sum_micros: AtomicU64,
+    /// Time from C-STORE-RQ to the response.
+    store_seconds: Histogram,
     /// Free bytes of the spool file system at the last check.
     spool_free_bytes: AtomicU64,
     associations_active: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            instances: Default::default(),
+            bytes: AtomicU64::new(0),
+            rejects: Default::default(),
+            store_seconds: Histogram::new(&STORE_BUCKETS),
+            spool_free_bytes: AtomicU64::new(0),
+            associations_active: AtomicI64::new(0),
+        }
+    }
 }
 
 impl Metrics {
@@ -85,10 +98,7 @@ impl Metrics {
         if result != StoreResult::Failed {
             self.bytes.fetch_add(dataset_len, Ordering::Relaxed);
         }
-        let secs = elapsed.as_secs_f64();
-        let bucket = STORE_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(STORE_BUCKETS.len());
-        self.store_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.store_sum_micros.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.store_seconds.observe(elapsed);
     }
 
     /// Counts a rejected association.
@@ -109,45 +119,31 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        // Writing to a String cannot fail.
-        let _ = (|| -> std::fmt::Result {
-            writeln!(out, "# HELP bidsflux_receiver_instances_total C-STORE requests answered, by result.")?;
-            writeln!(out, "# TYPE bidsflux_receiver_instances_total counter")?;
-            for r in StoreResult::ALL {
-                let n = load(&self.instances[r as usize]);
-                writeln!(out, "bidsflux_receiver_instances_total{{result=\"{}\"}} {n}", r.label())?;
-            }
-            writeln!(out, "# HELP bidsflux_receiver_bytes_total Data set bytes of instances answered Success.")?;
-            writeln!(out, "# TYPE bidsflux_receiver_bytes_total counter")?;
-            writeln!(out, "bidsflux_receiver_bytes_total {}", load(&self.bytes))?;
-            writeln!(out, "# HELP bidsflux_receiver_association_rejects_total Associations rejected, by reason.")?;
-            writeln!(out, "# TYPE bidsflux_receiver_association_rejects_total counter")?;
-            for r in RejectReason::ALL {
-                let n = load(&self.rejects[r as usize]);
-                writeln!(out, "bidsflux_receiver_association_rejects_total{{reason=\"{}\"}} {n}", r.label())?;
-            }
-            writeln!(out, "# HELP bidsflux_receiver_store_seconds Time from C-STORE-RQ to the response.")?;
-            writeln!(out, "# TYPE bidsflux_receiver_store_seconds histogram")?;
-            let mut cumulative = 0_u64;
-            for (i, bound) in STORE_BUCKETS.iter().enumerate() {
-                cumulative += load(&self.store_buckets[i]);
-                writeln!(out, "bidsflux_receiver_store_seconds_bucket{{le=\"{bound}\"}} {cumulative}")?;
-            }
-            cumulative += load(&self.store_buckets[STORE_BUCKETS.len()]);
-            writeln!(out, "bidsflux_receiver_store_seconds_bucket{{le=\"+Inf\"}} {cumulative}")?;
-            let sum = load(&self.store_sum_micros) as f64 / 1e6;
-            writeln!(out, "bidsflux_receiver_store_seconds_sum {sum}")?;
-            writeln!(out, "bidsflux_receiver_store_seconds_count {cumulative}")?;
-            writeln!(out, "# HELP bidsflux_receiver_spool_free_bytes Free bytes of the spool file system.")?;
-            writeln!(out, "# TYPE bidsflux_receiver_spool_free_bytes gauge")?;
-            writeln!(out, "bidsflux_receiver_spool_free_bytes {}", load(&self.spool_free_bytes))?;
-            writeln!(out, "# HELP bidsflux_receiver_associations_active Associations being served.")?;
-            writeln!(out, "# TYPE bidsflux_receiver_associations_active gauge")?;
-            writeln!(out, "bidsflux_receiver_associations_active {}", self.associations_active.load(Ordering::Relaxed))
-        })();
-        out
+        let mut e = Exposition::new();
+        let name = "bidsflux_receiver_instances_total";
+        e.family(name, "C-STORE requests answered, by result.", Kind::Counter);
+        for r in StoreResult::ALL {
+            e.sample(name, &[("result", r.label())], load(&self.instances[r as usize]));
+        }
+        e.counter("bidsflux_receiver_bytes_total", "Data set bytes of instances answered Success.", load(&self.bytes));
+        let name = "bidsflux_receiver_association_rejects_total";
+        e.family(name, "Associations rejected, by reason.", Kind::Counter);
+        for r in RejectReason::ALL {
+            e.sample(name, &[("reason", r.label())], load(&self.rejects[r as usize]));
+        }
+        e.histogram("bidsflux_receiver_store_seconds", "Time from C-STORE-RQ to the response.", &self.store_seconds);
+        e.gauge(
+            "bidsflux_receiver_spool_free_bytes",
+            "Free bytes of the spool file system.",
+            load(&self.spool_free_bytes),
+        );
+        e.gauge(
+            "bidsflux_receiver_associations_active",
+            "Associations being served.",
+            self.associations_active.load(Ordering::Relaxed),
+        );
+        e.finish()
     }
 }
 
@@ -163,7 +159,7 @@ impl Drop for ActiveAssociation<'_> {
     }
 }
 
-impl bidsflux_messaging::http::MetricsText for Metrics {
+impl bidsflux_service::metrics::MetricsText for Metrics {
     fn render(&self) -> String {
         Metrics::render(self)
     }

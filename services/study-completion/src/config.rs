@@ -77,17 +77,9 @@ impl Config {
             quiet_period,
             rules: Arc::new(rules),
             rules_path,
-            http_bind: bind(env, HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?,
-            grpc_bind: bind(env, GRPC_BIND_VAR, DEFAULT_GRPC_BIND)?,
+            http_bind: env.listen_addr_or(HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?,
+            grpc_bind: env.listen_addr_or(GRPC_BIND_VAR, DEFAULT_GRPC_BIND)?,
         })
-    }
-}
-
-/// A listen address, `None` for `off`.
-fn bind(env: &Env, var: &str, default: SocketAddr) -> Result<Option<SocketAddr>, ConfigError> {
-    match env.get(var) {
-        Some(v) if v.eq_ignore_ascii_case("off") => Ok(None),
-        _ => env.parse_or(var, default).map(Some),
     }
 }
 

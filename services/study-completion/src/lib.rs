@@ -25,14 +25,14 @@ mod timers;
 #[cfg(test)]
 mod sim_tests;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, Delivery, HandlerError, now_unix_ms, run_consumer, subjects, trace};
 use bidsflux_proto::v1 as pb;
+use bidsflux_service::tasks::SHUTDOWN_GRACE;
+use bidsflux_service::{Tasks, listen};
 use bidsflux_session::Uid;
 use prost::Message as _;
 use tokio::net::TcpListener;
@@ -67,29 +67,9 @@ pub struct Listeners {
 impl Listeners {
     /// Binds what `config` asks for.
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
-        let http = match config.http_bind {
-            Some(addr) => Some(bind(addr, HTTP_BIND_VAR).await?),
-            None => None,
-        };
-        let grpc = match config.grpc_bind {
-            Some(addr) => Some(bind(addr, GRPC_BIND_VAR).await?),
-            None => None,
-        };
+        let http = listen::bind_optional(config.http_bind, HTTP_BIND_VAR).await?;
+        let grpc = listen::bind_optional(config.grpc_bind, GRPC_BIND_VAR).await?;
         Ok(Self { http, grpc })
-    }
-}
-
-/// Binds `addr`, waiting a few seconds if it is in use (a predecessor may still be stopping).
-async fn bind(addr: SocketAddr, var: &str) -> anyhow::Result<TcpListener> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match TcpListener::bind(addr).await {
-            Ok(l) => return Ok(l),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(anyhow::anyhow!("listen on {addr} ({var}): {e}")),
-        }
     }
 }
 
@@ -104,7 +84,8 @@ pub async fn serve(config: Config, bus: Bus, listeners: Listeners, shutdown: Can
     let kv = bus.js.get_key_value(subjects::KV_STUDIES).await.context("open the studies KV bucket")?;
     let rules = config.rules.clone();
     let core = Core { bus: bus.clone(), kv, engine: Engine::new(rules.clone()), metrics: Arc::new(Metrics::default()) };
-    let timers = Timers::start(core.clone(), shutdown.clone());
+    let tasks = Tasks::new(&shutdown);
+    let timers = Timers::start(core.clone(), &tasks);
     let resumed = resume(&core, &timers).await.context("resume open studies")?;
     let names: Vec<&str> = rules.rules().iter().map(|r| r.name()).collect();
     let keywords: Vec<&str> = rules.attribute_keywords().into_iter().chain(rules.completion_keywords()).collect();
@@ -117,32 +98,26 @@ pub async fn serve(config: Config, bus: Bus, listeners: Listeners, shutdown: Can
         "study-completion started"
     );
 
-    if let Some(listener) = listeners.http {
-        let health = bidsflux_messaging::http::Health {
-            bus: bus.clone(),
-            metrics: core.metrics.clone(),
-            shutdown: shutdown.clone(),
-        };
-        tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
-        tokio::spawn(bidsflux_messaging::http::serve(listener, health, shutdown.clone()));
-    }
+    let health = bidsflux_service::http::Health {
+        ready: Arc::new(bus.clone()),
+        metrics: core.metrics.clone(),
+        shutdown: tasks.shutdown().clone(),
+    };
+    bidsflux_service::http::spawn(&tasks, listeners.http, health);
     if let Some(listener) = listeners.grpc {
-        let (core, timers, shutdown) = (core.clone(), timers.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(core, timers, listener, shutdown).await {
-                tracing::error!(error = %format!("{e:#}"), "admin API stopped");
-            }
-        });
+        tasks.spawn("admin API", admin::serve(core.clone(), timers.clone(), listener, tasks.shutdown().clone()));
     }
 
     let mut opts = ConsumerOptions::new(subjects::STREAM_INSTANCES, subjects::CONSUMER_STUDY_COMPLETION);
     opts.concurrency = 8;
-    run_consumer(bus, opts, shutdown, study_of, move |d: Delivery| {
+    let consumed = run_consumer(bus, opts, shutdown, study_of, move |d: Delivery| {
         let core = core.clone();
         let timers = timers.clone();
         async move { on_instance(&core, &timers, d).await }
     })
-    .await
+    .await;
+    tasks.stop(SHUTDOWN_GRACE).await;
+    consumed
 }
 
 fn study_of(d: &Delivery) -> Option<String> {

@@ -1,13 +1,13 @@
-//! The service's metrics in atomics, rendered by hand in the Prometheus text format (served by
-//! [`crate::http`]), like the receiver's.
+//! The service's metrics: counters and a gauge in atomics and two histograms, written in the
+//! Prometheus text format by [`bidsflux_service::metrics`] (served by [`bidsflux_service::http`]).
 //!
 //! Labels are small fixed sets (criterion, outcome, result): never UIDs, rule names from a
 //! file, or anything from a data set.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bidsflux_proto::v1 as pb;
+use bidsflux_service::metrics::{Exposition, Histogram, Kind};
 
 use crate::decide::{Decision, Outcome, criterion_label};
 use crate::state::Applied;
@@ -32,39 +32,8 @@ const APPLIED: [(Applied, &str); 4] = [
 /// listed-series rule's sub-second to forced completions after hours.
 const BUCKETS: [f64; 14] = [0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Per-bucket counts (last: `+Inf`); cumulated when rendered.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_ms: AtomicU64,
-}
-
-impl Histogram {
-    fn observe_ms(&self, ms: i64) {
-        let ms = u64::try_from(ms).unwrap_or(0);
-        let secs = ms as f64 / 1000.0;
-        let bucket = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) -> std::fmt::Result {
-        writeln!(out, "# HELP {name} {help}")?;
-        writeln!(out, "# TYPE {name} histogram")?;
-        let mut cumulative = 0_u64;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}")?;
-        }
-        cumulative += self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
-        writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}")?;
-        writeln!(out, "{name}_sum {}", self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0)?;
-        writeln!(out, "{name}_count {cumulative}")
-    }
-}
-
 /// Every metric of the service.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Decisions by criterion (row) and outcome (column).
     decisions: [[AtomicU64; OUTCOMES.len()]; CRITERIA.len()],
@@ -73,6 +42,18 @@ pub struct Metrics {
     held: AtomicI64,
     first_to_completion: Histogram,
     last_to_completion: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            decisions: Default::default(),
+            instances: Default::default(),
+            held: AtomicI64::new(0),
+            first_to_completion: Histogram::new(&BUCKETS),
+            last_to_completion: Histogram::new(&BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
@@ -110,53 +91,40 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        // Writing to a String cannot fail.
-        let _ = (|| -> std::fmt::Result {
-            writeln!(
-                out,
-                "# HELP bidsflux_completion_decisions_total Studies completed, discarded or held, by criterion and outcome."
-            )?;
-            writeln!(out, "# TYPE bidsflux_completion_decisions_total counter")?;
-            for (ci, c) in CRITERIA.iter().enumerate() {
-                for (oi, o) in OUTCOMES.iter().enumerate() {
-                    let n = self.decisions[ci][oi].load(Ordering::Relaxed);
-                    writeln!(
-                        out,
-                        "bidsflux_completion_decisions_total{{criterion=\"{}\",outcome=\"{}\"}} {n}",
-                        criterion_label(*c),
-                        o.label()
-                    )?;
-                }
+        let mut e = Exposition::new();
+        let name = "bidsflux_completion_decisions_total";
+        e.family(name, "Studies completed, discarded or held, by criterion and outcome.", Kind::Counter);
+        for (ci, c) in CRITERIA.iter().enumerate() {
+            for (oi, o) in OUTCOMES.iter().enumerate() {
+                let n = self.decisions[ci][oi].load(Ordering::Relaxed);
+                e.sample(name, &[("criterion", criterion_label(*c)), ("outcome", o.label())], n);
             }
-            writeln!(
-                out,
-                "# HELP bidsflux_completion_instances_total Instance events, by what they did to their study."
-            )?;
-            writeln!(out, "# TYPE bidsflux_completion_instances_total counter")?;
-            for (i, (_, label)) in APPLIED.iter().enumerate() {
-                let n = self.instances[i].load(Ordering::Relaxed);
-                writeln!(out, "bidsflux_completion_instances_total{{result=\"{label}\"}} {n}")?;
-            }
-            writeln!(out, "# HELP bidsflux_completion_studies_held Studies waiting for an operator.")?;
-            writeln!(out, "# TYPE bidsflux_completion_studies_held gauge")?;
-            writeln!(out, "bidsflux_completion_studies_held {}", self.held.load(Ordering::Relaxed))?;
-            self.first_to_completion.render(
-                &mut out,
-                "bidsflux_completion_first_instance_to_completion_seconds",
-                "Time from a generation's first instance to its completion or discard.",
-            )?;
-            self.last_to_completion.render(
-                &mut out,
-                "bidsflux_completion_last_instance_to_completion_seconds",
-                "Time from a generation's last instance to its completion or discard.",
-            )
-        })();
-        out
+        }
+        let name = "bidsflux_completion_instances_total";
+        e.family(name, "Instance events, by what they did to their study.", Kind::Counter);
+        for (i, (_, label)) in APPLIED.iter().enumerate() {
+            e.sample(name, &[("result", label)], self.instances[i].load(Ordering::Relaxed));
+        }
+        e.gauge(
+            "bidsflux_completion_studies_held",
+            "Studies waiting for an operator.",
+            self.held.load(Ordering::Relaxed),
+        );
+        e.histogram(
+            "bidsflux_completion_first_instance_to_completion_seconds",
+            "Time from a generation's first instance to its completion or discard.",
+            &self.first_to_completion,
+        );
+        e.histogram(
+            "bidsflux_completion_last_instance_to_completion_seconds",
+            "Time from a generation's last instance to its completion or discard.",
+            &self.last_to_completion,
+        );
+        e.finish()
     }
 }
 
-impl bidsflux_messaging::http::MetricsText for Metrics {
+impl bidsflux_service::metrics::MetricsText for Metrics {
     fn render(&self) -> String {
         Metrics::render(self)
     }

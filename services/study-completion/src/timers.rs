@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use bidsflux_messaging::now_unix_ms;
+use bidsflux_service::{Backoff, Tasks};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -25,11 +26,15 @@ pub struct Timers {
 }
 
 impl Timers {
-    /// Starts the timer task.
-    pub fn start(core: Core, shutdown: CancellationToken) -> Self {
+    /// Starts the timer task, one of `tasks`.
+    pub fn start(core: Core, tasks: &Tasks) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let checker = Checker { core, failures: HashMap::new() };
-        tokio::spawn(timer_loop(checker, rx, shutdown));
+        let looping = timer_loop(checker, rx, tasks.shutdown().clone());
+        tasks.spawn("timers", async move {
+            looping.await;
+            Ok(())
+        });
         Self { tx }
     }
 
@@ -135,8 +140,10 @@ impl Checker {
 }
 
 /// 1 s doubling to 60 s.
+const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(60));
+
 fn retry_delay(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+    RETRY.delay(failures)
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use bidsflux_study_completion::{Config, HTTP_BIND_VAR, Listeners, RULES_VAR, ser
 use bidsflux_testsupport::{NatsServer, wait_until};
 use futures::StreamExt as _;
 use prost::Message as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -136,12 +135,11 @@ async fn state(bus: &Bus, study: &str) -> Option<pb::StudyState> {
     Some(pb::StudyState::decode(v.as_ref()).unwrap())
 }
 
+/// The body of `GET path`, which must answer 200.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).await.unwrap();
-    out
+    let (status, body) = bidsflux_testsupport::scrape::http_get(addr, path).await.unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    body
 }
 
 fn reason(r: &Option<pb::CompletionReason>) -> (String, pb::CompletionCriterion, String) {
@@ -233,7 +231,7 @@ async fn the_listed_series_rule_fires_when_the_last_listed_series_arrives() {
         "{metrics}"
     );
     assert!(metrics.contains("bidsflux_completion_last_instance_to_completion_seconds_count 1"), "{metrics}");
-    assert!(http_get(svc.http, "/healthz").await.starts_with("HTTP/1.1 200"));
+    assert_eq!(http_get(svc.http, "/healthz").await, "ok\n");
     svc.stop().await;
 }
 

@@ -183,10 +183,7 @@ impl Config {
         if janitor_interval.is_zero() {
             return Err(ConfigError::invalid("BIDSFLUX_SPOOL_JANITOR_INTERVAL", "must be more than zero"));
         }
-        let http_bind = match env.get(HTTP_BIND_VAR) {
-            Some(v) if v.eq_ignore_ascii_case("off") => None,
-            _ => Some(env.parse_or(HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?),
-        };
+        let http_bind = env.listen_addr_or(HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?;
         Ok(Config {
             spool_keep: env.bool_or("BIDSFLUX_SPOOL_KEEP", false)?,
             spool_delete_discarded: env.bool_or("BIDSFLUX_SPOOL_DELETE_DISCARDED", false)?,

@@ -48,6 +48,8 @@ use anyhow::Context as _;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, Delivery, run_consumer, subjects};
 use bidsflux_proto::v1 as pb;
+use bidsflux_service::tasks::SHUTDOWN_GRACE;
+use bidsflux_service::{Tasks, listen};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +113,12 @@ pub async fn run_lifecycle(
         stale_after_s = config.stale_after.as_secs(),
         "spool lifecycle ready"
     );
-    let janitor = tokio::spawn(janitor.run(config.janitor_interval, metrics, shutdown.clone()));
+    let tasks = Tasks::new(&shutdown);
+    let janitor = janitor.run(config.janitor_interval, metrics, tasks.shutdown().clone());
+    tasks.spawn("spool janitor", async move {
+        janitor.await;
+        Ok(())
+    });
     let l = lifecycle.clone();
     let indexed = run_consumer(
         bus.clone(),
@@ -128,7 +135,7 @@ pub async fn run_lifecycle(
         move |d| lifecycle.clone().handle_discarded(d),
     );
     let result = tokio::try_join!(indexed, discarded).map(|_| ());
-    janitor.abort();
+    tasks.stop(SHUTDOWN_GRACE).await;
     result
 }
 
@@ -139,15 +146,14 @@ pub async fn run_lifecycle(
 /// cannot be created or the HTTP address cannot be bound.
 pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = config.http_bind {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind {addr} ({})", config::HTTP_BIND_VAR))?;
-        let health =
-            bidsflux_messaging::http::Health { bus: bus.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
-        tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
-        tokio::spawn(bidsflux_messaging::http::serve(listener, health, shutdown.clone()));
-    }
+    let tasks = Tasks::new(&shutdown);
+    let listener = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
+    let health = bidsflux_service::http::Health {
+        ready: Arc::new(bus.clone()),
+        metrics: metrics.clone(),
+        shutdown: tasks.shutdown().clone(),
+    };
+    bidsflux_service::http::spawn(&tasks, listener, health);
     let uploader = Arc::new(Uploader::new(&config, bus.clone()));
     tokio::fs::create_dir_all(&config.work_dir)
         .await
@@ -169,5 +175,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     };
     let lifecycle = run_lifecycle(&config, bus.clone(), metrics, shutdown.clone());
     let uploads = run_consumer(bus, opts, shutdown, study_of, move |d| uploader.clone().handle(d));
-    tokio::try_join!(uploads, lifecycle).map(|_| ())
+    let result = tokio::try_join!(uploads, lifecycle).map(|_| ());
+    tasks.stop(SHUTDOWN_GRACE).await;
+    result
 }

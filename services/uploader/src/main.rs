@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bidsflux_config::Env;
-use bidsflux_messaging::{Bus, shutdown_on_signals};
+use bidsflux_messaging::Bus;
+use bidsflux_service::shutdown_on_signals;
 use bidsflux_uploader::{Config, REQUIRES, run};
 
 #[tokio::main]

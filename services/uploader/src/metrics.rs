@@ -1,8 +1,9 @@
 //! The uploader's metrics (`GET /metrics`): spool lifecycle counters and the
 //! janitor's gauges. No labels carry UIDs or patient values.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use bidsflux_service::metrics::Exposition;
 
 use crate::janitor::Report;
 use crate::lifecycle::Outcome;
@@ -60,47 +61,40 @@ impl Metrics {
 
     /// The Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
-        };
-        one(
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut e = Exposition::new();
+        e.counter(
             "bidsflux_uploader_spool_deleted_files_total",
-            "counter",
             "Spool files deleted after their study was indexed or discarded.",
-            &self.deleted_files,
+            load(&self.deleted_files),
         );
-        one(
+        e.counter(
             "bidsflux_uploader_spool_kept_different_files_total",
-            "counter",
             "Spool files kept because they differ from the indexed manifest.",
-            &self.kept_different_files,
+            load(&self.kept_different_files),
         );
-        one(
+        e.counter(
             "bidsflux_uploader_spool_kept_by_config_files_total",
-            "counter",
             "Spool files not deleted because BIDSFLUX_SPOOL_KEEP is set.",
-            &self.kept_by_config_files,
+            load(&self.kept_by_config_files),
         );
-        one(
+        e.gauge(
             "bidsflux_uploader_spool_stale_studies",
-            "gauge",
             "Studies whose newest spool file is older than BIDSFLUX_SPOOL_STALE_AFTER (last janitor pass).",
-            &self.stale_studies,
+            load(&self.stale_studies),
         );
-        one("bidsflux_uploader_spool_stale_files", "gauge", "Spool files of the stale studies.", &self.stale_files);
-        one(
+        e.gauge("bidsflux_uploader_spool_stale_files", "Spool files of the stale studies.", load(&self.stale_files));
+        e.gauge(
             "bidsflux_uploader_spool_oldest_stale_age_seconds",
-            "gauge",
             "Age of the newest file of the oldest stale study.",
-            &self.oldest_stale_age_seconds,
+            load(&self.oldest_stale_age_seconds),
         );
-        one("bidsflux_uploader_spool_janitor_runs_total", "counter", "Janitor passes completed.", &self.janitor_runs);
-        out
+        e.counter("bidsflux_uploader_spool_janitor_runs_total", "Janitor passes completed.", load(&self.janitor_runs));
+        e.finish()
     }
 }
 
-impl bidsflux_messaging::http::MetricsText for Metrics {
+impl bidsflux_service::metrics::MetricsText for Metrics {
     fn render(&self) -> String {
         Metrics::render(self)
     }

@@ -34,6 +34,7 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use aws_smithy_types::base64;
+use bidsflux_service::Backoff;
 use bidsflux_session::s3::Placement;
 use futures::{StreamExt as _, TryStreamExt as _};
 use md5::{Digest as _, Md5};
@@ -77,10 +78,7 @@ pub fn plan(size: u64, part_size: u64) -> Vec<PartRange> {
 /// The pause before attempt `attempt + 1` (1 s, 2 s, 4 s … at most 16 s),
 /// with up to a quarter more of jitter so parallel parts do not retry in step.
 fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(4)).min(MAX_BACKOFF);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos());
-    let jitter = u64::from(nanos.unwrap_or(0)) % (base.as_millis() as u64 / 4 + 1);
-    base + Duration::from_millis(jitter)
+    Backoff::doubling(Duration::from_secs(1), MAX_BACKOFF).with_jitter(0.25).delay(attempt)
 }
 
 /// How long one attempt of a part may take: a minute plus 2 s per MiB (a

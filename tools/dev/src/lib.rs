@@ -28,9 +28,16 @@ pub const COMPLETION_HTTP_BIND_VAR: &str = bidsflux_study_completion::HTTP_BIND_
 pub const COMPLETION_GRPC_BIND_VAR: &str = bidsflux_study_completion::GRPC_BIND_VAR;
 /// The uploader's `/metrics` + `/healthz` listener.
 pub const UPLOADER_HTTP_BIND_VAR: &str = bidsflux_uploader::config::HTTP_BIND_VAR;
+/// The indexer's `/metrics` + `/healthz` listener.
+pub const INDEXER_HTTP_BIND_VAR: &str = bidsflux_indexer::config::HTTP_BIND_VAR;
 /// Listener variables set to `127.0.0.1:0` (a free loopback port) when unset.
-pub const LISTENER_VARS: [&str; 4] =
-    [RECEIVER_HTTP_BIND_VAR, COMPLETION_HTTP_BIND_VAR, COMPLETION_GRPC_BIND_VAR, UPLOADER_HTTP_BIND_VAR];
+pub const LISTENER_VARS: [&str; 5] = [
+    RECEIVER_HTTP_BIND_VAR,
+    COMPLETION_HTTP_BIND_VAR,
+    COMPLETION_GRPC_BIND_VAR,
+    UPLOADER_HTTP_BIND_VAR,
+    INDEXER_HTTP_BIND_VAR,
+];
 
 /// Running services.
 #[derive(Debug)]

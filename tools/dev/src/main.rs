@@ -27,7 +27,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use bidsflux_config::Env;
 use bidsflux_dev::{
-    COMPLETION_GRPC_BIND_VAR, COMPLETION_HTTP_BIND_VAR, RECEIVER_HTTP_BIND_VAR, UPLOADER_HTTP_BIND_VAR, client_url,
+    COMPLETION_GRPC_BIND_VAR, COMPLETION_HTTP_BIND_VAR, INDEXER_HTTP_BIND_VAR, RECEIVER_HTTP_BIND_VAR,
+    UPLOADER_HTTP_BIND_VAR, client_url,
 };
 use bidsflux_testsupport::{NatsServer, S3Server, free_port};
 use tokio::net::TcpListener;
@@ -94,7 +95,7 @@ async fn start_s3(dir: &Path, key: &str, secret: &str) -> anyhow::Result<S3Serve
 /// closed: without a handler the process would die on it and leave
 /// nats-server (which takes SIGHUP as "reload") running.
 fn stop_on_signals() -> anyhow::Result<CancellationToken> {
-    let stop = bidsflux_messaging::shutdown_on_signals();
+    let stop = bidsflux_service::shutdown_on_signals();
     let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
     let token = stop.clone();
     tokio::spawn(async move {
@@ -142,6 +143,7 @@ async fn dev() -> anyhow::Result<()> {
         (COMPLETION_HTTP_BIND_VAR, "127.0.0.1:9465"),
         (COMPLETION_GRPC_BIND_VAR, "127.0.0.1:50051"),
         (UPLOADER_HTTP_BIND_VAR, "127.0.0.1:9466"),
+        (INDEXER_HTTP_BIND_VAR, "127.0.0.1:9467"),
     ];
     for (k, v) in defaults {
         if user.get(k).is_none() {

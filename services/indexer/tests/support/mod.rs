@@ -58,6 +58,7 @@ impl Harness {
             ("BIDSFLUX_WORK_DIR", work_dir.to_str().unwrap()),
             ("BIDSFLUX_FORGE", "local"),
             ("BIDSFLUX_FORGE_DIR", forge_dir.to_str().unwrap()),
+            ("BIDSFLUX_INDEXER_HTTP_BIND", "127.0.0.1:0"),
         ]);
         for &(k, v) in settings {
             env = env.with(k, v);
@@ -280,6 +281,7 @@ pub fn spawn_replica(h: &Harness, work: &Path, settings: &[(&str, &str)]) -> tok
         .env("BIDSFLUX_FORGE", "local")
         .env("BIDSFLUX_FORGE_DIR", &h.forge_dir)
         .env("BIDSFLUX_INDEXER_CONCURRENCY", "1")
+        .env("BIDSFLUX_INDEXER_HTTP_BIND", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .envs(settings.iter().copied())
         .kill_on_drop(true)

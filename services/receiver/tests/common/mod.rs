@@ -73,25 +73,14 @@ impl Harness {
 
     /// `GET path` on the health/metrics listener: status code and body.
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let (head, body) = out.split_once("\r\n\r\n").unwrap();
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, body.to_owned())
+        bidsflux_testsupport::scrape::http_get(([127, 0, 0, 1], self.http_port).into(), path).await.unwrap()
     }
 
     /// The value of one sample line (`name{labels}`) of `/metrics`.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (status, body) = self.http_get("/metrics").await;
         assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no {sample} in\n{body}"))
-            .parse()
-            .unwrap()
+        bidsflux_testsupport::scrape::sample(&body, sample).unwrap_or_else(|| panic!("no {sample} in\n{body}"))
     }
 
     /// Stops the receiver and checks that `run` returned cleanly.

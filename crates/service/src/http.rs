@@ -9,17 +9,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::Bus;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-/// A service's metrics, rendered in the Prometheus text format.
-pub trait MetricsText: std::fmt::Debug + Send + Sync {
-    /// The current values.
-    fn render(&self) -> String;
+use crate::metrics::MetricsText;
+
+/// What a service needs to do its work besides itself (for the bidsflux services: the NATS
+/// connection), asked at each `/healthz`.
+pub trait Ready: std::fmt::Debug + Send + Sync {
+    /// Whether it is usable now.
+    fn ready(&self) -> bool;
 }
 
 /// Largest request head read.
@@ -32,8 +34,8 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the endpoints report on.
 #[derive(Debug, Clone)]
 pub struct Health {
-    /// The bus: healthy only while its connection is up.
-    pub bus: Bus,
+    /// What the service depends on: healthy only while it is ready (the bus connection).
+    pub ready: Arc<dyn Ready>,
     /// The service's metrics.
     pub metrics: Arc<dyn MetricsText>,
     /// The service's shutdown token: unhealthy once it is cancelled.
@@ -41,10 +43,24 @@ pub struct Health {
 }
 
 impl Health {
-    /// Whether the service can do its work: running and connected to NATS.
+    /// Whether the service can do its work: running and its dependency ready.
     pub fn healthy(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.bus.client.connection_state() == async_nats::connection::State::Connected
+        !self.shutdown.is_cancelled() && self.ready.ready()
     }
+}
+
+/// Serves `/healthz` and `/metrics` on `listener`, if there is one, as a task of `tasks` that
+/// ends when `tasks` shuts down (after the service's other work: probes see it stopping).
+pub fn spawn(tasks: &crate::Tasks, listener: Option<TcpListener>, health: Health) {
+    let Some(listener) = listener else { return };
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(addr = %addr, "serving /healthz and /metrics"),
+        Err(e) => warn!(error = %e, "http listener has no address"),
+    }
+    tasks.spawn_final("http listener", |stop| async move {
+        serve(listener, health, stop).await;
+        Ok(())
+    });
 }
 
 /// Serves `/healthz` and `/metrics` on `listener` until `stop` is cancelled.
