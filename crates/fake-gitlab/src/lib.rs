@@ -350,7 +350,7 @@ struct Fault {
     remaining: usize,
 }
 
-/// The fake GitLab server; stops on drop. See the [module docs](self).
+/// The fake GitLab server; stops on drop. See the [crate docs](crate).
 #[derive(Debug)]
 pub struct FakeGitlab {
     addr: SocketAddr,
@@ -420,7 +420,7 @@ impl FakeGitlab {
         });
         let task = runtime.spawn(async move {
             let Ok(listener) = TcpListener::from_std(std_listener) else { return };
-            crate::http::serve(listener, service).await;
+            bidsflux_testsupport::serve(listener, service).await;
         });
         Ok(Self { addr, inner, task, runtime: Some(runtime), _tmp: tmp })
     }
@@ -2949,7 +2949,7 @@ const SSH_ALLOWED_PATH: &str = "/-/fake-gitlab/ssh-allowed";
 /// runs it on the repository with the protected-branch rules for the
 /// pre-receive hook.
 const SSH_COMMAND: &str = r#"#!/bin/sh
-# Installed by bidsflux's fake GitLab (crates/testsupport/src/gitlab.rs).
+# Installed by bidsflux's fake GitLab (crates/fake-gitlab/src/lib.rs).
 # $1: API URL, $2: repositories, $3: key id; SSH_ORIGINAL_COMMAND is e.g.
 # git-receive-pack '/group/project.git'.
 set -f
@@ -3089,7 +3089,7 @@ impl FakeGitlab {
 // Repositories
 
 const PRE_RECEIVE: &str = r#"#!/bin/sh
-# Installed by bidsflux's fake GitLab (crates/testsupport/src/gitlab.rs) to
+# Installed by bidsflux's fake GitLab (crates/fake-gitlab/src/lib.rs) to
 # enforce protected branches as GitLab does on push: no deletion, no push by
 # users below the rule's push level, no non-fast-forward update unless force
 # push is allowed. The server passes the rules, evaluated for the pushing user,
