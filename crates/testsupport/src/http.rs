@@ -1,4 +1,5 @@
-//! The accept loop of the HTTP test servers (S3, fake GitLab).
+//! The accept loop of the HTTP test servers (the S3 server here, the fake GitLab of
+//! `bidsflux-fake-gitlab`).
 
 use std::error::Error as StdError;
 
@@ -14,7 +15,8 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Serves HTTP/1 and HTTP/2 connections from `listener` with `service` until the task is
 /// aborted; connections run concurrently, finished ones are reaped as new ones arrive.
-pub(crate) async fn serve<S, B>(listener: TcpListener, service: S)
+/// Accept errors are skipped. Public for the fake GitLab (`bidsflux-fake-gitlab`).
+pub async fn serve<S, B>(listener: TcpListener, service: S)
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,

@@ -1,16 +1,23 @@
 //! Real servers for tests (and for `make dev`), started on free loopback
-//! ports and cleaned up on drop:
+//! ports and cleaned up on drop, and the helpers tests share:
 //!
-//! - [`NatsServer`]: Debian's `nats-server` with JetStream in a temp dir,
-//!   stoppable and restartable on the same port (outage tests);
-//! - [`S3Server`]: an embedded S3 server (`s3s-fs`: objects are files under a
-//!   directory), with signature checking;
-//! - [`dicom`]: a synthetic MR study generator and Part 10 helpers;
+//! - [`NatsServer`] (`nats`): Debian's `nats-server` with JetStream in a temp
+//!   dir, stoppable and restartable on the same port (outage tests);
+//! - [`S3Server`] (`s3`): an embedded S3 server (`s3s-fs`: objects are files
+//!   under a directory), with signature checking;
+//! - [`serve`] (`http`): the accept loop of the HTTP test servers (the S3
+//!   server here, the fake GitLab of `bidsflux-fake-gitlab`);
+//! - [`dicom`]: a synthetic MR study generator and Part 10 helpers (also the
+//!   `bidsflux-synth-study` binary);
+//! - [`pki`]: test certificates made with `openssl`;
 //! - [`scrape`]: a service's `/healthz` and `/metrics`, as a probe and Prometheus ask them;
-//! - [`wait_until`]: polling with a deadline instead of sleeps.
+//! - [`free_port`], [`wait_until`] (polling with a deadline instead of
+//!   sleeps) and [`have_program`].
+//!
+//! The fake GitLab is not here: it is the `bidsflux-fake-gitlab` crate, kept
+//! out of the `make dev` binary, which uses this crate.
 
 pub mod dicom;
-pub mod gitlab;
 mod http;
 mod nats;
 pub mod pki;
@@ -20,6 +27,7 @@ pub mod scrape;
 use std::future::Future;
 use std::time::Duration;
 
+pub use http::serve;
 pub use nats::NatsServer;
 pub use s3::S3Server;
 

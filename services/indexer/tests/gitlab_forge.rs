@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bidsflux_config::Secret;
+use bidsflux_fake_gitlab::{FakeGitlab, access};
 use bidsflux_indexer::config::{GitTransport, GitlabConfig, Visibility};
 use bidsflux_indexer::forge::{Forge, ForgeError, ProjectPath};
 use bidsflux_indexer::git::{Git, Identity};
 use bidsflux_indexer::gitlab_forge::GitlabForge;
-use bidsflux_testsupport::gitlab::{FakeGitlab, access};
 
 const SESSION: &str = "PI/Study1/sourcedata/dicoms/1.2.3";
 

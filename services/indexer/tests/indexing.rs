@@ -6,9 +6,9 @@ mod support;
 
 use std::path::Path;
 
+use bidsflux_fake_gitlab::FakeGitlab;
 use bidsflux_messaging::subjects;
 use bidsflux_testsupport::dicom::StudySpec;
-use bidsflux_testsupport::gitlab::FakeGitlab;
 use support::{Harness, StudyFiles, archive, archive_study, git, next_indexed, publish, run_datalad};
 
 /// Every file under `dir` except `.git`, relative, sorted.

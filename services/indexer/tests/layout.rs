@@ -10,10 +10,10 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use bidsflux_fake_gitlab::FakeGitlab;
 use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
-use bidsflux_testsupport::gitlab::FakeGitlab;
 use support::{Archived, Harness, archive_study, git, next_dead_letter, next_indexed, publish, run_datalad};
 
 /// Two studies of two PIs, and a second session of the first study.

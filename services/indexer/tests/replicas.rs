@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bidsflux_fake_gitlab::FakeGitlab;
 use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
-use bidsflux_testsupport::gitlab::FakeGitlab;
 use futures::StreamExt as _;
 use prost::Message as _;
 use support::{Harness, archive_study, git, publish, spawn_replica};

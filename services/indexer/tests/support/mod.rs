@@ -70,11 +70,7 @@ impl Harness {
     }
 
     /// Like [`Harness::start_with`], pushing to the fake GitLab `fake` with `token`.
-    pub async fn start_gitlab(
-        fake: &bidsflux_testsupport::gitlab::FakeGitlab,
-        token: &str,
-        more: &[(&str, &str)],
-    ) -> Self {
+    pub async fn start_gitlab(fake: &bidsflux_fake_gitlab::FakeGitlab, token: &str, more: &[(&str, &str)]) -> Self {
         let url = fake.url();
         let mut settings = vec![("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", url.as_str()), ("GITLAB_TOKEN", token)];
         settings.extend_from_slice(more);

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! The fake GitLab (`bidsflux_testsupport::gitlab`) driven by the real `gitlab`
+//! The fake GitLab (`bidsflux_fake_gitlab`) driven by the real `gitlab`
 //! crate, raw HTTP where headers and exact bodies matter, and Debian's `git`
 //! over smart HTTP.
 
@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use bidsflux_testsupport::gitlab::{FakeGitlab, access};
+use bidsflux_fake_gitlab::{FakeGitlab, access};
 use gitlab::api::common::{AccessLevel, ProtectedAccessLevel, VisibilityLevel};
 use gitlab::api::endpoint_prelude::{Cow, Endpoint, Method};
 use gitlab::api::{self, ApiError, AsyncQuery, Pagination};
