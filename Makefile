@@ -19,6 +19,7 @@ dev: deps-run
 test: deps-test
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items --locked
 	bash stack/check.sh
 	$(CARGO) test --workspace --locked --no-fail-fast
 
@@ -31,6 +32,7 @@ deps-test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
 
 build:
 	$(CARGO) build --workspace --bins
