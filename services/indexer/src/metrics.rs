@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bidsflux_proto::v1 as pb;
-use bidsflux_service::metrics::{Exposition, Histogram, Kind};
+use bidsflux_service::metrics::{Exposition, Histogram, Kind, MetricsText};
 
 /// How a delivery ended, for `bidsflux_indexer_sessions_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,9 +117,11 @@ impl Metrics {
     pub fn step(&self, step: Step, elapsed: Duration) {
         self.steps[step as usize].observe(elapsed);
     }
+}
 
+impl MetricsText for Metrics {
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let mut e = Exposition::new();
         let name = "bidsflux_indexer_sessions_total";
         e.family(name, "Sessions handled to the end, by result.", Kind::Counter);
@@ -147,12 +149,6 @@ impl Metrics {
             &self.job,
         );
         e.finish()
-    }
-}
-
-impl bidsflux_service::metrics::MetricsText for Metrics {
-    fn render(&self) -> String {
-        Metrics::render(self)
     }
 }
 

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bidsflux_service::metrics::{Exposition, Histogram, Kind};
+use bidsflux_service::metrics::{Exposition, Histogram, Kind, MetricsText};
 
 /// How a C-STORE ended, for `bidsflux_receiver_instances_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,9 +116,11 @@ impl Metrics {
         self.associations_active.fetch_add(1, Ordering::Relaxed);
         ActiveAssociation { metrics: self }
     }
+}
 
+impl MetricsText for Metrics {
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut e = Exposition::new();
         let name = "bidsflux_receiver_instances_total";
@@ -156,12 +158,6 @@ pub struct ActiveAssociation<'a> {
 impl Drop for ActiveAssociation<'_> {
     fn drop(&mut self) {
         self.metrics.associations_active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl bidsflux_service::metrics::MetricsText for Metrics {
-    fn render(&self) -> String {
-        Metrics::render(self)
     }
 }
 

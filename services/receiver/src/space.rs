@@ -58,7 +58,7 @@ impl SpaceGuard {
         let free = match rustix::fs::statvfs(&self.root) {
             Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
             Err(e) => {
-                warn!(error = %e, spool = %self.root.display(), "cannot read the spool's free space");
+                warn!(error = %format!("{e:#}"), spool = %self.root.display(), "cannot read the spool's free space");
                 0
             }
         };
@@ -91,6 +91,7 @@ impl SpaceGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bidsflux_service::metrics::MetricsText as _;
 
     #[test]
     fn refuses_below_the_threshold_and_caches_the_reading() {

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bidsflux_proto::v1 as pb;
-use bidsflux_service::metrics::{Exposition, Histogram, Kind};
+use bidsflux_service::metrics::{Exposition, Histogram, Kind, MetricsText};
 
 use crate::decide::{Decision, Outcome, criterion_label};
 use crate::state::Applied;
@@ -88,9 +88,11 @@ impl Metrics {
     pub fn set_held(&self, n: i64) {
         self.held.store(n, Ordering::Relaxed);
     }
+}
 
+impl MetricsText for Metrics {
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let mut e = Exposition::new();
         let name = "bidsflux_completion_decisions_total";
         e.family(name, "Studies completed, discarded or held, by criterion and outcome.", Kind::Counter);
@@ -121,12 +123,6 @@ impl Metrics {
             &self.last_to_completion,
         );
         e.finish()
-    }
-}
-
-impl bidsflux_service::metrics::MetricsText for Metrics {
-    fn render(&self) -> String {
-        Metrics::render(self)
     }
 }
 
