@@ -55,7 +55,7 @@ pub fn spawn(tasks: &crate::Tasks, listener: Option<TcpListener>, health: Health
     let Some(listener) = listener else { return };
     match listener.local_addr() {
         Ok(addr) => tracing::info!(addr = %addr, "serving /healthz and /metrics"),
-        Err(e) => warn!(error = %e, "http listener has no address"),
+        Err(e) => warn!(error = %format!("{e:#}"), "http listener has no address"),
     }
     tasks.spawn_final("http listener", |stop| async move {
         serve(listener, health, stop).await;
@@ -66,18 +66,7 @@ pub fn spawn(tasks: &crate::Tasks, listener: Option<TcpListener>, health: Health
 /// Serves `/healthz` and `/metrics` on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, health: Health, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (socket, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "failed to accept http connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((socket, peer)) = crate::listen::accept(&listener, &stop).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(peer = %peer, "too many http connections, closed");
             continue;
@@ -86,7 +75,7 @@ pub async fn serve(listener: TcpListener, health: Health, stop: CancellationToke
         tokio::spawn(async move {
             match tokio::time::timeout(CONNECTION_TIMEOUT, handle(socket, &health)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(peer = %peer, error = %e, "http connection failed"),
+                Ok(Err(e)) => debug!(peer = %peer, error = %format!("{e:#}"), "http connection failed"),
                 Err(_) => debug!(peer = %peer, "http connection timed out"),
             }
             drop(slot);

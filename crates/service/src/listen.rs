@@ -36,6 +36,26 @@ pub async fn bind_optional(addr: Option<SocketAddr>, var: &str) -> anyhow::Resul
     }
 }
 
+/// The next connection on `listener`, or `None` once `stop` is cancelled. A failed accept
+/// (usually no file descriptor left) is logged and retried after a pause instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,31 @@ impl Tasks {
     }
 }
 
+/// A periodic task's clock: ticks at once, then every `period` (a late tick delays the next
+/// one instead of bursting), until `shutdown`.
+#[derive(Debug)]
+pub struct Every {
+    tick: tokio::time::Interval,
+    shutdown: CancellationToken,
+}
+
+impl Every {
+    /// Ticks every `period` until `shutdown` is cancelled.
+    pub fn new(period: Duration, shutdown: CancellationToken) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick, shutdown }
+    }
+
+    /// Waits for the next tick: `true`, or `false` once the service is stopping.
+    pub async fn tick(&mut self) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = self.tick.tick() => true,
+        }
+    }
+}
+
 async fn log_failure<F: Future<Output = anyhow::Result<()>>>(what: &'static str, task: F) {
     if let Err(e) = task.await {
         error!(task = what, error = %format!("{e:#}"), "background task failed");
@@ -136,6 +161,18 @@ pub fn shutdown_on_signals() -> CancellationToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn every_ticks_at_once_then_each_period_until_shutdown() {
+        let stop = CancellationToken::new();
+        let mut every = Every::new(Duration::from_secs(60), stop.clone());
+        let start = tokio::time::Instant::now();
+        assert!(every.tick().await);
+        assert!(every.tick().await);
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+        stop.cancel();
+        assert!(!every.tick().await);
+    }
 
     #[tokio::test]
     async fn stop_waits_for_work_then_aborts_then_stops_final_tasks() {

@@ -39,11 +39,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, subjects};
+use bidsflux_service::tasks::Every;
 use bidsflux_service::{Tasks, listen};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use config::Config;
 
@@ -171,21 +172,9 @@ pub async fn run_with(
         max_associations = config.max_associations,
         "receiver listening"
     );
-    loop {
-        let (socket, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    error!(error = %e, "failed to accept connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((socket, peer)) = listen::accept(&listener, &shutdown).await {
         if let Err(e) = socket.set_nodelay(true) {
-            warn!(error = %e, "cannot set TCP_NODELAY");
+            warn!(error = %format!("{e:#}"), "cannot set TCP_NODELAY");
         }
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
@@ -222,21 +211,16 @@ pub async fn run_with(
 
 /// Serves a renewed TLS certificate without a restart: checks the files every `interval`.
 async fn reload_certificate(cert: Arc<tls::ReloadingCert>, interval: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut every = Every::new(interval, shutdown);
+    while every.tick().await {
         let c = cert.clone();
         match tokio::task::spawn_blocking(move || c.reload_if_changed()).await {
             Ok(Ok(true)) => info!(cert = ?cert, "TLS certificate files changed: serving the new certificate"),
             Ok(Ok(false)) => {}
             Ok(Err(e)) => {
-                warn!(error = %e, "TLS certificate files changed but do not load: keeping the previous certificate")
+                warn!(error = %format!("{e:#}"), "TLS certificate files changed but do not load: keeping the previous certificate")
             }
-            Err(e) => warn!(error = %e, "TLS certificate check failed"),
+            Err(e) => warn!(error = %format!("{e:#}"), "TLS certificate check failed"),
         }
     }
 }
