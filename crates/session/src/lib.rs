@@ -3,7 +3,8 @@
 //! - [`uid`]: DICOM UID validation, done before a UID touches a path.
 //! - [`metas`]: the session metas read from the first DICOM of a study.
 //! - [`template`]: the safe renderer of `S3_URL_PATTERN` and
-//!   `GITLAB_INDEXER_GROUP_TEMPLATE` (no eval; values cannot escape their segment).
+//!   `GITLAB_INDEXER_GROUP_TEMPLATE` as the original rendered them (`^` is `/`),
+//!   without eval; values unsafe in a path are refused.
 //! - [`s3`]: bucket naming and key placement of study archives.
 //! - [`annex`]: git-annex keys, computed the way git-annex computes them.
 //!

@@ -3,9 +3,12 @@
 //! `S3_URL_PATTERN` has the original BIDS-flux form
 //! `s3://HOST[:PORT]/BUCKET_TEMPLATE[/PREFIX_TEMPLATE]`, e.g.
 //! `s3://s3.example.org/test.{ReferringPhysicianName}.{StudyDescriptionPath[1]}.dicoms`.
-//! The bucket is the first path element, the key prefix (git-annex's
-//! `fileprefix`) is the rest of the path plus `/<StudyInstanceUID>/`
-//! (just `<StudyInstanceUID>/` when the pattern has no rest).
+//! As in the original, the whole path is rendered first and split after:
+//! the bucket is the first element of the *rendered* path, the key prefix
+//! (git-annex's `fileprefix`) is the rest plus `/<StudyInstanceUID>/` (just
+//! `<StudyInstanceUID>/` when there is no rest). A PersonName spans segments
+//! (`^` is `/`): `test.Smith^John.Study1.dicoms` gives the bucket `test.smith`
+//! and the prefix `John.Study1.dicoms/<StudyInstanceUID>/`.
 //!
 //! S3 refuses most bucket names a template renders from DICOM values
 //! (capitals, spaces, underscores). [`bucket_name`] defines the mapping; see
@@ -30,8 +33,11 @@ pub struct S3UrlPattern {
     source: String,
     /// `HOST[:PORT]` of the pattern.
     pub host: String,
+    /// The path after `HOST/`, rendered whole and then split into bucket and prefix.
+    path: Template,
+    /// The path up to its first literal `/`: the only part that can render
+    /// into the bucket (used to tell whether the bucket is patient data).
     bucket: Template,
-    prefix: Option<Template>,
 }
 
 /// An `S3_URL_PATTERN` that cannot be parsed.
@@ -56,24 +62,25 @@ pub enum PlacementError {
     Render(#[from] RenderError),
     /// The rendered bucket is not a valid S3 bucket name even after normalisation.
     #[error(
-        "S3_URL_PATTERN bucket template {template:?} renders to {bucket:?}, which S3 refuses as a bucket name: {why}"
+        "S3_URL_PATTERN path {template:?} renders the bucket (its first path element) {bucket:?}, which S3 refuses \
+         as a bucket name: {why}"
     )]
     Bucket {
-        /// The bucket template.
+        /// The path template of the pattern.
         template: String,
         /// The normalised bucket name (the template uses no patient variable).
         bucket: String,
         /// The rule it breaks.
         why: &'static str,
     },
-    /// Like [`PlacementError::Bucket`], for a bucket template that uses a
-    /// patient variable: the name is patient data and is not kept.
+    /// Like [`PlacementError::Bucket`], for a path with a patient variable
+    /// before its first `/`: the name is patient data and is not kept.
     #[error(
-        "S3_URL_PATTERN bucket template {template:?} renders, from patient values (not shown), a name S3 refuses \
-         as a bucket name: {why}"
+        "S3_URL_PATTERN path {template:?} renders, from patient values (not shown), a bucket (its first path \
+         element) S3 refuses as a bucket name: {why}"
     )]
     PatientBucket {
-        /// The bucket template.
+        /// The path template of the pattern.
         template: String,
         /// The rule the normalised name breaks.
         why: &'static str,
@@ -164,18 +171,16 @@ impl S3UrlPattern {
             return Err(shape());
         }
         let path = path.trim_end_matches('/');
-        let (bucket, prefix) = match path.split_once('/') {
-            Some((b, p)) => (b, Some(p)),
-            None => (path, None),
-        };
+        // A `/` is always literal (no variable name holds one).
+        let bucket = path.split_once('/').map_or(path, |(b, _)| b);
         if bucket.is_empty() {
             return Err(shape());
         }
         Ok(Self {
             source: pattern.to_owned(),
             host: host.to_owned(),
+            path: Template::parse(path)?,
             bucket: Template::parse(bucket)?,
-            prefix: prefix.map(Template::parse).transpose()?,
         })
     }
 
@@ -184,24 +189,31 @@ impl S3UrlPattern {
         &self.source
     }
 
-    /// Whether the bucket template uses a patient variable (PatientID,
-    /// PatientName, StudyDate): then bucket names are patient data.
+    /// Whether a patient variable (PatientID, PatientName, StudyDate) comes
+    /// before the path's first literal `/`: then bucket names are patient data.
     pub fn bucket_uses_patient_values(&self) -> bool {
         self.bucket.uses_patient_values()
     }
 
-    /// Whether the prefix template uses a patient variable: then key
-    /// prefixes (and object keys) are patient data.
+    /// Whether the path uses a patient variable anywhere: then key prefixes
+    /// (and object keys) are patient data, as a value of the bucket part may
+    /// span into the prefix (`{PatientName}` = `Doe/Jane`: bucket `doe`,
+    /// prefix `Jane/...`).
     pub fn prefix_uses_patient_values(&self) -> bool {
-        self.prefix.as_ref().is_some_and(Template::uses_patient_values)
+        self.path.uses_patient_values()
     }
 
-    /// Bucket and key prefix of a study.
+    /// Bucket and key prefix of a study: the path rendered whole, its first
+    /// element normalised into the bucket, the rest the prefix.
     pub fn place(&self, metas: &SessionMetas) -> Result<Placement, PlacementError> {
-        let rendered = self.bucket.render(metas)?;
+        let rendered = self.path.render(metas)?;
+        let (first, rest) = match rendered.split_once('/') {
+            Some((first, rest)) => (first, Some(rest)),
+            None => (rendered.as_str(), None),
+        };
         let bucket_is_patient_data = self.bucket_uses_patient_values();
-        let bucket = bucket_name(&rendered).map_err(|(bucket, why)| {
-            let template = self.bucket.as_str().to_owned();
+        let bucket = bucket_name(first).map_err(|(bucket, why)| {
+            let template = self.path.as_str().to_owned();
             if bucket_is_patient_data {
                 PlacementError::PatientBucket { template, why }
             } else {
@@ -209,8 +221,8 @@ impl S3UrlPattern {
             }
         })?;
         let uid = metas.study_instance_uid.as_str();
-        let fileprefix = match &self.prefix {
-            Some(p) => format!("{}/{uid}/", p.render(metas)?),
+        let fileprefix = match rest {
+            Some(rest) => format!("{rest}/{uid}/"),
             None => format!("{uid}/"),
         };
         Ok(Placement {
@@ -293,6 +305,63 @@ mod tests {
         assert_eq!(pl.fileprefix, "Investigator/Study1/1.2.3.4/");
     }
 
+    /// Issue 12: the original rendered the whole URL (`^` → `/`) and then
+    /// took the first path element as the bucket, the rest as the prefix.
+    #[test]
+    fn a_person_name_splits_the_rendered_url_as_the_original_did() {
+        let m =
+            SessionMetas::from_raw("1.2.3.4", "P001", "Doe^Jane", "Smith^John", "20261127", "Brain^Study1").unwrap();
+        let place = |pattern: &str| {
+            let pl = S3UrlPattern::parse(pattern).unwrap().place(&m).unwrap();
+            (pl.bucket, pl.fileprefix)
+        };
+        // The deployed default: `test.Smith/John.Study1.dicoms`.
+        assert_eq!(
+            place("s3://s3.example.org/test.{ReferringPhysicianName}.{StudyDescriptionPath[1]}.dicoms"),
+            ("test.smith".to_owned(), "John.Study1.dicoms/1.2.3.4/".to_owned())
+        );
+        assert_eq!(
+            place("s3://h/test.{ReferringPhysicianName}.{StudyDescriptionPath[1]}.dicoms/sourcedata"),
+            ("test.smith".to_owned(), "John.Study1.dicoms/sourcedata/1.2.3.4/".to_owned())
+        );
+        assert_eq!(
+            place("s3://h/dicoms/{ReferringPhysicianName}/{StudyDescriptionPath[1]}"),
+            ("dicoms".to_owned(), "Smith/John/Study1/1.2.3.4/".to_owned())
+        );
+        assert_eq!(place("s3://h/{ReferringPhysicianName}"), ("smith".to_owned(), "John/1.2.3.4/".to_owned()));
+    }
+
+    #[test]
+    fn person_names_are_refused_only_where_unusable() {
+        let with_pi = |pi: &str| SessionMetas::from_raw("1.2.3.4", "P001", "Doe^Jane", pi, "20261127", "a^b").unwrap();
+        let p = S3UrlPattern::parse("s3://h/{ReferringPhysicianName}").unwrap();
+        // `Li/Wei`: the bucket `li` is too short, said clearly.
+        let e = p.place(&with_pi("Li^Wei")).unwrap_err();
+        assert!(matches!(&e, PlacementError::Bucket { bucket, .. } if bucket == "li"), "{e:?}");
+        assert!(e.to_string().contains("shorter than 3 characters"), "{e}");
+        for pi in ["..^x", "Smith^..", "a\\b", "Smith^\u{7}"] {
+            let e = p.place(&with_pi(pi)).unwrap_err();
+            assert!(matches!(e, PlacementError::Render(RenderError::Unsafe { .. })), "{pi:?}: {e:?}");
+        }
+        // Empty components make no segment; the literal `/` still separates.
+        let p = S3UrlPattern::parse("s3://h/dicoms.{ReferringPhysicianName}/x").unwrap();
+        let pl = p.place(&with_pi("Smith^^John")).unwrap();
+        assert_eq!((pl.bucket.as_str(), pl.fileprefix.as_str()), ("dicoms.smith", "John/x/1.2.3.4/"));
+        let pl = p.place(&with_pi("O'Brien")).unwrap();
+        assert_eq!((pl.bucket.as_str(), pl.fileprefix.as_str()), ("dicoms.o-brien", "x/1.2.3.4/"));
+    }
+
+    #[test]
+    fn a_patient_name_spanning_into_the_prefix_is_not_shown() {
+        let p = S3UrlPattern::parse("s3://h/bucket-{PatientName}").unwrap();
+        assert!(p.bucket_uses_patient_values() && p.prefix_uses_patient_values());
+        let pl = p.place(&example()).unwrap();
+        assert_eq!((pl.bucket.as_str(), pl.fileprefix.as_str()), ("bucket-doe", "Jane/1.2.3.4/"));
+        assert_eq!((pl.bucket_shown(), pl.fileprefix_shown().as_str()), (REDACTED, "[redacted]/1.2.3.4/"));
+        let text = format!("PUT /bucket-doe/{}: denied", pl.key("K.7z"));
+        assert_eq!(pl.redact(&text), "PUT /[redacted]/[redacted]/1.2.3.4/K.7z: denied");
+    }
+
     #[test]
     fn bucket_normalisation() {
         assert_eq!(bucket_name("test.Dr Smith.Study_1.dicoms").unwrap(), "test.dr-smith.study-1.dicoms");
@@ -340,7 +409,7 @@ mod tests {
         ];
         for (pattern, patient_id, rule) in cases {
             let p = S3UrlPattern::parse(pattern).unwrap();
-            assert!(p.bucket_uses_patient_values() && !p.prefix_uses_patient_values());
+            assert!(p.bucket_uses_patient_values());
             let m = SessionMetas::from_raw("1.2", patient_id, "Doe^Jane", "Inv", "20260101", "a^b").unwrap();
             let e = p.place(&m).unwrap_err();
             assert!(matches!(e, PlacementError::PatientBucket { .. }), "{e:?}");

@@ -4,9 +4,15 @@
 //! parsed once into literals and placeholders; rendering only substitutes
 //! [`SessionMetas`] values. There is no evaluation of any kind.
 //!
-//! Every placeholder must render into (part of) exactly one path segment. A
-//! value that is missing, empty, contains `/` or `\`, a control character, or
-//! is `.`/`..` is rejected, and so is a result with an empty, `.` or `..`
+//! Rendering is the original BIDS-flux's plain string formatting of values in
+//! which DICOM's `^` already became `/`: a value may span path segments, so the
+//! PersonName `Smith^John` renders `Smith/John` (nested groups, or a bucket and
+//! a key prefix once an S3 URL is split). Each value's `/`-separated components
+//! are trimmed and empty ones dropped (`DOE^JOHN^^MR` is `DOE/JOHN/MR`).
+//!
+//! Only what is unsafe or unusable in a path is refused: a value that is
+//! missing or empty, has a `.` or `..` component, a `\` (DICOM's value
+//! separator) or a control character, and a result with an empty, `.` or `..`
 //! segment. Errors name the template and the variable, never the value (values
 //! are patient data). [`Template::uses_patient_values`] tells callers whether
 //! the rendered result itself is patient data (and so must not be logged).
@@ -82,7 +88,7 @@ pub enum RenderError {
         /// The variable.
         var: String,
     },
-    /// The value would escape its path segment or contains control characters.
+    /// The value is unsafe in a path (a `.`/`..` component, `\`, control characters).
     #[error("template {template:?}: {{{var}}} {why}; refusing to use it in a path")]
     Unsafe {
         /// The template.
@@ -155,49 +161,30 @@ impl Template {
         self.parts.iter().any(|p| matches!(p, Part::Var { name, .. } if SessionMetas::is_patient_variable(name)))
     }
 
-    /// Renders the template for a study. A value may not contain `/` (a
-    /// PersonName's `^` becomes `/`): each variable fills at most one path segment.
+    /// Renders the template for a study as a relative `/`-separated path, as
+    /// the original did: values may span segments (`Smith^John` is
+    /// `Smith/John`), empty components of a value make no segment. Refused:
+    /// missing or empty values, `.`/`..` components, `\` and control
+    /// characters, and results with an empty, `.` or `..` segment.
     pub fn render(&self, metas: &SessionMetas) -> Result<String, RenderError> {
-        self.render_with(metas, false)
-    }
-
-    /// Renders the template as a relative path in which values may span
-    /// segments: `Doe^Jane` (`Doe/Jane`) becomes two directories, as the
-    /// original placed sessions at their PatientName. Empty, `.` and `..`
-    /// segments are still refused.
-    pub fn render_path(&self, metas: &SessionMetas) -> Result<String, RenderError> {
-        self.render_with(metas, true)
-    }
-
-    fn render_with(&self, metas: &SessionMetas, values_span_segments: bool) -> Result<String, RenderError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),
                 Part::Var { name, index } => {
-                    let var = match index {
+                    let var = || match index {
                         Some(i) => format!("{name}[{i}]"),
                         None => name.clone(),
                     };
-                    let template = self.source.clone();
+                    let template = || self.source.clone();
                     let value = metas
                         .lookup(name, *index)
-                        .ok_or_else(|| RenderError::Missing { template: template.clone(), var: var.clone() })?
-                        .trim();
-                    check_value(value, values_span_segments).map_err(|why| match why {
-                        None => RenderError::Empty { template: template.clone(), var: var.clone() },
-                        Some(why) => RenderError::Unsafe { template: template.clone(), var: var.clone(), why },
+                        .ok_or_else(|| RenderError::Missing { template: template(), var: var() })?;
+                    let segments = value_segments(value).map_err(|why| match why {
+                        None => RenderError::Empty { template: template(), var: var() },
+                        Some(why) => RenderError::Unsafe { template: template(), var: var(), why },
                     })?;
-                    if values_span_segments {
-                        // A PersonName's empty components (`DOE^JOHN^^MR`) make no directory.
-                        let segments: Vec<&str> = value.split('/').filter(|s| !s.is_empty()).collect();
-                        if segments.is_empty() {
-                            return Err(RenderError::Empty { template: template.clone(), var: var.clone() });
-                        }
-                        out.push_str(&segments.join("/"));
-                    } else {
-                        out.push_str(value);
-                    }
+                    out.push_str(&segments.join("/"));
                 }
             }
         }
@@ -223,24 +210,23 @@ fn parse_var(template: &str, inner: &str) -> Result<Part, TemplateError> {
     Ok(Part::Var { name, index })
 }
 
-/// `Err(None)` for an empty value, `Err(Some(why))` for an unsafe one.
-fn check_value(value: &str, slash_allowed: bool) -> Result<(), Option<&'static str>> {
-    if value.is_empty() {
-        return Err(None);
-    }
-    if value == "." || value == ".." {
-        return Err(Some("is a relative path component"));
-    }
-    if value.contains('/') && !slash_allowed {
-        return Err(Some("contains '/' (or '^' in DICOM), which would split a path segment"));
-    }
+/// The path components of a value: trimmed, empty ones dropped. `Err(None)`
+/// for a value with no component, `Err(Some(why))` for an unsafe one.
+fn value_segments(value: &str) -> Result<Vec<&str>, Option<&'static str>> {
     if value.contains('\\') {
-        return Err(Some("contains '\\'"));
+        return Err(Some("contains '\\' (a DICOM value separator)"));
     }
     if value.chars().any(char::is_control) {
         return Err(Some("contains control characters"));
     }
-    Ok(())
+    let segments: Vec<&str> = value.split('/').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if segments.iter().any(|s| *s == "." || *s == "..") {
+        return Err(Some("has a '.' or '..' path component"));
+    }
+    if segments.is_empty() {
+        return Err(None);
+    }
+    Ok(segments)
 }
 
 #[cfg(test)]
@@ -255,13 +241,14 @@ mod tests {
     #[test]
     fn paths_may_take_segments_from_one_value() {
         let t = Template::parse("{PatientName}").unwrap();
-        assert_eq!(t.render_path(&metas("PI", "Brain^Study1")).unwrap(), "Doe/Jane");
-        assert!(matches!(t.render(&metas("PI", "Brain^Study1")), Err(RenderError::Unsafe { .. })));
+        assert_eq!(t.render(&metas("PI", "Brain^Study1")).unwrap(), "Doe/Jane");
         let m = SessionMetas::from_raw("1.2.3.4", "P001", "DOE^JOHN^^MR^", "PI", "20261127", "x").unwrap();
-        assert_eq!(t.render_path(&m).unwrap(), "DOE/JOHN/MR");
-        for name in ["..^x", "^^", "Doe\\x"] {
+        assert_eq!(t.render(&m).unwrap(), "DOE/JOHN/MR");
+        let m = SessionMetas::from_raw("1.2.3.4", "P001", "^Jane ^ Q", "PI", "20261127", "x").unwrap();
+        assert_eq!(t.render(&m).unwrap(), "Jane/Q");
+        for name in ["..^x", "^^", "Doe\\x", "Doe^.", "Doe^\u{1b}x"] {
             let m = SessionMetas::from_raw("1.2.3.4", "P001", name, "PI", "20261127", "x").unwrap();
-            let e = t.render_path(&m).unwrap_err().to_string();
+            let e = t.render(&m).unwrap_err().to_string();
             assert!(!e.contains("Doe"), "{name:?}: {e}");
         }
     }
@@ -274,6 +261,16 @@ mod tests {
         assert_eq!(t.render(&example()).unwrap(), "test.Investigator.Study1.dicoms");
         let t = Template::parse("{{literal}}-{StudyInstanceUID}").unwrap();
         assert_eq!(t.render(&example()).unwrap(), "{literal}-1.2.3.4");
+    }
+
+    /// Issue 12: a PersonName is `Family^Given`; the original rendered
+    /// `Smith^John` as `Smith/John`, i.e. nested groups.
+    #[test]
+    fn a_person_name_in_the_group_template_makes_nested_groups() {
+        let t = Template::parse("{ReferringPhysicianName}/{StudyDescriptionPath[1]}").unwrap();
+        assert_eq!(t.render(&metas("Smith^John", "Brain^Study1")).unwrap(), "Smith/John/Study1");
+        assert_eq!(t.render(&metas("Smith^John^^Dr", "Brain^Study1")).unwrap(), "Smith/John/Dr/Study1");
+        assert_eq!(t.render(&metas("Müller^Jürgen", "Brain^Étude 1")).unwrap(), "Müller/Jürgen/Étude 1");
     }
 
     #[test]
@@ -293,7 +290,6 @@ mod tests {
         let t = Template::parse("{ReferringPhysicianName}/{StudyDescriptionPath[1]}").unwrap();
         for (refphys, desc) in [
             ("..", "X^Study"),
-            ("Smith^John", "X^Study"),
             ("a\\b", "X^Study"),
             ("Inv", "X^.."),
             ("Inv", "X^a\u{7}b"),

@@ -82,7 +82,7 @@ pub(crate) fn project_paths(
     };
     // A session whose name cannot be a path (no PatientName, a hostile one)
     // is still indexed: its subdataset is then at its StudyInstanceUID.
-    let session_name = match session_template.render_path(&job.metas) {
+    let session_name = match session_template.render(&job.metas) {
         Ok(name) => match superdataset::session_path_problem(&name) {
             None => name,
             Some(why) => {

@@ -405,3 +405,34 @@ async fn datasets_without_main_are_never_replaced() {
     assert_eq!(git(&bids, &["for-each-ref", "--format=%(refname)"]).await, "refs/heads/master");
     h.shutdown().await;
 }
+
+/// Issue 12: a PI named in the normal PersonName form `Family^Given` gets
+/// nested groups, as the original made them: `Smith/John/<StudyDescriptionPath[1]>`.
+#[tokio::test]
+async fn a_family_given_name_makes_nested_groups_as_the_original_did() {
+    let h = Harness::start().await;
+    let mut dead = h.bus.client.subscribe(subjects::deadletter("indexer")).await.unwrap();
+    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    let a = archive_study(&h, spec("Smith^John", "Brain^StudyA", "sub-01^ses-1")).await;
+    publish(&h, &a.message).await;
+    let indexed = tokio::select! {
+        ev = next_indexed(&mut sub) => ev,
+        letter = next_dead_letter(&mut dead) => panic!("dead-lettered: {}", letter.reason),
+    };
+    let project = format!("Smith/John/StudyA/sourcedata/dicoms/{}", uid(&a));
+    assert_eq!(indexed.project_path, project);
+    let expected: BTreeSet<String> = [
+        format!("{project}.git"),
+        "Smith/John/StudyA/sourcedata/dicoms/study.git".into(),
+        "Smith/John/StudyA/bids.git".into(),
+        "Smith/John/StudyA/derivatives".into(),
+        "Smith/John/StudyA/qc".into(),
+    ]
+    .into();
+    assert_eq!(forge_tree(&h.forge_dir), expected);
+    let study = h.forge_dir.join("Smith/John/StudyA/sourcedata/dicoms/study.git");
+    assert_eq!(submodules(&study, "main").await.keys().collect::<Vec<_>>(), ["sub-01/ses-1"]);
+    let ci_env = git(&study, &["show", "main:.ci-env.yml"]).await;
+    assert!(ci_env.contains("Smith/John/StudyA/sourcedata/dicoms/study"), "{ci_env}");
+    h.shutdown().await;
+}

@@ -298,3 +298,29 @@ async fn a_reindex_after_the_spool_was_cleared_announces_the_recorded_archive() 
     assert_eq!(h.count(subjects::STREAM_ARCHIVES).await, 3);
     h.stop().await;
 }
+
+/// Issue 12: a PI named in the normal PersonName form `Family^Given` is archived
+/// where the original put it: the URL is rendered whole (`^` → `/`), its first
+/// path element is the bucket and the rest the key prefix.
+#[tokio::test]
+async fn a_family_given_name_is_archived_where_the_original_put_it() {
+    let mut h = Harness::start().await;
+    let spec = StudySpec { referring_physician_name: "Smith^John".into(), ..StudySpec::default() };
+    let study = spool_study(h.spool.path(), spec);
+    h.run_uploader(&h.env(PATTERN)).await;
+    h.complete(&study, 10, "completed:test:family-given").await;
+
+    let ev: pb::ArchiveStored = h.read(subjects::STREAM_ARCHIVES, subjects::ARCHIVE_STORED, 1).await.remove(0);
+    assert_eq!(ev.study_instance_uid, study.uid);
+    assert_eq!(ev.metas.as_ref().unwrap().referring_physician_name, "Smith^John");
+    // `test.Smith/John.Study1.dicoms/sourcedata`: bucket `test.Smith` (normalised), the rest the prefix.
+    let loc = ev.location.clone().unwrap();
+    assert_eq!(loc.bucket, "test.smith");
+    assert_eq!(loc.fileprefix, format!("John.Study1.dicoms/sourcedata/{}/", study.uid));
+    assert_eq!(loc.key, format!("{}{}", loc.fileprefix, ev.annex_key));
+    let bytes = std::fs::read(h.s3.root().join(&loc.bucket).join(&loc.key)).unwrap();
+    assert_eq!(md5_hex(&bytes), ev.md5);
+    h.wait_handled(1).await;
+    assert_eq!(h.count(subjects::STREAM_DEADLETTER).await, 0, "dead-lettered");
+    h.stop().await;
+}
