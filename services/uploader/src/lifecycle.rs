@@ -16,7 +16,8 @@
 //!   are deleted. Off by default: the event does not list its instances, so a
 //!   file written before the discard may still belong to a later generation
 //!   (study-completion lagging behind the receiver) or to an earlier one not
-//!   yet archived; the files stay and the janitor reports them. Conflict
+//!   yet archived; the files stay and the janitor reports them. Only names
+//!   that are spool paths ([`SpoolPath`]) are deleted: conflict
 //!   (`.conflict-…`) and torn (`.torn-…`) files are always left for operators.
 //!
 //! Both are idempotent: a file already gone counts as deleted, so a
@@ -34,7 +35,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, Delivery, HandlerError, manifest, subjects};
 use bidsflux_proto::v1 as pb;
-use bidsflux_session::Uid;
+use bidsflux_session::{SpoolPath, Uid};
 use prost::Message as _;
 use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
@@ -78,17 +79,9 @@ pub fn md5_of_annex_key(key: &str) -> Option<&str> {
     md5.bytes().all(|b| b.is_ascii_hexdigit()).then_some(md5)
 }
 
-/// Checks a manifest path: `<study>/<series>/<sop>.dcm`, each part a UID.
-fn checked_path(study: &Uid, path: &str) -> Option<PathBuf> {
-    let mut parts = path.split('/');
-    let (s, series, file) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || s != study.as_str() {
-        return None;
-    }
-    let sop = file.strip_suffix(".dcm")?;
-    Uid::parse("SeriesInstanceUID", series).ok()?;
-    Uid::parse("SOPInstanceUID", sop).ok()?;
-    Some(PathBuf::from(s).join(series).join(file))
+/// Checks a manifest path: `<study>/<series>/<sop>.dcm` of `study` (archives hold no conflict files).
+fn checked_path(study: &Uid, path: &str) -> Option<SpoolPath> {
+    SpoolPath::parse(path).ok().filter(|p| p.study() == study && !p.is_conflict())
 }
 
 fn transient(e: impl Into<anyhow::Error>, what: &'static str) -> HandlerError {
@@ -219,10 +212,10 @@ fn remove(path: &Path) -> io::Result<bool> {
 }
 
 /// Deletes each `(rel, size, sha256)` whose file still has that size and SHA-256.
-pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: bool) -> io::Result<Outcome> {
+pub fn delete_matching(spool: &Path, targets: &[(SpoolPath, u64, String)], keep: bool) -> io::Result<Outcome> {
     let mut out = Outcome::default();
     for (rel, size, sha256) in targets {
-        let path = spool.join(rel);
+        let path = rel.to_path(spool);
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -240,10 +233,10 @@ pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: b
             };
         if !same {
             out.kept += 1;
-            tracing::warn!(path = %rel.display(), "spool file differs from the indexed manifest; kept");
+            tracing::warn!(path = %rel, "spool file differs from the indexed manifest; kept");
         } else if keep {
             out.would_delete += 1;
-            tracing::debug!(path = %rel.display(), "would delete (BIDSFLUX_SPOOL_KEEP)");
+            tracing::debug!(path = %rel, "would delete (BIDSFLUX_SPOOL_KEEP)");
         } else if remove(&path)? {
             out.deleted += 1;
         } else {
@@ -253,10 +246,11 @@ pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: b
     Ok(out)
 }
 
-/// Deletes the `<series>/<sop>.dcm` files of `study` last modified at or before `until`.
+/// Deletes the `<series>/<sop>.dcm` files of `study` last modified at or before `until` (only
+/// names that are spool paths, and no conflict files).
 pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool) -> io::Result<Outcome> {
     let mut out = Outcome::default();
-    let study_dir = spool.join(study.as_str());
+    let study_dir = SpoolPath::study_dir(spool, study);
     let series_dirs = match std::fs::read_dir(&study_dir) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
@@ -264,7 +258,12 @@ pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool
     };
     for series in series_dirs {
         let series = series?;
-        if !series.file_type()?.is_dir() || series.file_name().to_string_lossy().starts_with('.') {
+        let series_name = series.file_name();
+        let Some(series_name) = series_name.to_str().filter(|n| Uid::parse_exact("SeriesInstanceUID", n).is_ok())
+        else {
+            continue;
+        };
+        if !series.file_type()?.is_dir() {
             continue;
         }
         let files = match std::fs::read_dir(series.path()) {
@@ -275,9 +274,10 @@ pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool
         for f in files {
             let f = f?;
             let name = f.file_name();
-            let name = name.to_string_lossy();
-            if !name.ends_with(".dcm") || name.starts_with('.') {
-                continue;
+            let Some(name) = name.to_str() else { continue };
+            match SpoolPath::from_names(study.as_str(), series_name, name) {
+                Ok(path) if !path.is_conflict() => {}
+                _ => continue,
             }
             let meta = match f.metadata() {
                 Ok(m) => m,
