@@ -37,6 +37,8 @@ pub mod janitor;
 pub mod lifecycle;
 pub mod metrics;
 pub mod multipart;
+pub mod report;
+pub mod s3_error;
 pub mod spool;
 pub mod store;
 

@@ -41,6 +41,7 @@ use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
+pub use crate::report::Outcome;
 use crate::spool;
 
 /// Deletes spool files of indexed and discarded studies.
@@ -56,19 +57,6 @@ pub struct Lifecycle {
     pub delete_discarded: bool,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
-}
-
-/// What one event did to the spool.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    /// Files deleted now.
-    pub deleted: u64,
-    /// Files already gone (a redelivery, or an operator).
-    pub gone: u64,
-    /// Files kept because they differ from the manifest (or are newer than a discard).
-    pub kept: u64,
-    /// Files that would have been deleted (`BIDSFLUX_SPOOL_KEEP`).
-    pub would_delete: u64,
 }
 
 /// The MD5 of an MD5E annex key (`MD5E-s<size>--<md5><ext>`).

@@ -4,8 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::janitor::Report;
-use crate::lifecycle::Outcome;
+use crate::report::{Outcome, Report};
 
 /// Counters and gauges, shared by the lifecycle consumers and the janitor.
 #[derive(Debug, Default)]
