@@ -18,7 +18,7 @@
 //!   [`Spool::open`] rewrites from the journal every file written since the last
 //!   checkpoint (a file it finds different is kept beside it as `.torn-<seq>`).
 //! - **A larger instance** (spilled to its temp file) is flushed with a group
-//!   commit ([`Spool::sync`], see [`commit`]: one `syncfs` for all the stores
+//!   commit ([`Spool::sync`], see [`GroupCommit`]: one `syncfs` for all the stores
 //!   waiting at that moment), twice: after writing its temp file (the data is
 //!   durable *before* any name points at it), and after hard-linking it to its
 //!   final name (atomic, never overwriting).

@@ -168,7 +168,7 @@ impl Journal {
 
     /// Opens (creating) the journal in `dir` and returns the records written after the last
     /// checkpoint, in order. The threads are not started yet: the caller repairs the spool
-    /// from the records, makes it durable, and calls [`Journal::start`].
+    /// from the records, makes it durable, and calls [`Opened::start`].
     pub fn open(dir: &Path, options: JournalOptions) -> io::Result<(Opened, Vec<Position>)> {
         if options.segments < 3 || options.segment_size < 64 << 10 || options.segment_size > u64::from(u32::MAX) {
             return Err(io::Error::new(
