@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, Delivery, HandlerError, manifest, subjects};
 use bidsflux_proto::v1 as pb;
-use bidsflux_session::{SpoolPath, Uid};
+use bidsflux_session::{SpoolPath, Uid, annex};
 use prost::Message as _;
 use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
@@ -59,14 +59,6 @@ pub struct Lifecycle {
     pub metrics: Arc<Metrics>,
 }
 
-/// The MD5 of an MD5E annex key (`MD5E-s<size>--<md5><ext>`).
-pub fn md5_of_annex_key(key: &str) -> Option<&str> {
-    let rest = key.strip_prefix("MD5E-s")?;
-    let (_, tail) = rest.split_once("--")?;
-    let md5 = tail.get(..32)?;
-    md5.bytes().all(|b| b.is_ascii_hexdigit()).then_some(md5)
-}
-
 /// Checks a manifest path: `<study>/<series>/<sop>.dcm` of `study` (archives hold no conflict files).
 fn checked_path(study: &Uid, path: &str) -> Option<SpoolPath> {
     SpoolPath::parse(path).ok().filter(|p| p.study() == study && !p.is_conflict())
@@ -87,7 +79,7 @@ impl Lifecycle {
     }
 
     async fn indexed(&self, study: Uid, msg: pb::StudyIndexed) -> Result<(), HandlerError> {
-        let md5 = md5_of_annex_key(&msg.archive_annex_key).ok_or_else(|| {
+        let md5 = annex::md5_of_md5e_key(&msg.archive_annex_key).ok_or_else(|| {
             HandlerError::malformed(format!(
                 "StudyIndexed: archive_annex_key {:?} is not an MD5E key",
                 msg.archive_annex_key
@@ -293,14 +285,6 @@ pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn md5_from_annex_keys() {
-        let md5 = "0123456789abcdef0123456789abcdef";
-        assert_eq!(md5_of_annex_key(&format!("MD5E-s123--{md5}.7z")), Some(md5));
-        assert_eq!(md5_of_annex_key("SHA256E-s1--ab.7z"), None);
-        assert_eq!(md5_of_annex_key("MD5E-s1--xyz"), None);
-    }
 
     #[test]
     fn manifest_paths_must_stay_in_the_study() {
