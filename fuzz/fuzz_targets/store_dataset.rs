@@ -1,6 +1,6 @@
 //! The data set of a C-STORE, as the receiver inspects it once received: the Part 10 header the
 //! receiver writes (file meta built from the command and the presentation context) followed by
-//! the peer's bytes, parsed by `store::inspect_bytes` (the same reader as for large instances
+//! the peer's bytes, parsed by `cstore::inspect_bytes` (the same reader as for large instances
 //! spooled to disk). The first input byte picks the negotiated transfer syntax.
 //! Must return `Ok` or `Err`, never panic, and allocate within libFuzzer's limits.
 
@@ -8,7 +8,7 @@
 
 use bidsflux_receiver::conformance::TRANSFER_SYNTAXES;
 use bidsflux_receiver::spool::{PartMeta, part10_header};
-use bidsflux_receiver::store::inspect_bytes;
+use bidsflux_receiver::cstore::inspect_bytes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

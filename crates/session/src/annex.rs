@@ -14,6 +14,15 @@ pub fn md5e_key(size: u64, md5_hex: &str, file_name: &str) -> String {
     format!("MD5E-s{size}--{}{}", md5_hex.to_ascii_lowercase(), extension(file_name))
 }
 
+/// The MD5 (hex) in an `MD5E` key, the inverse of [`md5e_key`]; `None` for
+/// another backend or a malformed key.
+pub fn md5_of_md5e_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("MD5E-s")?;
+    let (_, tail) = rest.split_once("--")?;
+    let md5 = tail.get(..32)?;
+    md5.bytes().all(|b| b.is_ascii_hexdigit()).then_some(md5)
+}
+
 /// The key extension of a file name, e.g. `.dcm`, `.tar.gz`, or empty.
 pub fn extension(file_name: &str) -> String {
     let base = file_name.rsplit('/').next().unwrap_or(file_name);
@@ -45,5 +54,14 @@ mod tests {
         assert_eq!(extension("noext"), "");
         assert_eq!(extension("a.longext"), "");
         assert_eq!(md5e_key(12, "ABCDEF", "x.7z"), "MD5E-s12--abcdef.7z");
+    }
+
+    #[test]
+    fn md5_from_annex_keys() {
+        let md5 = "0123456789abcdef0123456789abcdef";
+        assert_eq!(md5_of_md5e_key(&format!("MD5E-s123--{md5}.7z")), Some(md5));
+        assert_eq!(md5_of_md5e_key("SHA256E-s1--ab.7z"), None);
+        assert_eq!(md5_of_md5e_key("MD5E-s1--xyz"), None);
+        assert_eq!(md5_of_md5e_key(&md5e_key(9, md5, "1.2.7z")), Some(md5), "round trip");
     }
 }

@@ -7,6 +7,7 @@
 //!   without eval; values unsafe in a path are refused.
 //! - [`s3`]: bucket naming and key placement of study archives.
 //! - [`annex`]: git-annex keys, computed the way git-annex computes them.
+//! - [`spool`]: the spool layout the receiver writes and the uploader reads.
 //!
 //! Patient values (PatientID, PatientName, StudyDate) may be rendered into a
 //! bucket, a key prefix or a forge project path when a site's templates use
@@ -16,10 +17,12 @@
 pub mod annex;
 pub mod metas;
 pub mod s3;
+pub mod spool;
 pub mod template;
 pub mod uid;
 
 pub use metas::SessionMetas;
+pub use spool::{SpoolPath, SpoolPathError};
 pub use template::{RenderError, Template, TemplateError};
 pub use uid::{Uid, UidError};
 

@@ -52,6 +52,17 @@ impl Uid {
         Ok(Self(v.to_owned()))
     }
 
+    /// Validates `value` as the UID named `what` when it is exactly that UID,
+    /// without the padding [`Uid::parse`] removes: for names in the file system
+    /// (a directory `1.2.3 ` is not the directory `1.2.3`).
+    pub fn parse_exact(what: &'static str, value: &str) -> Result<Self, UidError> {
+        let uid = Self::parse(what, value)?;
+        if uid.as_str() != value {
+            return Err(UidError::Invalid { what });
+        }
+        Ok(uid)
+    }
+
     /// The UID as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -89,5 +100,14 @@ mod tests {
         let long = format!("1.{}", "2".repeat(70));
         assert!(matches!(Uid::parse("x", &long), Err(UidError::TooLong { .. })));
         assert!(Uid::parse("x", &"1".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn exact_uids_have_no_padding() {
+        assert_eq!(Uid::parse_exact("x", "1.2.3").unwrap().as_str(), "1.2.3");
+        for padded in ["1.2.3 ", " 1.2.3", "1.2.3\0"] {
+            assert!(matches!(Uid::parse_exact("x", padded), Err(UidError::Invalid { .. })), "{padded:?} accepted");
+        }
+        assert!(matches!(Uid::parse_exact("x", ""), Err(UidError::Empty { .. })));
     }
 }

@@ -6,8 +6,8 @@
 //! or brought up to date; running it again changes nothing. The services
 //! check at start that what they need exists and refuse to run otherwise.
 //!
-//! GitLab users, tokens, groups, CI variables and runners come with the
-//! provisioner issue.
+//! GitLab users, tokens, groups, CI variables and runners are not
+//! provisioned here.
 
 use bidsflux_config::{ConfigError, Env};
 use bidsflux_messaging::{Bus, topology};

@@ -23,9 +23,9 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::Config;
 use crate::access::{Gate, Policy};
 use crate::conformance;
+use crate::cstore::{IncomingStore, StoreContext, StoreRequest};
 use crate::dimse::{self, Command, Response};
 use crate::metrics::{Metrics, RejectReason};
-use crate::store::{IncomingStore, StoreContext, StoreRequest};
 
 /// Negotiation options of the service (the gate is set per connection: it needs the peer's address).
 pub type Options = ServerAssociationOptions<'static, Gate, DefaultNegotiation>;

@@ -7,12 +7,16 @@
 //!
 //! - [`config`]: settings from the environment;
 //! - [`access`]: the scanner allow-list (deny by default);
-//! - [`conformance`]: the SOP classes and transfer syntaxes we accept;
+//! - [`conformance`]: the SOP classes and transfer syntaxes we accept (the storage SOP classes
+//!   of the standard are listed in the private `sop_classes`);
 //! - [`tls`]: DICOM TLS from PEM files;
 //! - [`association`]: negotiation and the DIMSE loop of one association;
 //! - [`dimse`]: command sets;
-//! - [`store`]: one C-STORE, from fragments to the published event;
-//! - [`spool`]: temp files, the spool layout, atomic placement;
+//! - [`cstore`]: one C-STORE, from fragments to the published event;
+//! - [`header`]: walks a data set's header up to the UIDs, checking every declared length;
+//! - [`rule_attributes`]: which data set attributes `InstanceStored` carries for completion rules;
+//! - [`spool`]: temp files, the spool journal, atomic placement (the layout is
+//!   [`bidsflux_session::SpoolPath`]);
 //! - [`space`]: refuses stores while the spool's disk is nearly full;
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` by [`bidsflux_service::http`].
 //!
@@ -23,6 +27,7 @@ pub mod access;
 pub mod association;
 pub mod config;
 pub mod conformance;
+pub mod cstore;
 pub mod dimse;
 pub mod header;
 pub mod metrics;
@@ -30,7 +35,6 @@ pub mod rule_attributes;
 mod sop_classes;
 pub mod space;
 pub mod spool;
-pub mod store;
 pub mod tls;
 
 use std::sync::Arc;
@@ -49,10 +53,10 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::access::Policy;
+use crate::cstore::StoreContext;
 use crate::metrics::{Metrics, RejectReason};
 use crate::space::SpaceGuard;
 use crate::spool::Spool;
-use crate::store::StoreContext;
 
 /// What must exist on the bus before the receiver starts.
 pub const REQUIRES: &[Requirement] =
@@ -121,7 +125,7 @@ pub async fn run_with(
             let n = recovered.len();
             let mut failed = 0_usize;
             for r in recovered {
-                if let Err(e) = store::announce(&bus, &r.event, r.existing.as_ref()).await {
+                if let Err(e) = cstore::announce(&bus, &r.event, r.existing.as_ref()).await {
                     failed += 1;
                     warn!(error = %format!("{e:#}"), spool_path = %r.event.spool_path, "cannot announce a restored instance");
                 }

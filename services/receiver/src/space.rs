@@ -1,8 +1,8 @@
 //! The spool free-space guard: stores are refused (0xA700) while the spool's file system has
 //! less than `BIDSFLUX_SPOOL_MIN_FREE` bytes free, before the disk is exhausted.
 //!
-//! `statvfs` is called at most once per [`CACHE_FOR`]; in between, the last answer is reused,
-//! so a check costs a mutex lock. The refusal is logged at most once per [`WARN_EVERY`].
+//! `statvfs` is called at most once per `CACHE_FOR` (1 s); in between, the last answer is reused,
+//! so a check costs a mutex lock. The refusal is logged at most once per `WARN_EVERY`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};

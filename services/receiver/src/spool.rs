@@ -1,7 +1,8 @@
 //! The spool: where received instances become durable files.
 //!
-//! Layout (shared with the uploader): `<root>/<study>/<series>/<sop>.dcm`,
-//! DICOM Part 10 files whose data set is the received bytes, unchanged.
+//! Layout (shared with the uploader, defined by [`SpoolPath`]):
+//! `<root>/<study>/<series>/<sop>.dcm`, DICOM Part 10 files whose data set is
+//! the received bytes, unchanged.
 //!
 //! An instance is gathered in memory (a [`PartFile`]; past [`IN_MEMORY_LIMIT`]
 //! it spills to `<root>/.tmp/<random>.part`, so memory stays bounded whatever
@@ -17,7 +18,7 @@
 //!   [`Spool::open`] rewrites from the journal every file written since the last
 //!   checkpoint (a file it finds different is kept beside it as `.torn-<seq>`).
 //! - **A larger instance** (spilled to its temp file) is flushed with a group
-//!   commit ([`Spool::sync`], see [`commit`]: one `syncfs` for all the stores
+//!   commit ([`Spool::sync`], see [`GroupCommit`]: one `syncfs` for all the stores
 //!   waiting at that moment), twice: after writing its temp file (the data is
 //!   durable *before* any name points at it), and after hard-linking it to its
 //!   final name (atomic, never overwriting).
@@ -36,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bidsflux_proto::v1 as pb;
-use bidsflux_session::Uid;
+use bidsflux_session::SpoolPath;
 use bytes::Bytes;
 use dicom_object::FileMetaTableBuilder;
 use prost::Message as _;
@@ -208,20 +209,17 @@ impl Spool {
     /// - a file with the same data set is there: [`Decision::Exists`], it is kept ([`Placement::Duplicate`]);
     /// - a different one is there: the new one goes alongside as
     ///   `<sop>.dcm.conflict-<first 16 hex digits of its data set SHA-256>` ([`Placement::Conflict`]).
-    pub fn decide(&self, dataset_sha256: &str, file_size: u64, ids: &InstanceIds) -> io::Result<Decision> {
-        let study_dir = ensure_dir(&self.root, ids.study.as_str())?;
-        let series_dir = ensure_dir(&study_dir, ids.series.as_str())?;
-        let name = format!("{}.dcm", ids.sop.as_str());
-        let relative = |file: &str| format!("{}/{}/{}", ids.study, ids.series, file);
+    pub fn decide(&self, dataset_sha256: &str, file_size: u64, instance: &SpoolPath) -> io::Result<Decision> {
+        ensure_series_dir(&self.root, instance)?;
         let mut placement = Placement::New;
         let mut existing = None;
-        let mut file_name = name.clone();
+        let mut file = instance.plain();
         loop {
-            let target = series_dir.join(&file_name);
+            let target = file.to_path(&self.root);
             let meta = match fs::metadata(&target) {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let placed = Placed { relative_path: relative(&file_name), file_size, placement, existing };
+                    let placed = Placed { relative_path: file.to_string(), file_size, placement, existing };
                     return Ok(Decision::Create { path: target, placed });
                 }
                 Err(e) => return Err(e),
@@ -229,7 +227,7 @@ impl Spool {
             let sha256 = dataset_sha256_of_file(&target)?;
             if sha256 == dataset_sha256 {
                 let placement = if placement == Placement::New { Placement::Duplicate } else { Placement::Conflict };
-                let placed = Placed { relative_path: relative(&file_name), file_size: meta.len(), placement, existing };
+                let placed = Placed { relative_path: file.to_string(), file_size: meta.len(), placement, existing };
                 return Ok(Decision::Exists(placed));
             }
             if placement == Placement::Conflict {
@@ -237,8 +235,8 @@ impl Spool {
                 return Err(io::Error::new(io::ErrorKind::AlreadyExists, "conflict file name already taken"));
             }
             placement = Placement::Conflict;
-            existing = Some(Existing { relative_path: relative(&file_name), dataset_sha256: sha256 });
-            file_name = conflict_name(&name, dataset_sha256);
+            existing = Some(Existing { relative_path: file.to_string(), dataset_sha256: sha256 });
+            file = instance.conflict(dataset_sha256).map_err(invalid_input)?;
         }
     }
 
@@ -276,21 +274,18 @@ impl Spool {
     /// - a file with the same data set is there: it is kept ([`Placement::Duplicate`]);
     /// - a different one is there: the new one goes alongside as
     ///   `<sop>.dcm.conflict-<first 16 hex digits of its data set SHA-256>` ([`Placement::Conflict`]).
-    pub fn place(&self, part: &FinishedPart, ids: &InstanceIds) -> io::Result<Placed> {
-        let study_dir = ensure_dir(&self.root, ids.study.as_str())?;
-        let series_dir = ensure_dir(&study_dir, ids.series.as_str())?;
-        let name = format!("{}.dcm", ids.sop.as_str());
-        let relative = |file: &str| format!("{}/{}/{}", ids.study, ids.series, file);
+    pub fn place(&self, part: &FinishedPart, instance: &SpoolPath) -> io::Result<Placed> {
+        ensure_series_dir(&self.root, instance)?;
         let mut placement = Placement::New;
         let mut existing = None;
-        let mut file_name = name.clone();
+        let mut file = instance.plain();
         loop {
-            let target = series_dir.join(&file_name);
+            let target = file.to_path(&self.root);
             let source = part.path().ok_or_else(|| io::Error::other("instance not in a temp file"))?;
             match fs::hard_link(source, &target) {
                 Ok(()) => {
                     return Ok(Placed {
-                        relative_path: relative(&file_name),
+                        relative_path: file.to_string(),
                         file_size: part.file_size,
                         placement,
                         existing,
@@ -302,15 +297,15 @@ impl Spool {
                         let file_size = fs::metadata(&target)?.len();
                         let placement =
                             if placement == Placement::New { Placement::Duplicate } else { Placement::Conflict };
-                        return Ok(Placed { relative_path: relative(&file_name), file_size, placement, existing });
+                        return Ok(Placed { relative_path: file.to_string(), file_size, placement, existing });
                     }
                     if placement == Placement::Conflict {
                         // Two different data sets whose hashes share 64 bits: do not guess.
                         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "conflict file name already taken"));
                     }
                     placement = Placement::Conflict;
-                    existing = Some(Existing { relative_path: relative(&file_name), dataset_sha256: sha256 });
-                    file_name = conflict_name(&name, &part.dataset_sha256);
+                    existing = Some(Existing { relative_path: file.to_string(), dataset_sha256: sha256 });
+                    file = instance.conflict(&part.dataset_sha256).map_err(invalid_input)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -511,26 +506,9 @@ pub enum Decision {
     Exists(Placed),
 }
 
-/// `<sop>.dcm.conflict-<first 16 hex digits of the data set SHA-256>`.
-fn conflict_name(name: &str, dataset_sha256: &str) -> String {
-    format!("{name}.conflict-{}", dataset_sha256.get(..16).unwrap_or(dataset_sha256))
-}
-
-/// Checks a journaled spool path: `<study>/<series>/<sop>.dcm` or its conflict name, with
-/// valid UIDs, so that a damaged journal cannot write outside the spool.
-fn valid_spool_path(relative: &str) -> Option<(Uid, Uid, &str)> {
-    let mut parts = relative.split('/');
-    let (study, series, file) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let study = Uid::parse("StudyInstanceUID", study).ok()?;
-    let series = Uid::parse("SeriesInstanceUID", series).ok()?;
-    let (sop, rest) = file.split_once(".dcm")?;
-    Uid::parse("SOPInstanceUID", sop).ok()?;
-    let conflict = rest.strip_prefix(".conflict-");
-    let ok = rest.is_empty() || conflict.is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    ok.then_some((study, series, file))
+/// A spool path that cannot be formed (a data set hash too short for a conflict name).
+fn invalid_input(e: bidsflux_session::SpoolPathError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
 /// Makes sure the spool file of a journal record holds the record's bytes (blocking). A file
@@ -541,16 +519,17 @@ fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<Rec
         tracing::error!(seq = record.seq, "journal record with an undecodable event skipped");
         return Ok(None);
     };
-    let Some((study, series, file)) = valid_spool_path(&event.spool_path) else {
+    // Checked before use, so that a damaged journal cannot write outside the spool.
+    let Ok(path) = SpoolPath::parse(&event.spool_path) else {
         tracing::error!(seq = record.seq, spool_path = %event.spool_path, "journal record with an invalid path skipped");
         return Ok(None);
     };
-    let series_dir = ensure_dir(&ensure_dir(root, study.as_str())?, series.as_str())?;
-    let target = series_dir.join(file);
+    let series_dir = ensure_series_dir(root, &path)?;
+    let target = path.to_path(root);
     match fs::read(&target) {
         Ok(bytes) if bytes == record.data => {}
         Ok(_) => {
-            let aside = keep_aside(&series_dir, file, record.seq, &target)?;
+            let aside = keep_aside(&series_dir, &path, record.seq, &target)?;
             tracing::warn!(
                 spool_path = %event.spool_path,
                 kept_as = %aside.display(),
@@ -561,27 +540,28 @@ fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<Rec
         Err(e) if e.kind() == io::ErrorKind::NotFound => write_new(tmp, &target, &record.data)?,
         Err(e) => return Err(e),
     }
-    let existing = match event.spool_path.split_once(".conflict-") {
+    let existing = if path.is_conflict() {
         // The file that had the plain name may be gone since (indexed and removed): the conflict
         // event then goes without it; a restart must never fail for that.
-        Some((plain, _)) => match dataset_sha256_of_file(&root.join(plain)) {
-            Ok(dataset_sha256) => Some(Existing { relative_path: plain.to_owned(), dataset_sha256 }),
+        let plain = path.plain();
+        match dataset_sha256_of_file(&plain.to_path(root)) {
+            Ok(dataset_sha256) => Some(Existing { relative_path: plain.to_string(), dataset_sha256 }),
             Err(e) => {
                 tracing::warn!(error = %e, spool_path = %plain, "the original of a restored conflict file is unreadable");
                 None
             }
-        },
-        None => None,
+        }
+    } else {
+        None
     };
     Ok(Some(RecoveredInstance { event, existing }))
 }
 
-/// Renames `target` to `<file>.torn-<seq>` (or `.torn-<seq>-<n>` if that exists: an interrupted
-/// restore run again), never replacing anything.
-fn keep_aside(dir: &Path, file: &str, seq: u64, target: &Path) -> io::Result<PathBuf> {
+/// Renames `target` (the file of `path`) to `<file>.torn-<seq>` (or `.torn-<seq>-<n>` if that
+/// exists: an interrupted restore run again), never replacing anything.
+fn keep_aside(dir: &Path, path: &SpoolPath, seq: u64, target: &Path) -> io::Result<PathBuf> {
     for n in 0..1000 {
-        let name = if n == 0 { format!("{file}.torn-{seq}") } else { format!("{file}.torn-{seq}-{n}") };
-        let aside = dir.join(name);
+        let aside = dir.join(path.torn_file_name(seq, n));
         let renamed = rustix::fs::renameat_with(
             rustix::fs::CWD,
             target,
@@ -605,17 +585,6 @@ fn write_new(tmp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
     file.write_all(bytes)?;
     drop(file);
     fs::rename(&guard.path, target)
-}
-
-/// The validated UIDs that name a spool file.
-#[derive(Debug, Clone)]
-pub struct InstanceIds {
-    /// StudyInstanceUID.
-    pub study: Uid,
-    /// SeriesInstanceUID.
-    pub series: Uid,
-    /// SOPInstanceUID.
-    pub sop: Uid,
 }
 
 /// How an instance was placed.
@@ -651,15 +620,22 @@ pub struct Existing {
     pub dataset_sha256: String,
 }
 
-/// `parent/name`, created if missing (made durable by the next [`Spool::sync`]).
-fn ensure_dir(parent: &Path, name: &str) -> io::Result<PathBuf> {
-    let dir = parent.join(name);
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
+/// The study and series directories of `path`, created if missing (made durable by the next
+/// [`Spool::sync`]); returns the series directory.
+fn ensure_series_dir(root: &Path, path: &SpoolPath) -> io::Result<PathBuf> {
+    ensure_dir(&SpoolPath::study_dir(root, path.study()))?;
+    let dir = path.series_dir(root);
+    ensure_dir(&dir)?;
     Ok(dir)
+}
+
+/// Creates `dir` if missing (its parent must exist).
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// SHA-256 of the data set of a Part 10 file (everything after the file meta group), streamed.
@@ -686,6 +662,8 @@ fn dataset_offset(head: &[u8; 144]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use bidsflux_session::Uid;
+
     use super::*;
 
     /// Files in the temp directory, the pool's ready ones excluded.
@@ -696,12 +674,12 @@ mod tests {
             .count()
     }
 
-    fn ids(study: &str) -> InstanceIds {
-        InstanceIds {
-            study: Uid::parse("StudyInstanceUID", study).unwrap(),
-            series: Uid::parse("SeriesInstanceUID", "1.2.3.4").unwrap(),
-            sop: Uid::parse("SOPInstanceUID", "1.2.3.4.5").unwrap(),
-        }
+    fn ids(study: &str) -> SpoolPath {
+        SpoolPath::new(
+            Uid::parse("StudyInstanceUID", study).unwrap(),
+            Uid::parse("SeriesInstanceUID", "1.2.3.4").unwrap(),
+            Uid::parse("SOPInstanceUID", "1.2.3.4.5").unwrap(),
+        )
     }
 
     const META: PartMeta<'static> = PartMeta {
@@ -893,8 +871,8 @@ mod tests {
 
     #[test]
     fn journaled_paths_are_checked_before_use() {
-        assert!(valid_spool_path("1.2.3/1.2.3.4/1.2.3.4.5.dcm").is_some());
-        assert!(valid_spool_path("1.2.3/1.2.3.4/1.2.3.4.5.dcm.conflict-0123456789abcdef").is_some());
+        assert!(SpoolPath::parse("1.2.3/1.2.3.4/1.2.3.4.5.dcm").is_ok());
+        assert!(SpoolPath::parse("1.2.3/1.2.3.4/1.2.3.4.5.dcm.conflict-0123456789abcdef").is_ok());
         for bad in [
             "../1.2/1.2.3.dcm",
             "1.2.3/../1.2.3.dcm",
@@ -904,7 +882,7 @@ mod tests {
             "1.2.3/1.2.3.4/evil.dcm",
             "1.2.3/1.2.3.4",
         ] {
-            assert!(valid_spool_path(bad).is_none(), "{bad} accepted");
+            assert!(SpoolPath::parse(bad).is_err(), "{bad} accepted");
         }
     }
 }

@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! A 1 GiB instance through the real binary, as a scanner would send it: the
 //! receiver answers Success, the spooled data set is byte for byte the one
-//! sent, and the receiver's peak RSS stays under 64 MiB (issue 3: "bounded
-//! memory, whatever the instance size").
+//! sent, and the receiver's peak RSS stays under 64 MiB (bounded memory whatever
+//! the instance size: see `docs/adr/0003-receiver-durability.md`).
 //!
 //! The instance (Multi-frame Grayscale Word Secondary Capture, 2048 frames of
 //! 512×512 16-bit) is written to disk in 1 MiB chunks, never held in memory;
@@ -29,7 +29,7 @@ const COLUMNS: u16 = 512;
 const FRAMES: u32 = 2048;
 /// 2 bytes a pixel: 512 KiB a frame, 1 GiB in all.
 const PIXEL_BYTES: u64 = ROWS as u64 * COLUMNS as u64 * 2 * FRAMES as u64;
-/// Peak resident memory the receiver may reach (issue 3).
+/// Peak resident memory the receiver may reach.
 const MAX_RSS_KIB: u64 = 64 * 1024;
 /// Free space the test needs in the temp directory (the sent file, the spool copy, some margin).
 const MIN_FREE_BYTES: u64 = 4 << 30;

@@ -1,4 +1,4 @@
-//! Benchmarks of the study-completion issue, against a real nats-server (they measure, they do
+//! Benchmarks of study-completion, against a real nats-server (they measure, they do
 //! not judge):
 //!
 //! ```sh

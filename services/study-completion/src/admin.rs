@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{Core, next_check};
 use crate::decide::{Command, Refused};
-use crate::store::{self, StoreError};
+use crate::study_kv::{self, StoreError};
 use crate::timers::Timers;
 
 /// `ListStudies` answers at most this many when the request sets no limit.
@@ -111,7 +111,7 @@ impl Admin {
         let study = parse_uid(uid)?;
         let core = &self.core;
         let now = now_unix_ms();
-        let updated = store::update(&core.kv, study.as_str(), |s| -> Result<_, Failure> {
+        let updated = study_kv::update(&core.kv, study.as_str(), |s| -> Result<_, Failure> {
             let (next, decision) = core.engine.operate(s.clone(), command, now).map_err(Failure::Refused)?;
             let changed = s.as_ref() != Some(&next);
             Ok((changed.then(|| next.clone()), (next, decision)))
@@ -137,8 +137,8 @@ impl Admin {
             }
         }
         // Re-read so the answer shows the outbox as published (or not).
-        let shown = match store::read(&core.kv, study.as_str()).await {
-            Ok(store::Current { state: Some(s), .. }) => s,
+        let shown = match study_kv::read(&core.kv, study.as_str()).await {
+            Ok(study_kv::Current { state: Some(s), .. }) => s,
             _ => state,
         };
         if let Some(at) = next_check(&shown) {
@@ -156,7 +156,7 @@ impl StudyAdmin for Admin {
     ) -> Result<Response<pb::ListStudiesResponse>, Status> {
         let req = request.into_inner();
         let limit = if req.limit == 0 { DEFAULT_LIST_LIMIT } else { req.limit as usize };
-        let all = store::scan(&self.core.kv).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        let all = study_kv::scan(&self.core.kv).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
         let mut studies: Vec<pb::StudySummary> =
             all.iter().filter(|s| req.statuses.is_empty() || req.statuses.contains(&s.status)).map(summary).collect();
         studies.sort_by_key(|s| std::cmp::Reverse(s.created_at_unix_ms));
@@ -169,7 +169,7 @@ impl StudyAdmin for Admin {
         let req = request.into_inner();
         let study = parse_uid(&req.study_instance_uid)?;
         let current =
-            store::read(&self.core.kv, study.as_str()).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            study_kv::read(&self.core.kv, study.as_str()).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
         let s = current.state.ok_or_else(|| Status::not_found(Refused::NotFound.to_string()))?;
         if req.include_patient_values {
             tracing::info!(study_uid = %study.as_str(), "study attributes shown to an operator");

@@ -1,9 +1,9 @@
 //! The study state machine: which rule a study falls under, when it is complete and what then.
 //!
 //! Pure: every function takes the state read from the KV bucket and the time, and returns the
-//! state to write with compare-and-set ([`crate::store::update`]). An event that a transition
+//! state to write with compare-and-set (`study_kv::update`). An event that a transition
 //! decides (*study completed*, *discarded*, *held*) is put in the state's outbox in the same
-//! write and published afterwards ([`crate::outbox`]), so a transition and its event can never
+//! write and published afterwards (`outbox`), so a transition and its event can never
 //! be separated by a crash or a concurrent writer: whoever wins the compare-and-set defines the
 //! event, and its de-duplication id makes the publication happen once.
 //!

@@ -9,7 +9,7 @@
 //!
 //! Exactly one completion per study generation: a transition and its event are written together
 //! with compare-and-set (the event in the state's outbox, [`decide`]), then published with a
-//! de-duplication id (`completed:<uid>:<generation>`) and removed from the outbox ([`outbox`]).
+//! de-duplication id (`completed:<uid>:<generation>`) and removed from the outbox (`outbox`).
 
 mod admin;
 mod config;
@@ -19,7 +19,7 @@ mod metrics;
 mod outbox;
 pub mod rules;
 pub mod state;
-mod store;
+mod study_kv;
 mod timers;
 
 #[cfg(test)]
@@ -44,7 +44,7 @@ use crate::core::{Core, next_check};
 use crate::decide::Engine;
 use crate::metrics::Metrics;
 use crate::state::Applied;
-use crate::store::{StoreError, WriteError};
+use crate::study_kv::{StoreError, WriteError};
 use crate::timers::Timers;
 
 /// JetStream objects this service needs.
@@ -129,7 +129,7 @@ async fn resume(core: &Core, timers: &Timers) -> anyhow::Result<usize> {
     let now = now_unix_ms();
     let mut resumed = 0;
     let mut held = 0;
-    for s in store::scan(&core.kv).await? {
+    for s in study_kv::scan(&core.kv).await? {
         if s.status == pb::StudyStatus::Held as i32 {
             held += 1;
         }
@@ -163,7 +163,7 @@ async fn on_instance(core: &Core, timers: &Timers, d: Delivery) -> Result<(), Ha
     span.record("sop_uid", ev.sop_instance_uid.as_str());
     let traceparent = trace::current_traceparent();
     let now = now_unix_ms();
-    let updated = store::update(&core.kv, study.as_str(), |s| -> Result<_, StoreError> {
+    let updated = study_kv::update(&core.kv, study.as_str(), |s| -> Result<_, StoreError> {
         let (next, applied, decision) = core.engine.apply_instance(s, &ev, now, traceparent.clone());
         let write = (applied != Applied::Duplicate).then_some(next);
         Ok((write, (applied, decision)))

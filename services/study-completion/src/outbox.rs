@@ -13,11 +13,11 @@ use prost::Message as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::store::{self, StoreError};
+use crate::study_kv::{self, StoreError};
 
 /// Publishes every outbox entry of `study` and removes them; returns how many were published.
 pub async fn flush(bus: &Bus, kv: &kv::Store, study: &str) -> anyhow::Result<usize> {
-    let current = store::read(kv, study).await?;
+    let current = study_kv::read(kv, study).await?;
     let Some(s) = current.state else { return Ok(0) };
     if s.outbox.is_empty() {
         return Ok(0);
@@ -40,7 +40,7 @@ pub async fn flush(bus: &Bus, kv: &kv::Store, study: &str) -> anyhow::Result<usi
     .instrument(span)
     .await?;
     let n = published.len();
-    store::update(kv, study, |s| -> Result<_, StoreError> {
+    study_kv::update(kv, study, |s| -> Result<_, StoreError> {
         let Some(mut s) = s else { return Ok((None, ())) };
         let before = s.outbox.len();
         s.outbox.retain(|e| !published.contains(&e.msg_id));

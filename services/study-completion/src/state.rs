@@ -1,7 +1,7 @@
 //! What an instance does to a study's state, kept in the `bidsflux_v1_studies` KV bucket.
 //!
 //! Pure functions over [`pb::StudyState`] so they are testable without a server; the callers
-//! apply them with compare-and-set ([`crate::store::update`]). What happens once the rule says
+//! apply them with compare-and-set (`study_kv::update`). What happens once the rule says
 //! the study is complete is in [`crate::decide`].
 
 use std::collections::HashMap;

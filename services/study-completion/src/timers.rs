@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{Core, next_check};
-use crate::store::{self, StoreError};
+use crate::study_kv::{self, StoreError};
 
 /// Handle to schedule checks.
 #[derive(Debug, Clone)]
@@ -123,7 +123,7 @@ impl Checker {
         let core = &self.core;
         crate::outbox::flush(&core.bus, &core.kv, study).await?;
         let now = now_unix_ms();
-        let updated = store::update(&core.kv, study, |s| -> Result<_, StoreError> {
+        let updated = study_kv::update(&core.kv, study, |s| -> Result<_, StoreError> {
             let Some(s) = s else { return Ok((None, (None, None))) };
             let next = next_check(&s);
             match core.engine.on_due(s, now) {

@@ -26,8 +26,8 @@ use bidsflux_session::Uid;
 use bidsflux_testsupport::S3Server;
 use bidsflux_testsupport::dicom::{StudySpec, generate_study};
 use bidsflux_uploader::archive::SevenZip;
+use bidsflux_uploader::s3::Store;
 use bidsflux_uploader::spool::{self, SpoolFile};
-use bidsflux_uploader::store::Store;
 
 const ROWS: usize = 256;
 

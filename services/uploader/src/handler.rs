@@ -16,8 +16,9 @@ use tracing::field::Empty;
 use crate::archive::{Archive, SevenZip};
 use crate::completion::Completion;
 use crate::config::Config;
+use crate::s3::{PutOutcome, Store};
+use crate::s3_error::S3Error;
 use crate::spool::{self, HashedFile, SpoolError, StudyFiles};
-use crate::store::{PutOutcome, S3Error, Store};
 
 /// Room left in a NATS message for headers (trace context, message id).
 const HEADER_ROOM: usize = 1024;

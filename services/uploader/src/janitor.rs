@@ -28,26 +28,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-
-/// A study reported stale.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StaleStudy {
-    /// StudyInstanceUID (its directory name).
-    pub study: String,
-    /// Files under its series directories.
-    pub files: u64,
-    /// Age of its newest file.
-    pub age: Duration,
-}
-
-/// One pass.
-#[derive(Debug, Default, Clone)]
-pub struct Report {
-    /// Stale studies, sorted by UID.
-    pub stale: Vec<StaleStudy>,
-    /// Empty directories removed.
-    pub removed_dirs: u64,
-}
+pub use crate::report::{Report, StaleStudy};
 
 /// Janitor settings.
 #[derive(Debug, Clone)]

@@ -4,17 +4,19 @@
 //! `BIDSFLUX_V1_STUDIES`):
 //!
 //! 1. [`completion`]: the event is validated (UIDs are safe path components);
-//! 2. [`spool`]: the study's files are listed in sorted order, the session
-//!    metas read from the first one, and every file hashed (MD5, SHA-256)
-//!    for the manifest — the spool is only read, never changed;
+//! 2. [`spool`]: the study's files (named as [`bidsflux_session::SpoolPath`]
+//!    says) are listed in sorted order, the session metas read from the first
+//!    one, and every file hashed (MD5, SHA-256) for the manifest — the spool
+//!    is only read, never changed;
 //! 3. [`archive`]: `<study>.7z` is written in a fresh temp directory of the
 //!    work dir, one file per block, the files compressed in parallel
 //!    (LZMA2, liblzma) — reproducible: no timestamps, sorted names;
-//! 4. [`store`]: the archive is stored in the bucket the `S3_URL_PATTERN`
+//! 4. [`s3`]: the archive is stored in the bucket the `S3_URL_PATTERN`
 //!    gives for the study, at `<fileprefix><MD5E annex key>` where git-annex's
 //!    S3 remote will look for it — one PutObject, or a parallel [`multipart`]
 //!    upload above `BIDSFLUX_S3_PART_SIZE` — and verified by HEAD (size,
 //!    `x-amz-meta-sha256`, ETag); an identical object already there is kept;
+//!    [`s3_error`] sorts S3 failures into retryable and refused;
 //! 5. `ArchiveStored` is published with the location, hashes and manifest,
 //!    de-duplicated by `archive:<study>:<generation>:<md5>`, and the temp
 //!    archive is removed.
@@ -23,12 +25,14 @@
 //! `StudyIndexed` and `StudyDiscarded`): the files of an indexed generation's
 //! manifest, or of a discarded study, are deleted — never with
 //! `BIDSFLUX_SPOOL_KEEP=true`. The [`janitor`] reports studies left in the
-//! spool longer than `BIDSFLUX_SPOOL_STALE_AFTER` (log + gauges on `/metrics`).
+//! spool longer than `BIDSFLUX_SPOOL_STALE_AFTER` (log + gauges on `/metrics`,
+//! from [`metrics`], which counts the plain values of [`report`]).
 //!
 //! Failures that retries can fix (network, S3 5xx, disk) are retried by the
 //! consumer; refused credentials, a study the templates cannot place, or a
 //! spool that does not hold the study are dead-lettered with a reason that
-//! names UIDs and templates, never patient values.
+//! names UIDs and templates, never patient values. Settings come from the
+//! environment ([`config`]).
 
 pub mod archive;
 pub mod completion;
@@ -37,8 +41,10 @@ pub mod janitor;
 pub mod lifecycle;
 pub mod metrics;
 pub mod multipart;
+pub mod report;
+pub mod s3;
+pub mod s3_error;
 pub mod spool;
-pub mod store;
 
 mod handler;
 

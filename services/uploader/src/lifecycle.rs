@@ -16,7 +16,8 @@
 //!   are deleted. Off by default: the event does not list its instances, so a
 //!   file written before the discard may still belong to a later generation
 //!   (study-completion lagging behind the receiver) or to an earlier one not
-//!   yet archived; the files stay and the janitor reports them. Conflict
+//!   yet archived; the files stay and the janitor reports them. Only names
+//!   that are spool paths ([`SpoolPath`]) are deleted: conflict
 //!   (`.conflict-…`) and torn (`.torn-…`) files are always left for operators.
 //!
 //! Both are idempotent: a file already gone counts as deleted, so a
@@ -34,12 +35,13 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, Delivery, HandlerError, manifest, subjects};
 use bidsflux_proto::v1 as pb;
-use bidsflux_session::Uid;
+use bidsflux_session::{SpoolPath, Uid, annex};
 use prost::Message as _;
 use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
+pub use crate::report::Outcome;
 use crate::spool;
 
 /// Deletes spool files of indexed and discarded studies.
@@ -57,38 +59,9 @@ pub struct Lifecycle {
     pub metrics: Arc<Metrics>,
 }
 
-/// What one event did to the spool.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    /// Files deleted now.
-    pub deleted: u64,
-    /// Files already gone (a redelivery, or an operator).
-    pub gone: u64,
-    /// Files kept because they differ from the manifest (or are newer than a discard).
-    pub kept: u64,
-    /// Files that would have been deleted (`BIDSFLUX_SPOOL_KEEP`).
-    pub would_delete: u64,
-}
-
-/// The MD5 of an MD5E annex key (`MD5E-s<size>--<md5><ext>`).
-pub fn md5_of_annex_key(key: &str) -> Option<&str> {
-    let rest = key.strip_prefix("MD5E-s")?;
-    let (_, tail) = rest.split_once("--")?;
-    let md5 = tail.get(..32)?;
-    md5.bytes().all(|b| b.is_ascii_hexdigit()).then_some(md5)
-}
-
-/// Checks a manifest path: `<study>/<series>/<sop>.dcm`, each part a UID.
-fn checked_path(study: &Uid, path: &str) -> Option<PathBuf> {
-    let mut parts = path.split('/');
-    let (s, series, file) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || s != study.as_str() {
-        return None;
-    }
-    let sop = file.strip_suffix(".dcm")?;
-    Uid::parse("SeriesInstanceUID", series).ok()?;
-    Uid::parse("SOPInstanceUID", sop).ok()?;
-    Some(PathBuf::from(s).join(series).join(file))
+/// Checks a manifest path: `<study>/<series>/<sop>.dcm` of `study` (archives hold no conflict files).
+fn checked_path(study: &Uid, path: &str) -> Option<SpoolPath> {
+    SpoolPath::parse(path).ok().filter(|p| p.study() == study && !p.is_conflict())
 }
 
 fn transient(e: impl Into<anyhow::Error>, what: &'static str) -> HandlerError {
@@ -106,7 +79,7 @@ impl Lifecycle {
     }
 
     async fn indexed(&self, study: Uid, msg: pb::StudyIndexed) -> Result<(), HandlerError> {
-        let md5 = md5_of_annex_key(&msg.archive_annex_key).ok_or_else(|| {
+        let md5 = annex::md5_of_md5e_key(&msg.archive_annex_key).ok_or_else(|| {
             HandlerError::malformed(format!(
                 "StudyIndexed: archive_annex_key {:?} is not an MD5E key",
                 msg.archive_annex_key
@@ -219,10 +192,10 @@ fn remove(path: &Path) -> io::Result<bool> {
 }
 
 /// Deletes each `(rel, size, sha256)` whose file still has that size and SHA-256.
-pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: bool) -> io::Result<Outcome> {
+pub fn delete_matching(spool: &Path, targets: &[(SpoolPath, u64, String)], keep: bool) -> io::Result<Outcome> {
     let mut out = Outcome::default();
     for (rel, size, sha256) in targets {
-        let path = spool.join(rel);
+        let path = rel.to_path(spool);
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -240,10 +213,10 @@ pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: b
             };
         if !same {
             out.kept += 1;
-            tracing::warn!(path = %rel.display(), "spool file differs from the indexed manifest; kept");
+            tracing::warn!(path = %rel, "spool file differs from the indexed manifest; kept");
         } else if keep {
             out.would_delete += 1;
-            tracing::debug!(path = %rel.display(), "would delete (BIDSFLUX_SPOOL_KEEP)");
+            tracing::debug!(path = %rel, "would delete (BIDSFLUX_SPOOL_KEEP)");
         } else if remove(&path)? {
             out.deleted += 1;
         } else {
@@ -253,10 +226,11 @@ pub fn delete_matching(spool: &Path, targets: &[(PathBuf, u64, String)], keep: b
     Ok(out)
 }
 
-/// Deletes the `<series>/<sop>.dcm` files of `study` last modified at or before `until`.
+/// Deletes the `<series>/<sop>.dcm` files of `study` last modified at or before `until` (only
+/// names that are spool paths, and no conflict files).
 pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool) -> io::Result<Outcome> {
     let mut out = Outcome::default();
-    let study_dir = spool.join(study.as_str());
+    let study_dir = SpoolPath::study_dir(spool, study);
     let series_dirs = match std::fs::read_dir(&study_dir) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
@@ -264,7 +238,12 @@ pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool
     };
     for series in series_dirs {
         let series = series?;
-        if !series.file_type()?.is_dir() || series.file_name().to_string_lossy().starts_with('.') {
+        let series_name = series.file_name();
+        let Some(series_name) = series_name.to_str().filter(|n| Uid::parse_exact("SeriesInstanceUID", n).is_ok())
+        else {
+            continue;
+        };
+        if !series.file_type()?.is_dir() {
             continue;
         }
         let files = match std::fs::read_dir(series.path()) {
@@ -275,9 +254,10 @@ pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool
         for f in files {
             let f = f?;
             let name = f.file_name();
-            let name = name.to_string_lossy();
-            if !name.ends_with(".dcm") || name.starts_with('.') {
-                continue;
+            let Some(name) = name.to_str() else { continue };
+            match SpoolPath::from_names(study.as_str(), series_name, name) {
+                Ok(path) if !path.is_conflict() => {}
+                _ => continue,
             }
             let meta = match f.metadata() {
                 Ok(m) => m,
@@ -305,14 +285,6 @@ pub fn delete_discarded(spool: &Path, study: &Uid, until: SystemTime, keep: bool
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn md5_from_annex_keys() {
-        let md5 = "0123456789abcdef0123456789abcdef";
-        assert_eq!(md5_of_annex_key(&format!("MD5E-s123--{md5}.7z")), Some(md5));
-        assert_eq!(md5_of_annex_key("SHA256E-s1--ab.7z"), None);
-        assert_eq!(md5_of_annex_key("MD5E-s1--xyz"), None);
-    }
 
     #[test]
     fn manifest_paths_must_stay_in_the_study() {

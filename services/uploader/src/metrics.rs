@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bidsflux_service::metrics::Exposition;
 
-use crate::janitor::Report;
-use crate::lifecycle::Outcome;
+use crate::report::{Outcome, Report};
 
 /// Counters and gauges, shared by the lifecycle consumers and the janitor.
 #[derive(Debug, Default)]

@@ -40,8 +40,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
 
+use crate::s3_error::{S3Error, classify};
 use crate::spool::Digests;
-use crate::store::{S3Error, classify};
 
 /// Most parts S3 allows in one upload.
 pub const MAX_PARTS: u64 = 10_000;

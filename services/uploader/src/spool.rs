@@ -1,14 +1,15 @@
 //! Reading a study from the receiver's spool (never writing to it).
 //!
-//! Layout: `<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`.
-//! Only entries that follow it are part of the study; anything else (temp
-//! files, stray names) is counted and left out.
+//! Layout: `<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`,
+//! defined by [`SpoolPath`]. Only entries that follow it are part of the
+//! study; anything else (temp files, conflict and torn files, stray names) is
+//! counted and left out.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use bidsflux_session::{SessionMetas, Uid};
+use bidsflux_session::{SessionMetas, SpoolPath, Uid};
 use dicom_dictionary_std::tags;
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
@@ -109,7 +110,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolErr
 
 /// Lists the files of `study` in `spool`, checking that at least `expected` are there.
 pub fn list_study(spool: &Path, study: &Uid, expected: u64) -> Result<StudyFiles, SpoolError> {
-    let dir = spool.join(study.as_str());
+    let dir = SpoolPath::study_dir(spool, study);
     if !dir.is_dir() {
         return Err(SpoolError::NoStudyDir { dir });
     }
@@ -118,23 +119,21 @@ pub fn list_study(spool: &Path, study: &Uid, expected: u64) -> Result<StudyFiles
     for series in std::fs::read_dir(&dir).map_err(io_err("read directory", &dir))? {
         let series = series.map_err(io_err("read directory", &dir))?;
         let series_path = series.path();
-        let series_uid = series.file_name().to_str().and_then(|n| Uid::parse("SeriesInstanceUID", n).ok());
-        let Some(series_uid) = series_uid.filter(|_| series_path.is_dir()) else {
+        let series_name = series.file_name();
+        let series_name = series_name.to_str().filter(|n| Uid::parse_exact("SeriesInstanceUID", n).is_ok());
+        let Some(series_name) = series_name.filter(|_| series_path.is_dir()) else {
             ignored += 1;
             continue;
         };
         for entry in std::fs::read_dir(&series_path).map_err(io_err("read directory", &series_path))? {
             let entry = entry.map_err(io_err("read directory", &series_path))?;
             let name = entry.file_name();
-            let sop = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".dcm"))
-                .and_then(|stem| Uid::parse("SOPInstanceUID", stem).ok());
-            match sop {
-                Some(sop) if entry.path().is_file() => files.push(SpoolFile {
-                    rel_path: format!("{study}/{series_uid}/{sop}.dcm"),
-                    series_instance_uid: series_uid.clone(),
-                    sop_instance_uid: sop,
+            let path = name.to_str().and_then(|n| SpoolPath::from_names(study.as_str(), series_name, n).ok());
+            match path {
+                Some(path) if !path.is_conflict() && entry.path().is_file() => files.push(SpoolFile {
+                    rel_path: path.to_string(),
+                    series_instance_uid: path.series().clone(),
+                    sop_instance_uid: path.sop().clone(),
                 }),
                 _ => ignored += 1,
             }

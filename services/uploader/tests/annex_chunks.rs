@@ -17,8 +17,8 @@ use bidsflux_session::Uid;
 use bidsflux_session::annex::md5e_key;
 use bidsflux_testsupport::S3Server;
 use bidsflux_testsupport::dicom::{StudySpec, generate_study};
+use bidsflux_uploader::s3::Store;
 use bidsflux_uploader::spool::{self, SpoolFile};
-use bidsflux_uploader::store::Store;
 
 /// Runs git asynchronously: the S3 server answers on this test's runtime.
 async fn git(dir: &Path, s3: &S3Server, args: &[&str]) -> String {

@@ -13,8 +13,8 @@ use bidsflux_session::Uid;
 use bidsflux_testsupport::S3Server;
 use bidsflux_testsupport::dicom::{StudySpec, generate_study};
 use bidsflux_testsupport::pki::Pki;
+use bidsflux_uploader::s3::Store;
 use bidsflux_uploader::spool::{self, SpoolFile};
-use bidsflux_uploader::store::Store;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 

@@ -740,7 +740,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_issue_example() {
+    fn parses_the_documented_example() {
         let e = Expr::parse(r#"Modality == "MR" and not (StudyDescription contains "phantom")"#).unwrap();
         assert_eq!(e.to_string(), r#"(Modality == "MR" and (not StudyDescription contains "phantom"))"#);
         assert_eq!(e.keywords().into_iter().collect::<Vec<_>>(), ["Modality", "StudyDescription"]);

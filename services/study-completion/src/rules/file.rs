@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::announced;
 use super::expr::{Expr, SeriesExpr};
-use super::series;
 
 /// Quiet period when neither the rule nor `[defaults]` sets one.
 pub const DEFAULT_QUIET_PERIOD: Duration = Duration::from_secs(60);
@@ -133,7 +133,7 @@ pub struct Force {
 }
 
 /// When a rule's study is complete: the first criterion that fires wins
-/// (see [`super::series`] for the exact semantics and the evaluator).
+/// (see [`Completion::evaluate`] for the exact semantics).
 #[derive(Debug, Clone)]
 pub struct Completion {
     /// Complete once no instance arrived for this long; `None` when the rule turned it `"off"`.
@@ -285,7 +285,7 @@ impl RuleSet {
 
     /// The keywords the completion criteria read from every instance:
     /// `SeriesDescription` when a rule uses `series_received`, and the count
-    /// tags ([`series::COUNT_KEYWORDS`]) when a rule uses `expected_counts`.
+    /// tags ([`announced::COUNT_KEYWORDS`]) when a rule uses `expected_counts`.
     pub fn completion_keywords(&self) -> BTreeSet<&'static str> {
         let mut out = BTreeSet::new();
         for r in &self.rules {
@@ -293,7 +293,7 @@ impl RuleSet {
                 out.insert("SeriesDescription");
             }
             if r.completion.expected_counts {
-                out.extend(series::COUNT_KEYWORDS);
+                out.extend(announced::COUNT_KEYWORDS);
             }
         }
         out

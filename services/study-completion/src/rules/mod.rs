@@ -7,13 +7,15 @@
 //! a function of what was received and the time ([`Completion::evaluate`]).
 //! The user-facing reference is `docs/completion-rules.md`.
 
+pub mod announced;
 pub mod expr;
 pub mod file;
 pub mod series;
 
+pub use announced::{Announced, COUNT_KEYWORDS, merge_announced};
 pub use expr::{Expr, ParseError, SeriesExpr};
 pub use file::{
     Action, Completion, DEFAULT_QUIET_PERIOD, Force, ForceAction, Problem, Rule, RuleSet, RulesError, Selected,
     format_duration, validate_rule_name,
 };
-pub use series::{Announced, COUNT_KEYWORDS, Criterion, SeriesProgress, StudyProgress, Verdict, merge_announced};
+pub use series::{Criterion, SeriesProgress, StudyProgress, Verdict};

@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, now_unix_ms, subjects};
 use bidsflux_proto::v1 as pb;
-use bidsflux_session::Uid;
+use bidsflux_session::{SpoolPath, Uid};
 use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex as _;
 use dicom_object::InMemDicomObject;
@@ -34,7 +34,7 @@ use crate::header;
 use crate::metrics::{Metrics, StoreResult};
 use crate::rule_attributes::RuleAttributes;
 use crate::space::SpaceGuard;
-use crate::spool::{Decision, Existing, FinishedPart, InstanceIds, PartFile, PartMeta, Placed, Placement, Spool};
+use crate::spool::{Decision, Existing, FinishedPart, PartFile, PartMeta, Placed, Placement, Spool};
 
 /// What every store of the service shares.
 #[derive(Debug)]
@@ -256,7 +256,7 @@ async fn finish(
             "SOPInstanceUID of the data set differs from the command's AffectedSOPInstanceUID"
         )));
     }
-    let ids = InstanceIds { study: attrs.study.clone(), series: attrs.series.clone(), sop: attrs.sop.clone() };
+    let instance = SpoolPath::new(attrs.study.clone(), attrs.series.clone(), attrs.sop.clone());
     // Checked again before a name is given: a large instance may have taken a while to arrive.
     // The temp file goes with `part` on this path.
     ctx.space.check().map_err(|e| Failure::NearlyFull(e.into()))?;
@@ -280,12 +280,12 @@ async fn finish(
     let dataset_len = part.dataset_len;
     let placed = {
         // No other store of this SOP instance between choosing the name and writing the file.
-        let _lock = ctx.spool.lock(ids.sop.as_str()).await;
+        let _lock = ctx.spool.lock(instance.sop().as_str()).await;
         match part.bytes().cloned() {
             Some(bytes) if ctx.spool.journaled(event.encoded_len() + 256, bytes.len()) => {
-                place_journaled(ctx, &ids, &mut event, &part, bytes).await?
+                place_journaled(ctx, &instance, &mut event, &part, bytes).await?
             }
-            _ => place_synced(ctx, ids, part).await?,
+            _ => place_synced(ctx, instance, part).await?,
         }
     };
     event.spool_path.clone_from(&placed.relative_path);
@@ -298,17 +298,17 @@ async fn finish(
 /// stores waiting at the same moment (see [`crate::spool`]).
 async fn place_journaled(
     ctx: &StoreContext,
-    ids: &InstanceIds,
+    instance: &SpoolPath,
     event: &mut pb::InstanceStored,
     part: &FinishedPart,
     bytes: bytes::Bytes,
 ) -> Result<Placed, Failure> {
     let spool = ctx.spool.clone();
-    let (sha256, size, ids, data) = (part.dataset_sha256.clone(), part.file_size, ids.clone(), bytes.clone());
+    let (sha256, size, instance, data) = (part.dataset_sha256.clone(), part.file_size, instance.clone(), bytes.clone());
     // Choosing the name and writing the temp file happen here, in parallel with other stores;
     // the journal's single writer thread only appends, flushes and renames.
     let decided = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        match spool.decide(&sha256, size, &ids).context("choose the spool file name")? {
+        match spool.decide(&sha256, size, &instance).context("choose the spool file name")? {
             Decision::Create { path, placed } => {
                 let tmp = spool.write_temp(&data).context("write spool temp file")?;
                 Ok((placed, Some((path, tmp))))
@@ -339,7 +339,7 @@ async fn place_journaled(
 
 /// Stores an instance in a temp file (a large one) with two group commits: the data is
 /// durable before a name points at it, and the name before the event announces it.
-async fn place_synced(ctx: &StoreContext, ids: InstanceIds, mut part: FinishedPart) -> Result<Placed, Failure> {
+async fn place_synced(ctx: &StoreContext, instance: SpoolPath, mut part: FinishedPart) -> Result<Placed, Failure> {
     if part.path().is_none() {
         // Held in memory but too large for a journal record.
         part = tokio::task::spawn_blocking(move || part.spill().map(|()| part))
@@ -352,7 +352,7 @@ async fn place_synced(ctx: &StoreContext, ids: InstanceIds, mut part: FinishedPa
     ctx.spool.sync().await.context("sync spool temp file").map_err(Failure::OutOfResources)?;
     let spool = ctx.spool.clone();
     let (part, placed) = tokio::task::spawn_blocking(move || {
-        let placed = spool.place(&part, &ids);
+        let placed = spool.place(&part, &instance);
         (part, placed)
     })
     .await
