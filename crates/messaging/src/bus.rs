@@ -81,7 +81,7 @@ impl Bus {
                     return Ok(Self { client, js, service: service.to_owned() });
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "nats not reachable yet, retrying");
+                    tracing::warn!(error = %format!("{e:#}"), "nats not reachable yet, retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => return Err(anyhow::anyhow!("connect to NATS at {url}: {e}")),

@@ -22,4 +22,4 @@ pub mod trace;
 mod bus;
 
 pub use bus::{Bus, PublishError, now_unix_ms};
-pub use consume::{ConsumerOptions, Delivery, HandlerError, run_consumer};
+pub use consume::{Classify, ConsumerOptions, Delivery, ErrorClass, HandlerError, run_consumer};

@@ -37,6 +37,17 @@ pub enum ManifestError {
     },
 }
 
+impl crate::consume::Classify for ManifestError {
+    fn class(&self) -> crate::consume::ErrorClass {
+        match self {
+            Self::Unavailable { .. } => crate::consume::ErrorClass::Transient,
+            Self::Invalid { .. } => {
+                crate::consume::ErrorClass::Permanent(bidsflux_proto::v1::FailureKind::InvalidInput)
+            }
+        }
+    }
+}
+
 /// Largest encoded event kept inline for a server with `max_payload`: a
 /// quarter of it is left for headers and growth.
 pub fn inline_limit(max_payload: usize) -> usize {

@@ -9,6 +9,8 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
+use bidsflux_messaging::{Classify, ErrorClass};
+use bidsflux_proto::v1::FailureKind;
 use bidsflux_session::{REDACTED, redact};
 
 use crate::git::{Git, GitError};
@@ -158,6 +160,16 @@ pub enum ForgeError {
     /// The forge refused (permissions, quota); retrying will not help.
     #[error("forge refused: {0}")]
     Refused(String),
+}
+
+impl Classify for ForgeError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::InvalidPath { .. } => ErrorClass::Permanent(FailureKind::InvalidInput),
+            Self::Unavailable(_) => ErrorClass::Transient,
+            Self::Refused(_) => ErrorClass::Permanent(FailureKind::Permanent),
+        }
+    }
 }
 
 /// A place that hosts session datasets.

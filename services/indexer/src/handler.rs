@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use bidsflux_messaging::manifest::{self, ManifestError};
+use bidsflux_messaging::manifest;
 use bidsflux_messaging::{Bus, Delivery, HandlerError, now_unix_ms, subjects};
 use bidsflux_proto::v1 as pb;
 use bidsflux_session::{Template, Uid};
@@ -14,9 +14,9 @@ use tracing::Instrument as _;
 
 use crate::dataset;
 use crate::forge::Project;
-use crate::forge::{Forge, ForgeError, ProjectPath};
+use crate::forge::{Forge, ProjectPath};
 use crate::git::{Git, GitError};
-use crate::job::{IndexJob, JobError};
+use crate::job::IndexJob;
 use crate::metrics::{Metrics, Outcome, Step};
 use crate::superdataset::{self, Conflict, StudyUpdate, Subdataset};
 use crate::templates::{Templates, Values};
@@ -160,14 +160,6 @@ fn redacted(path: &ProjectPath, e: HandlerError) -> HandlerError {
     }
 }
 
-fn forge_error(e: ForgeError) -> HandlerError {
-    match e {
-        ForgeError::InvalidPath { .. } => HandlerError::invalid(e.to_string()),
-        ForgeError::Refused(_) => HandlerError::permanent(e.to_string()),
-        ForgeError::Unavailable(_) => HandlerError::Transient(anyhow::Error::new(e)),
-    }
-}
-
 impl<F: Forge> Indexer<F> {
     /// Handles one delivery, counted in the metrics.
     pub(crate) async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
@@ -183,14 +175,8 @@ impl<F: Forge> Indexer<F> {
 
     async fn handle_delivery(&self, d: Delivery) -> Result<Outcome, HandlerError> {
         let mut msg: pb::ArchiveStored = d.decode()?;
-        manifest::resolve(&self.bus.js, &mut msg).await.map_err(|e| match e {
-            ManifestError::Invalid { .. } => HandlerError::invalid(e.to_string()),
-            ManifestError::Unavailable { .. } => HandlerError::Transient(anyhow::Error::new(e)),
-        })?;
-        let job = IndexJob::try_from(&msg).map_err(|e| match e {
-            JobError::Malformed(_) => HandlerError::malformed(e.to_string()),
-            JobError::Invalid(_) => HandlerError::invalid(e.to_string()),
-        })?;
+        manifest::resolve(&self.bus.js, &mut msg).await?;
+        let job = IndexJob::try_from(&msg)?;
         let span = tracing::info_span!(
             "index",
             study_uid = %job.study,
@@ -219,7 +205,7 @@ impl<F: Forge> Indexer<F> {
     async fn index_at(&self, job: &IndexJob, paths: &Paths) -> Result<Outcome, HandlerError> {
         let path = &paths.session;
         let step = Instant::now();
-        let project = self.forge.ensure_project(path).await.map_err(forge_error)?;
+        let project = self.forge.ensure_project(path).await.map_err(HandlerError::from)?;
         self.metrics.step(Step::Project, step.elapsed());
         let work = tempfile::Builder::new()
             .prefix(&format!("{}-", job.study))
@@ -284,7 +270,7 @@ impl<F: Forge> Indexer<F> {
         self.metrics.step(Step::Session, step.elapsed());
 
         let step = Instant::now();
-        let study_project = self.forge.ensure_project(&paths.study).await.map_err(forge_error)?;
+        let study_project = self.forge.ensure_project(&paths.study).await.map_err(HandlerError::from)?;
         let session = Subdataset {
             path: paths.session_name.clone(),
             url: superdataset::session_url(job.study.as_str()),
@@ -350,12 +336,12 @@ impl<F: Forge> Indexer<F> {
         if self.bids_ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
             return Ok(());
         }
-        let project = self.forge.ensure_project(&paths.bids).await.map_err(forge_error)?;
+        let project = self.forge.ensure_project(&paths.bids).await.map_err(HandlerError::from)?;
         let protected = ["convert/*".to_owned(), self.bids_dev_branch.clone(), self.bids_base_branch.clone()];
         // Before the first push: the branches are never unprotected.
-        self.forge.protect_branches(&paths.bids, &protected).await.map_err(forge_error)?;
+        self.forge.protect_branches(&paths.bids, &protected).await.map_err(HandlerError::from)?;
         for group in &paths.subgroups {
-            self.forge.ensure_group(group).await.map_err(forge_error)?;
+            self.forge.ensure_group(group).await.map_err(HandlerError::from)?;
         }
         let sourcedata = Subdataset {
             path: superdataset::BIDS_SOURCEDATA_PATH.to_owned(),

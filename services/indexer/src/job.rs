@@ -8,9 +8,11 @@
 
 use std::collections::HashSet;
 
+use bidsflux_messaging::{Classify, ErrorClass};
 use bidsflux_proto::v1 as pb;
+use bidsflux_proto::v1::FailureKind;
 use bidsflux_session::annex::md5e_key;
-use bidsflux_session::{SessionMetas, Uid};
+use bidsflux_session::{SessionMetas, SpoolPath, Uid};
 
 /// Why a message cannot be indexed (it is dead-lettered).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +23,15 @@ pub enum JobError {
     /// A value is present but unusable (hostile path, bad UID, inconsistent key).
     #[error("invalid ArchiveStored: {0}")]
     Invalid(String),
+}
+
+impl Classify for JobError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Malformed(_) => ErrorClass::Permanent(FailureKind::Malformed),
+            Self::Invalid(_) => ErrorClass::Permanent(FailureKind::InvalidInput),
+        }
+    }
 }
 
 fn invalid(reason: impl Into<String>) -> JobError {
@@ -176,19 +187,13 @@ fn dicom_file(study: &Uid, e: &pb::ManifestEntry) -> Result<DicomFile, JobError>
             e.path
         ))
     };
-    let parts: Vec<&str> = e.path.split('/').collect();
-    let [first, series, file] = parts.as_slice() else { return Err(bad()) };
-    if *first != study.as_str() {
+    // The archive holds the study as the spool did: the same layout, parsed by its one definition.
+    let path = SpoolPath::parse(&e.path).map_err(|_| bad())?;
+    if path.study() != study || path.is_conflict() {
         return Err(bad());
     }
-    let series = Uid::parse("SeriesInstanceUID", series).map_err(|_| bad())?;
-    let sop = file.strip_suffix(".dcm").ok_or_else(bad)?;
-    let sop = Uid::parse("SOPInstanceUID", sop).map_err(|_| bad())?;
-    // Re-serialised from the parsed UIDs, so padding or spaces cannot sneak in.
-    let archive_path = format!("{study}/{series}/{sop}.dcm");
-    if archive_path != e.path {
-        return Err(bad());
-    }
+    let (series, sop) = (path.series(), path.sop());
+    let archive_path = path.to_string();
     if !e.series_instance_uid.is_empty() && e.series_instance_uid != series.as_str() {
         return Err(invalid(format!("manifest entry {:?} names another SeriesInstanceUID", e.path)));
     }

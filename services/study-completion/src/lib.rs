@@ -44,7 +44,7 @@ use crate::core::{Core, next_check};
 use crate::decide::Engine;
 use crate::metrics::Metrics;
 use crate::state::Applied;
-use crate::study_kv::{StoreError, WriteError};
+use crate::study_kv::StoreError;
 use crate::timers::Timers;
 
 /// JetStream objects this service needs.
@@ -143,15 +143,6 @@ async fn resume(core: &Core, timers: &Timers) -> anyhow::Result<usize> {
     Ok(resumed)
 }
 
-/// How a failed state update is reported to the consumer.
-fn handler_error(e: StoreError) -> HandlerError {
-    match e {
-        // The state only grows: retrying cannot help, so dead-letter at once (see docs/bus.md).
-        StoreError::Write(e @ WriteError::TooLarge { .. }) => HandlerError::permanent(e.to_string()),
-        other => HandlerError::Transient(other.into()),
-    }
-}
-
 #[tracing::instrument(skip_all, fields(study_uid, sop_uid))]
 async fn on_instance(core: &Core, timers: &Timers, d: Delivery) -> Result<(), HandlerError> {
     let ev: pb::InstanceStored = d.decode()?;
@@ -168,8 +159,7 @@ async fn on_instance(core: &Core, timers: &Timers, d: Delivery) -> Result<(), Ha
         let write = (applied != Applied::Duplicate).then_some(next);
         Ok((write, (applied, decision)))
     })
-    .await
-    .map_err(handler_error)?;
+    .await?;
     let (applied, decision) = updated.value;
     core.metrics.instance(applied);
     let Some(written) = updated.written else {

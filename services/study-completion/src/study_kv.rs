@@ -117,6 +117,19 @@ pub enum StoreError {
     Contended,
 }
 
+impl bidsflux_messaging::Classify for StoreError {
+    /// A state too large to store only grows with retries: dead-lettered at once (see "Known
+    /// limits" in `docs/bus.md`). Everything else is the KV bucket being unavailable or busy.
+    fn class(&self) -> bidsflux_messaging::ErrorClass {
+        match self {
+            Self::Write(WriteError::TooLarge { .. }) => {
+                bidsflux_messaging::ErrorClass::Permanent(pb::FailureKind::Permanent)
+            }
+            _ => bidsflux_messaging::ErrorClass::Transient,
+        }
+    }
+}
+
 /// What [`update`] did.
 #[derive(Debug)]
 pub struct Updated<T> {

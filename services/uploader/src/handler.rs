@@ -43,22 +43,14 @@ pub struct Uploader {
     spool_keep: bool,
 }
 
+/// A spool error, with what was being done if it is retried.
 fn spool_failure(e: SpoolError) -> HandlerError {
-    let transient = e.is_transient();
-    match e {
-        e if transient => HandlerError::Transient(anyhow::Error::new(e).context("read spool")),
-        e @ (SpoolError::NoStudyDir { .. } | SpoolError::TooFew { .. } | SpoolError::Empty { .. }) => {
-            HandlerError::permanent(e.to_string())
-        }
-        e => HandlerError::invalid(e.to_string()),
-    }
+    HandlerError::from(e).context("read spool")
 }
 
+/// An S3 error, with what was being done if it is retried.
 fn s3_failure(e: S3Error) -> HandlerError {
-    match e {
-        e @ S3Error::Retryable { .. } => HandlerError::Transient(anyhow::Error::new(e).context("store archive")),
-        e @ S3Error::Refused { .. } => HandlerError::permanent(e.to_string()),
-    }
+    HandlerError::from(e).context("store archive")
 }
 
 /// Refuses an event the NATS server would reject as too large (a study with

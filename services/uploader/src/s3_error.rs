@@ -33,6 +33,17 @@ pub enum S3Error {
     },
 }
 
+impl bidsflux_messaging::Classify for S3Error {
+    fn class(&self) -> bidsflux_messaging::ErrorClass {
+        match self {
+            Self::Retryable { .. } => bidsflux_messaging::ErrorClass::Transient,
+            Self::Refused { .. } => {
+                bidsflux_messaging::ErrorClass::Permanent(bidsflux_proto::v1::FailureKind::Permanent)
+            }
+        }
+    }
+}
+
 /// What a classified error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {

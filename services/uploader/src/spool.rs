@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use bidsflux_messaging::{Classify, ErrorClass};
+use bidsflux_proto::v1::FailureKind;
 use bidsflux_session::{SessionMetas, SpoolPath, Uid};
 use dicom_dictionary_std::tags;
 use md5::{Digest as _, Md5};
@@ -99,7 +101,21 @@ pub enum SpoolError {
 impl SpoolError {
     /// Whether retrying may help (I/O trouble rather than bad data).
     pub fn is_transient(&self) -> bool {
-        matches!(self, SpoolError::Io { .. })
+        self.class() == ErrorClass::Transient
+    }
+}
+
+impl Classify for SpoolError {
+    /// I/O trouble is retried; a study the spool does not hold (any more) cannot heal by
+    /// retrying; a file that is not what the layout promises is invalid input.
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Io { .. } => ErrorClass::Transient,
+            Self::NoStudyDir { .. } | Self::TooFew { .. } | Self::Empty { .. } => {
+                ErrorClass::Permanent(FailureKind::Permanent)
+            }
+            _ => ErrorClass::Permanent(FailureKind::InvalidInput),
+        }
     }
 }
 
