@@ -171,7 +171,9 @@ pub async fn reject_busy(acceptor: Arc<Acceptor>, socket: TcpStream, peer: Socke
         };
         match tokio::time::timeout(acceptor.timeout.min(Duration::from_secs(10)), work).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, max_associations = max, "too many associations, connection closed"),
+            Ok(Err(e)) => {
+                warn!(error = %format!("{e:#}"), max_associations = max, "too many associations, connection closed")
+            }
             Err(_) => warn!(max_associations = max, "too many associations, connection closed (no request in time)"),
         }
     }
@@ -275,7 +277,7 @@ where
                             }
                         }
                         Err(e) => {
-                            warn!(error = %e, "dimse protocol error, aborting association");
+                            warn!(error = %format!("{e:#}"), "dimse protocol error, aborting association");
                             let _ = assoc.abort().await;
                             return;
                         }

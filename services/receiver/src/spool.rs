@@ -361,7 +361,7 @@ impl Drop for TempGuard {
         match fs::remove_file(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(error = %e, path = %self.path.display(), "cannot remove temp file"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), path = %self.path.display(), "cannot remove temp file"),
         }
     }
 }
@@ -547,7 +547,7 @@ fn restore(root: &Path, tmp: &Path, record: &Recovered) -> io::Result<Option<Rec
         match dataset_sha256_of_file(&plain.to_path(root)) {
             Ok(dataset_sha256) => Some(Existing { relative_path: plain.to_string(), dataset_sha256 }),
             Err(e) => {
-                tracing::warn!(error = %e, spool_path = %plain, "the original of a restored conflict file is unreadable");
+                tracing::warn!(error = %format!("{e:#}"), spool_path = %plain, "the original of a restored conflict file is unreadable");
                 None
             }
         }

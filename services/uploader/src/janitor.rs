@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bidsflux_service::tasks::Every;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -124,13 +125,8 @@ impl Janitor {
 
     /// Runs a pass every `interval` until `shutdown`, logging and recording each.
     pub async fn run(self, interval: Duration, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut every = Every::new(interval, shutdown);
+        while every.tick().await {
             let j = self.clone();
             match tokio::task::spawn_blocking(move || j.pass(SystemTime::now())).await {
                 Ok(Ok(report)) => {
@@ -145,8 +141,10 @@ impl Janitor {
                     tracing::debug!(stale = report.stale.len(), removed_dirs = report.removed_dirs, "janitor pass");
                     metrics.record_janitor(&report);
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "janitor pass failed; next one at the next interval"),
-                Err(e) => tracing::warn!(error = %e, "janitor pass did not finish"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "janitor pass failed; next one at the next interval")
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "janitor pass did not finish"),
             }
         }
     }

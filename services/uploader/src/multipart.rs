@@ -315,7 +315,7 @@ impl Upload<'_> {
                         op = name,
                         attempt,
                         pause_ms = pause.as_millis() as u64,
-                        error = %e,
+                        error = %format!("{e:#}"),
                         "s3 request failed, retrying"
                     );
                     tokio::time::sleep(pause).await;
@@ -349,7 +349,7 @@ impl Upload<'_> {
         match aborted {
             Ok(()) => tracing::info!(bucket = self.placement.bucket_shown(), "aborted the failed multipart upload"),
             Err(e) => tracing::warn!(
-                error = %e,
+                error = %format!("{e:#}"),
                 "could not abort the failed multipart upload: its parts stay until the bucket's lifecycle removes them"
             ),
         }

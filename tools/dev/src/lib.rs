@@ -149,7 +149,7 @@ impl Pipeline {
                 Ok(Ok(Err(e))) => {
                     tracing::error!(service = name, error = %format!("{e:#}"), "service ended with an error")
                 }
-                Ok(Err(e)) => tracing::error!(service = name, error = %e, "service task failed"),
+                Ok(Err(e)) => tracing::error!(service = name, error = %format!("{e:#}"), "service task failed"),
                 Err(_) => tracing::warn!(service = name, "service did not stop in time"),
             }
         }

@@ -369,7 +369,7 @@ impl Writer {
             if !cancel.is_empty()
                 && let Err(e) = self.cancel(&cancel)
             {
-                tracing::error!(error = %e, "cannot cancel failed spool journal records: the journal stops");
+                tracing::error!(error = %format!("{e:#}"), "cannot cancel failed spool journal records: the journal stops");
                 lock(shared).broken = Some(format!("cancelling failed records: {e}"));
             }
             {
@@ -408,7 +408,7 @@ impl Writer {
     fn write_batch(&mut self, shared: &Shared, batch: &[Pending], written: &mut Vec<(usize, u64)>) -> io::Result<()> {
         let result = self.try_write_batch(shared, batch, written);
         if let Err(e) = &result {
-            tracing::error!(error = %e, records = batch.len(), "failed to write the spool journal");
+            tracing::error!(error = %format!("{e:#}"), records = batch.len(), "failed to write the spool journal");
             self.must_rotate = true;
         }
         result
@@ -566,7 +566,7 @@ fn checkpointer(shared: &Shared, fs_handle: &File, checkpoint: &File, mut slot: 
                 // Never retried: after a write-back error a later syncfs can succeed for data
                 // that was dropped. The journal keeps what it has; a restart rewrites it.
                 tracing::error!(
-                    error = %e,
+                    error = %format!("{e:#}"),
                     "failed to checkpoint the spool journal: no more checkpoints until a restart \
                      (stores fail once the journal is full; restart the receiver)"
                 );

@@ -56,7 +56,7 @@ impl TempPool {
             // Created empty by the pool and never handed out before.
             match OpenOptions::new().write(true).open(&path) {
                 Ok(file) => return Ok((path, file)),
-                Err(e) => tracing::warn!(error = %e, path = %path.display(), "ready temp file unusable"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), path = %path.display(), "ready temp file unusable"),
             }
         }
         let path = new_name(&self.shared.dir);
@@ -100,7 +100,7 @@ fn fill(shared: &Shared) {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(_) => shared.state.lock().unwrap_or_else(PoisonError::into_inner).ready.push(path),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot create a temp file ahead of need");
+                    tracing::warn!(error = %format!("{e:#}"), "cannot create a temp file ahead of need");
                     std::thread::sleep(std::time::Duration::from_secs(1));
                     break;
                 }
