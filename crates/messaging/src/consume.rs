@@ -358,7 +358,7 @@ fn retry_decision(opts: &ConsumerOptions, delivered: i64, age: Option<Duration>)
     if too_old || too_many {
         return Retry::GiveUp;
     }
-    let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
+    let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
     let delay = bidsflux_service::Backoff::doubling(opts.backoff, opts.max_backoff).delay(attempt);
     let every = opts.warn_every.max(1);
     Retry::After { delay, warn: delivered <= every || delivered % every == 0 }

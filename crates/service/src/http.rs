@@ -50,9 +50,16 @@ impl Health {
 }
 
 /// Serves `/healthz` and `/metrics` on `listener`, if there is one, as a task of `tasks` that
-/// ends when `tasks` shuts down (after the service's other work: probes see it stopping).
-pub fn spawn(tasks: &crate::Tasks, listener: Option<TcpListener>, health: Health) {
+/// ends when `tasks` shuts down (after the service's other work: probes see it stopping, as
+/// `/healthz` answers 503 from the moment the tasks are told to stop).
+pub fn spawn(
+    tasks: &crate::Tasks,
+    listener: Option<TcpListener>,
+    ready: Arc<dyn Ready>,
+    metrics: Arc<dyn MetricsText>,
+) {
     let Some(listener) = listener else { return };
+    let health = Health { ready, metrics, shutdown: tasks.shutdown().clone() };
     match listener.local_addr() {
         Ok(addr) => tracing::info!(addr = %addr, "serving /healthz and /metrics"),
         Err(e) => warn!(error = %format!("{e:#}"), "http listener has no address"),
@@ -63,16 +70,18 @@ pub fn spawn(tasks: &crate::Tasks, listener: Option<TcpListener>, health: Health
     });
 }
 
-/// Serves `/healthz` and `/metrics` on `listener` until `stop` is cancelled.
+/// Serves `/healthz` and `/metrics` on `listener` until `stop` is cancelled, then waits for the
+/// connections being answered (each bounded by [`CONNECTION_TIMEOUT`]).
 pub async fn serve(listener: TcpListener, health: Health, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
     while let Some((socket, peer)) = crate::listen::accept(&listener, &stop).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(peer = %peer, "too many http connections, closed");
             continue;
         };
         let health = health.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match tokio::time::timeout(CONNECTION_TIMEOUT, handle(socket, &health)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(peer = %peer, error = %format!("{e:#}"), "http connection failed"),
@@ -81,6 +90,8 @@ pub async fn serve(listener: TcpListener, health: Health, stop: CancellationToke
             drop(slot);
         });
     }
+    connections.close();
+    connections.wait().await;
 }
 
 async fn handle(mut socket: TcpStream, health: &Health) -> std::io::Result<()> {

@@ -9,6 +9,7 @@
 //! `server.rs`, nothing is left running when `run` returns.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,9 @@ use tracing::{error, info, warn};
 /// How long a service without a setting of its own lets work in progress finish at shutdown
 /// (swarm's default stop grace period is 10 s; the stack gives more).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long [`Tasks::stop`] waits for tasks once they were told to abort.
+pub const ABORT_WAIT: Duration = Duration::from_secs(5);
 
 /// The background tasks of one service.
 #[derive(Debug, Clone)]
@@ -32,16 +36,33 @@ pub struct Tasks {
     tracker: TaskTracker,
     /// Tasks stopped by `last`.
     final_tracker: TaskTracker,
+    /// Cancels `shutdown` and `last` when the last copy is dropped without [`Tasks::stop`]
+    /// (a start-up step failed after some tasks were spawned): nothing outlives the service.
+    _on_drop: Arc<CancelOnDrop>,
+}
+
+/// Cancels its tokens when dropped.
+#[derive(Debug)]
+struct CancelOnDrop([CancellationToken; 2]);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.cancel();
+        }
+    }
 }
 
 impl Tasks {
     /// Tasks of a service that stops when `shutdown` is cancelled (or when its main loop ends
     /// and [`Tasks::stop`] is called: that cancels a child of `shutdown`, never `shutdown`).
     pub fn new(shutdown: &CancellationToken) -> Self {
+        let (shutdown, last) = (shutdown.child_token(), CancellationToken::new());
         Self {
-            shutdown: shutdown.child_token(),
+            _on_drop: Arc::new(CancelOnDrop([shutdown.clone(), last.clone()])),
+            shutdown,
             abort: CancellationToken::new(),
-            last: CancellationToken::new(),
+            last,
             tracker: TaskTracker::new(),
             final_tracker: TaskTracker::new(),
         }
@@ -86,7 +107,8 @@ impl Tasks {
     }
 
     /// Waits for every task: up to `grace` for them to finish their work, then cancels the
-    /// abort token and waits for them to stop; then stops the final tasks.
+    /// abort token and waits up to [`ABORT_WAIT`] for them to stop (a task still running then is
+    /// left to end with the process, and said so); then stops the final tasks.
     pub async fn stop(self, grace: Duration) {
         self.shutdown.cancel();
         self.tracker.close();
@@ -96,7 +118,9 @@ impl Tasks {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             warn!(open = self.tracker.len(), "grace period over, aborting tasks in progress");
             self.abort.cancel();
-            self.tracker.wait().await;
+            if tokio::time::timeout(ABORT_WAIT, self.tracker.wait()).await.is_err() {
+                warn!(open = self.tracker.len(), "tasks did not stop when aborted, leaving them");
+            }
         }
         self.last.cancel();
         self.final_tracker.close();
@@ -172,6 +196,30 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(60));
         stop.cancel();
         assert!(!every.tick().await);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_tasks_without_stop_stops_them_all() {
+        let service = CancellationToken::new();
+        let tasks = Tasks::new(&service);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (t, s) = (tx.clone(), tasks.shutdown().clone());
+        tasks.spawn("worker", async move {
+            s.cancelled().await;
+            t.send("worker")?;
+            Ok(())
+        });
+        tasks.spawn_final("listener", |last| async move {
+            last.cancelled().await;
+            tx.send("listener")?;
+            Ok(())
+        });
+        // A start-up step failed: `run` returns without calling stop.
+        drop(tasks);
+        let mut got = vec![rx.recv().await.unwrap(), rx.recv().await.unwrap()];
+        got.sort_unstable();
+        assert_eq!(got, ["listener", "worker"]);
+        assert!(!service.is_cancelled(), "the service's own token is not the tasks' to cancel");
     }
 
     #[tokio::test]

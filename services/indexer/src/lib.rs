@@ -126,12 +126,7 @@ async fn serve<F: Forge>(
 ) -> anyhow::Result<()> {
     let tasks = Tasks::new(&shutdown);
     let metrics = Arc::new(Metrics::default());
-    let health = bidsflux_service::http::Health {
-        ready: Arc::new(bus.clone()),
-        metrics: metrics.clone(),
-        shutdown: tasks.shutdown().clone(),
-    };
-    bidsflux_service::http::spawn(&tasks, http, health);
+    bidsflux_service::http::spawn(&tasks, http, Arc::new(bus.clone()), metrics.clone());
     let indexer = Arc::new(Indexer {
         bus: bus.clone(),
         git,

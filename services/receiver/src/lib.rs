@@ -111,12 +111,7 @@ pub async fn run_with(
         );
     }
     let tasks = Tasks::new(&shutdown);
-    let health = bidsflux_service::http::Health {
-        ready: Arc::new(bus.clone()),
-        metrics: metrics.clone(),
-        shutdown: tasks.shutdown().clone(),
-    };
-    bidsflux_service::http::spawn(&tasks, http, health);
+    bidsflux_service::http::spawn(&tasks, http, Arc::new(bus.clone()), metrics.clone());
     let recovered = spool.take_recovered();
     if !recovered.is_empty() {
         // Announced again: JetStream de-duplicates what was published before the crash.

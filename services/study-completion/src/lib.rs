@@ -98,14 +98,17 @@ pub async fn serve(config: Config, bus: Bus, listeners: Listeners, shutdown: Can
         "study-completion started"
     );
 
-    let health = bidsflux_service::http::Health {
-        ready: Arc::new(bus.clone()),
-        metrics: core.metrics.clone(),
-        shutdown: tasks.shutdown().clone(),
-    };
-    bidsflux_service::http::spawn(&tasks, listeners.http, health);
+    bidsflux_service::http::spawn(&tasks, listeners.http, Arc::new(bus.clone()), core.metrics.clone());
     if let Some(listener) = listeners.grpc {
-        tasks.spawn("admin API", admin::serve(core.clone(), timers.clone(), listener, tasks.shutdown().clone()));
+        let (serving, abort) =
+            (admin::serve(core.clone(), timers.clone(), listener, tasks.shutdown().clone()), tasks.abort_token());
+        // Calls in progress finish within the grace period, or are cut off.
+        tasks.spawn("admin API", async move {
+            tokio::select! {
+                served = serving => served,
+                _ = abort.cancelled() => Ok(()),
+            }
+        });
     }
 
     let mut opts = ConsumerOptions::new(subjects::STREAM_INSTANCES, subjects::CONSUMER_STUDY_COMPLETION);

@@ -77,8 +77,14 @@ async fn timer_loop(mut checker: Checker, mut rx: mpsc::UnboundedReceiver<(Strin
                     }
                     queue.remove(&(d, study.clone()));
                     by_study.remove(&study);
+                    // Stopping: a check cut short is redone after the restart, which scans the
+                    // KV bucket (the truth) again.
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = checker.check(&study) => next,
+                    };
                     // Clamped past `now`, so this loop ends (no busy retry).
-                    if let Some(next) = checker.check(&study).await {
+                    if let Some(next) = next {
                         schedule(&mut by_study, &mut queue, study, next.max(now + 1));
                     }
                 }

@@ -154,12 +154,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     let metrics = Arc::new(Metrics::default());
     let tasks = Tasks::new(&shutdown);
     let listener = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
-    let health = bidsflux_service::http::Health {
-        ready: Arc::new(bus.clone()),
-        metrics: metrics.clone(),
-        shutdown: tasks.shutdown().clone(),
-    };
-    bidsflux_service::http::spawn(&tasks, listener, health);
+    bidsflux_service::http::spawn(&tasks, listener, Arc::new(bus.clone()), metrics.clone());
     let uploader = Arc::new(Uploader::new(&config, bus.clone()));
     tokio::fs::create_dir_all(&config.work_dir)
         .await
