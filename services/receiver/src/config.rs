@@ -74,6 +74,8 @@ pub struct Config {
 pub const SPOOL_MIN_FREE_VAR: &str = "BIDSFLUX_SPOOL_MIN_FREE";
 /// Variable of the HTTP (health, metrics) listener address.
 pub const HTTP_BIND_VAR: &str = "BIDSFLUX_RECEIVER_HTTP_BIND";
+/// The variable of [`Config::dicom_bind`].
+pub const DICOM_BIND_VAR: &str = "BIDSFLUX_DICOM_BIND";
 
 /// Parses a size: bytes, optionally followed by `B`, `KiB`, `MiB`, `GiB` or `TiB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -134,7 +136,7 @@ fn access_policy(env: &Env, our_ae: &str) -> Result<Policy, ConfigError> {
 impl Config {
     /// Reads the configuration; errors name the variable.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let dicom_bind = env.parse_or("BIDSFLUX_DICOM_BIND", SocketAddr::from(([0, 0, 0, 0], 11112)))?;
+        let dicom_bind = env.parse_or(DICOM_BIND_VAR, SocketAddr::from(([0, 0, 0, 0], 11112)))?;
         let ae_title = env.get_or("BIDSFLUX_AE_TITLE", "BIDSFLUX").to_owned();
         if ae_title.len() > 16 || !ae_title.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\') {
             return Err(ConfigError::invalid(

@@ -1,13 +1,10 @@
 //! `bidsflux-receiver`: the DICOM C-STORE endpoint.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context as _;
-use bidsflux_config::Env;
-use bidsflux_messaging::Bus;
+use bidsflux_receiver::config::DICOM_BIND_VAR;
 use bidsflux_receiver::{Config, REQUIRES, run};
-use bidsflux_service::shutdown_on_signals;
+use bidsflux_service::listen;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,15 +13,15 @@ async fn main() -> ExitCode {
         print!("{}", bidsflux_receiver::conformance::listing());
         return ExitCode::SUCCESS;
     }
-    bidsflux_telemetry::service_main("bidsflux-receiver", start).await
-}
-
-async fn start() -> anyhow::Result<()> {
-    let config = Config::from_env(&Env::from_process())?;
-    let bus = Bus::connect(&config.nats_url, "receiver", Duration::from_secs(30)).await?;
-    bus.require(REQUIRES).await?;
-    let listener = tokio::net::TcpListener::bind(config.dicom_bind)
-        .await
-        .with_context(|| format!("bind BIDSFLUX_DICOM_BIND {}", config.dicom_bind))?;
-    run(config, listener, bus, shutdown_on_signals()).await
+    bidsflux_messaging::service_main(
+        "receiver",
+        REQUIRES,
+        Config::from_env,
+        |c| &c.nats_url,
+        |config, bus, shutdown| async move {
+            let dicom = listen::bind(config.dicom_bind, DICOM_BIND_VAR).await?;
+            run(config, dicom, bus, shutdown).await
+        },
+    )
+    .await
 }

@@ -1,21 +1,10 @@
-//! `bidsflux-study-completion`: fires *study completed* after a quiet period.
+//! `bidsflux-study-completion`: decides, by the completion rules, when a study is complete.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use bidsflux_config::Env;
-use bidsflux_messaging::Bus;
-use bidsflux_service::shutdown_on_signals;
 use bidsflux_study_completion::{Config, REQUIRES, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    bidsflux_telemetry::service_main("bidsflux-study-completion", start).await
-}
-
-async fn start() -> anyhow::Result<()> {
-    let config = Config::from_env(&Env::from_process())?;
-    let bus = Bus::connect(&config.nats_url, "study-completion", Duration::from_secs(30)).await?;
-    bus.require(REQUIRES).await?;
-    run(config, bus, shutdown_on_signals()).await
+    bidsflux_messaging::service_main("study-completion", REQUIRES, Config::from_env, |c| &c.nats_url, run).await
 }
