@@ -305,7 +305,7 @@ mod tests {
         assert_eq!(pl.fileprefix, "Investigator/Study1/1.2.3.4/");
     }
 
-    /// Issue 12: the original rendered the whole URL (`^` → `/`) and then
+    /// The original rendered the whole URL (`^` → `/`) and then
     /// took the first path element as the bucket, the rest as the prefix.
     #[test]
     fn a_person_name_splits_the_rendered_url_as_the_original_did() {

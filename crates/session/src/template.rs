@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(t.render(&example()).unwrap(), "{literal}-1.2.3.4");
     }
 
-    /// Issue 12: a PersonName is `Family^Given`; the original rendered
+    /// A PersonName is `Family^Given`; the original rendered
     /// `Smith^John` as `Smith/John`, i.e. nested groups.
     #[test]
     fn a_person_name_in_the_group_template_makes_nested_groups() {

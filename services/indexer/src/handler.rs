@@ -97,7 +97,7 @@ pub(crate) fn project_paths(
         },
         Err(e) => {
             // The error names the template and variable, never the value.
-            tracing::warn!(study_uid = %job.study, "{e}: the session is recorded at its StudyInstanceUID");
+            tracing::warn!(study_uid = %job.study, error = %format!("{e:#}"), "the session is recorded at its StudyInstanceUID");
             job.study.to_string()
         }
     };
@@ -205,7 +205,7 @@ impl<F: Forge> Indexer<F> {
     async fn index_at(&self, job: &IndexJob, paths: &Paths) -> Result<Outcome, HandlerError> {
         let path = &paths.session;
         let step = Instant::now();
-        let project = self.forge.ensure_project(path).await.map_err(HandlerError::from)?;
+        let project = self.forge.ensure_project(path).await?;
         self.metrics.step(Step::Project, step.elapsed());
         let work = tempfile::Builder::new()
             .prefix(&format!("{}-", job.study))
@@ -270,7 +270,7 @@ impl<F: Forge> Indexer<F> {
         self.metrics.step(Step::Session, step.elapsed());
 
         let step = Instant::now();
-        let study_project = self.forge.ensure_project(&paths.study).await.map_err(HandlerError::from)?;
+        let study_project = self.forge.ensure_project(&paths.study).await?;
         let session = Subdataset {
             path: paths.session_name.clone(),
             url: superdataset::session_url(job.study.as_str()),
@@ -336,12 +336,12 @@ impl<F: Forge> Indexer<F> {
         if self.bids_ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
             return Ok(());
         }
-        let project = self.forge.ensure_project(&paths.bids).await.map_err(HandlerError::from)?;
+        let project = self.forge.ensure_project(&paths.bids).await?;
         let protected = ["convert/*".to_owned(), self.bids_dev_branch.clone(), self.bids_base_branch.clone()];
         // Before the first push: the branches are never unprotected.
-        self.forge.protect_branches(&paths.bids, &protected).await.map_err(HandlerError::from)?;
+        self.forge.protect_branches(&paths.bids, &protected).await?;
         for group in &paths.subgroups {
-            self.forge.ensure_group(group).await.map_err(HandlerError::from)?;
+            self.forge.ensure_group(group).await?;
         }
         let sourcedata = Subdataset {
             path: superdataset::BIDS_SOURCEDATA_PATH.to_owned(),

@@ -201,7 +201,8 @@ fn dicom_file(study: &Uid, e: &pb::ManifestEntry) -> Result<DicomFile, JobError>
         return Err(invalid(format!("manifest entry {:?} names another SOPInstanceUID", e.path)));
     }
     let md5 = checked_md5(&format!("md5 of {}", e.path), &e.md5)?;
-    let dataset_path = format!("{series}/{sop}.dcm");
+    // In the session dataset the study directory is stripped (`--strip-leading-dirs`).
+    let dataset_path = format!("{series}/{}", path.file_name());
     let key = md5e_key(e.size, &md5, &dataset_path);
     Ok(DicomFile { archive_path, dataset_path, size: e.size, key })
 }

@@ -406,7 +406,7 @@ async fn datasets_without_main_are_never_replaced() {
     h.shutdown().await;
 }
 
-/// Issue 12: a PI named in the normal PersonName form `Family^Given` gets
+/// A PI named in the normal PersonName form `Family^Given` gets
 /// nested groups, as the original made them: `Smith/John/<StudyDescriptionPath[1]>`.
 #[tokio::test]
 async fn a_family_given_name_makes_nested_groups_as_the_original_did() {

@@ -299,7 +299,7 @@ async fn a_reindex_after_the_spool_was_cleared_announces_the_recorded_archive() 
     h.stop().await;
 }
 
-/// Issue 12: a PI named in the normal PersonName form `Family^Given` is archived
+/// A PI named in the normal PersonName form `Family^Given` is archived
 /// where the original put it: the URL is rendered whole (`^` → `/`), its first
 /// path element is the bucket and the rest the key prefix.
 #[tokio::test]
