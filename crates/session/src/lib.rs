@@ -24,7 +24,7 @@ pub mod uid;
 pub use metas::SessionMetas;
 pub use spool::{SpoolPath, SpoolPathError};
 pub use template::{RenderError, Template, TemplateError};
-pub use uid::{Uid, UidError};
+pub use uid::{Uid, UidError, instance_fingerprint};
 
 /// What logs, spans and errors show instead of a value rendered from patient data.
 pub const REDACTED: &str = "[redacted]";

@@ -35,6 +35,17 @@ pub enum UidError {
     },
 }
 
+/// The 8-byte fingerprint of a SOP Instance UID: the first 8 bytes of its SHA-256, big endian.
+///
+/// Study-completion keeps one per distinct instance, in arrival order, in the study's state
+/// (`StudyState.instance_hashes`); the uploader picks a generation's files by them. One
+/// definition, as both must compute the same number.
+pub fn instance_fingerprint(sop_instance_uid: &str) -> u64 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(sop_instance_uid.as_bytes());
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
 impl Uid {
     /// Validates `value` (trailing NUL/space padding removed) as the UID named `what`.
     pub fn parse(what: &'static str, value: &str) -> Result<Self, UidError> {
@@ -84,6 +95,12 @@ impl AsRef<str> for Uid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_fingerprints_are_the_first_8_bytes_of_sha256() {
+        // python3 -c "import hashlib; print(int.from_bytes(hashlib.sha256(b'1.2.840.10008.1.1').digest()[:8], 'big'))"
+        assert_eq!(instance_fingerprint("1.2.840.10008.1.1"), 8833518850329136391);
+    }
 
     #[test]
     fn accepts_uids_and_strips_padding() {

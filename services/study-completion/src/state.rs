@@ -7,15 +7,12 @@
 use std::collections::HashMap;
 
 use bidsflux_proto::v1 as pb;
-use sha2::{Digest, Sha256};
 
 use crate::rules::{Announced, SeriesProgress, StudyProgress};
 
-/// 8-byte fingerprint of a SOP Instance UID (de-duplicates redelivered events).
-pub fn instance_hash(sop_instance_uid: &str) -> u64 {
-    let d = Sha256::digest(sop_instance_uid.as_bytes());
-    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
-}
+/// 8-byte fingerprint of a SOP Instance UID (de-duplicates redelivered events; the uploader
+/// picks a generation's files by them).
+pub use bidsflux_session::instance_fingerprint as instance_hash;
 
 /// What an instance event did to the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
