@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bidsflux_messaging::{Bus, Delivery, HandlerError, manifest, subjects};
 use bidsflux_proto::v1 as pb;
-use bidsflux_session::SessionMetas;
 use bidsflux_session::annex::md5e_key;
 use bidsflux_session::s3::{Placement, S3UrlPattern};
+use bidsflux_session::{SessionMetas, Uid};
 use prost::Message as _;
 use tracing::Instrument as _;
 use tracing::field::Empty;
@@ -16,6 +16,7 @@ use tracing::field::Empty;
 use crate::archive::{Archive, SevenZip};
 use crate::completion::Completion;
 use crate::config::Config;
+use crate::generation::{self, Generation, GenerationError};
 use crate::s3::{PutOutcome, Store};
 use crate::s3_error::S3Error;
 use crate::spool::{self, HashedFile, SpoolError, StudyFiles};
@@ -41,6 +42,8 @@ pub struct Uploader {
     manifest_inline_max: Option<usize>,
     /// `BIDSFLUX_SPOOL_KEEP`: earlier generations stay in the spool.
     spool_keep: bool,
+    /// Study-completion's state (KV `bidsflux_v1_studies`): which instances are a generation's.
+    studies: async_nats::jetstream::kv::Store,
 }
 
 /// A spool error, with what was being done if it is retried.
@@ -82,8 +85,9 @@ struct StudyInput {
 
 impl Uploader {
     /// An uploader for `config`, publishing on `bus`.
-    pub fn new(config: &Config, bus: Bus) -> Self {
+    pub fn new(config: &Config, bus: Bus, studies: async_nats::jetstream::kv::Store) -> Self {
         Self {
+            studies,
             bus,
             store: Store::new(config),
             sevenzip: SevenZip { level: config.sevenzip_level, threads: config.sevenzip_threads },
@@ -114,14 +118,31 @@ impl Uploader {
         self.upload(completion).instrument(span).await
     }
 
-    async fn read_study(&self, c: &Completion) -> Result<StudyInput, SpoolError> {
-        // Once an earlier generation is indexed the lifecycle deletes its files:
-        // an amendment then finds only its own share in the spool.
-        let expected =
-            if self.spool_keep || c.generation == 0 { c.instance_count } else { c.generation_instance_count };
+    /// The instances of `c`'s generation, from study-completion's state; `None` (take the whole
+    /// spool directory, as before generations were told apart) for an event study-completion
+    /// has no state for, or one without a count of its own.
+    async fn generation(&self, c: &Completion) -> Result<Option<Generation>, GenerationError> {
+        let Some(state) = generation::read_state(&self.studies, subjects::KV_STUDIES, c.study.as_str()).await? else {
+            tracing::warn!(
+                "study-completion has no state for the study: archiving every instance in its spool directory"
+            );
+            return Ok(None);
+        };
+        Generation::from_state(&state, c.instance_count, c.generation_instance_count)
+    }
+
+    async fn read_study(&self, c: &Completion, generation: Option<Generation>) -> Result<StudyInput, SpoolError> {
+        let expected = match &generation {
+            Some(g) => g.len() as u64,
+            // Once an earlier generation is indexed the lifecycle deletes its files:
+            // an amendment then finds only its own share in the spool.
+            None if self.spool_keep || c.generation == 0 => c.instance_count,
+            None => c.generation_instance_count,
+        };
         let (spool_dir, study) = (self.spool_dir.clone(), c.study.clone());
         tokio::task::spawn_blocking(move || {
-            let listing = spool::list_study(&spool_dir, &study, expected)?;
+            let belongs = |sop: &Uid| generation.as_ref().is_none_or(|g| g.contains(sop.as_str()));
+            let listing = spool::list_study(&spool_dir, &study, expected, &belongs)?;
             let first = listing.files.first().ok_or_else(|| SpoolError::Empty { dir: listing.dir.clone() })?;
             let metas = spool::read_metas(&spool_dir, first, &study)?;
             Ok(StudyInput { listing, metas })
@@ -169,7 +190,10 @@ impl Uploader {
         {
             return self.announce(&c, &event, "re-index").await;
         }
-        let input = match self.read_study(&c).await {
+        // Exactly this generation's instances: an amendment's that reached the spool already
+        // wait for their own completion.
+        let generation = self.generation(&c).await?;
+        let input = match self.read_study(&c, generation).await {
             Ok(input) => input,
             // A late redelivery after the lifecycle cleared the spool.
             Err(e @ (SpoolError::NoStudyDir { .. } | SpoolError::TooFew { .. } | SpoolError::Empty { .. })) => {
@@ -188,6 +212,12 @@ impl Uploader {
         span.record("files", input.listing.files.len());
         if input.listing.ignored > 0 {
             tracing::warn!(ignored = input.listing.ignored, "spool entries outside the layout were left out");
+        }
+        if input.listing.other_generations > 0 {
+            tracing::info!(
+                other_generations = input.listing.other_generations,
+                "instances of another generation in the spool were left for its own archive"
+            );
         }
         let placement = self.place(&input.metas)?;
         // "[redacted]" when the bucket template uses a patient variable.

@@ -4,8 +4,10 @@
 //! `BIDSFLUX_V1_STUDIES`):
 //!
 //! 1. [`completion`]: the event is validated (UIDs are safe path components);
-//! 2. [`spool`]: the study's files (named as [`bidsflux_session::SpoolPath`]
-//!    says) are listed in sorted order, the session metas read from the first
+//! 2. [`spool`]: the study's files of this generation (named as
+//!    [`bidsflux_session::SpoolPath`] says; the generation's instances are the
+//!    ones study-completion's state counts as its own, [`generation`]) are
+//!    listed in sorted order, the session metas read from the first
 //!    one, and every file hashed (MD5, SHA-256) for the manifest — the spool
 //!    is only read, never changed;
 //! 3. [`archive`]: `<study>.7z` is written in a fresh temp directory of the
@@ -37,6 +39,7 @@
 pub mod archive;
 pub mod completion;
 pub mod config;
+pub mod generation;
 pub mod janitor;
 pub mod lifecycle;
 pub mod metrics;
@@ -73,6 +76,8 @@ pub const REQUIRES: &[Requirement] = &[
     Requirement::Stream(subjects::STREAM_ARCHIVES),
     Requirement::Stream(subjects::STREAM_DEADLETTER),
     Requirement::ObjectStore(subjects::OBJ_MANIFESTS),
+    // Which instances a generation has (study-completion's state), read only.
+    Requirement::KeyValue(subjects::KV_STUDIES),
 ];
 
 /// The study UID of a delivery, for dead letters.
@@ -155,7 +160,8 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     let tasks = Tasks::new(&shutdown);
     let listener = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
     bidsflux_service::http::spawn(&tasks, listener, Arc::new(bus.clone()), metrics.clone());
-    let uploader = Arc::new(Uploader::new(&config, bus.clone()));
+    let studies = bus.js.get_key_value(subjects::KV_STUDIES).await.context("open the studies KV bucket")?;
+    let uploader = Arc::new(Uploader::new(&config, bus.clone(), studies));
     tokio::fs::create_dir_all(&config.work_dir)
         .await
         .with_context(|| format!("create work directory {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;

@@ -37,6 +37,8 @@ pub struct StudyFiles {
     pub files: Vec<SpoolFile>,
     /// Entries that do not follow the layout and were left out.
     pub ignored: usize,
+    /// Instances of other generations, left for their own archive.
+    pub other_generations: usize,
 }
 
 /// Why a study cannot be read from the spool.
@@ -124,14 +126,20 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolErr
     move |source| SpoolError::Io { what, path, source }
 }
 
-/// Lists the files of `study` in `spool`, checking that at least `expected` are there.
-pub fn list_study(spool: &Path, study: &Uid, expected: u64) -> Result<StudyFiles, SpoolError> {
+/// Lists the files of `study` in `spool` whose SOP Instance UID `belongs` (to the generation
+/// being archived), checking that at least `expected` are there.
+pub fn list_study(
+    spool: &Path,
+    study: &Uid,
+    expected: u64,
+    belongs: &dyn Fn(&Uid) -> bool,
+) -> Result<StudyFiles, SpoolError> {
     let dir = SpoolPath::study_dir(spool, study);
     if !dir.is_dir() {
         return Err(SpoolError::NoStudyDir { dir });
     }
     let mut files = Vec::new();
-    let mut ignored = 0;
+    let (mut ignored, mut other_generations) = (0, 0);
     for series in std::fs::read_dir(&dir).map_err(io_err("read directory", &dir))? {
         let series = series.map_err(io_err("read directory", &dir))?;
         let series_path = series.path();
@@ -146,6 +154,7 @@ pub fn list_study(spool: &Path, study: &Uid, expected: u64) -> Result<StudyFiles
             let name = entry.file_name();
             let path = name.to_str().and_then(|n| SpoolPath::from_names(study.as_str(), series_name, n).ok());
             match path {
+                Some(path) if !path.is_conflict() && !belongs(path.sop()) => other_generations += 1,
                 Some(path) if !path.is_conflict() && entry.path().is_file() => files.push(SpoolFile {
                     rel_path: path.to_string(),
                     series_instance_uid: path.series().clone(),
@@ -159,7 +168,7 @@ pub fn list_study(spool: &Path, study: &Uid, expected: u64) -> Result<StudyFiles
     if (files.len() as u64) < expected {
         return Err(SpoolError::TooFew { dir, found: files.len(), expected });
     }
-    Ok(StudyFiles { dir, files, ignored })
+    Ok(StudyFiles { dir, files, ignored, other_generations })
 }
 
 /// Reads the session metas from `file` (the first of the study), checking
@@ -293,13 +302,21 @@ mod tests {
         std::fs::write(s.join("1.2.3.4/10.dcm"), b"x").unwrap();
         std::fs::write(s.join("1.2.3.4/2.dcm"), b"x").unwrap();
         std::fs::write(s.join("1.2.3.4/notes.txt"), b"x").unwrap();
-        let l = list_study(spool.path(), &study, 3).unwrap();
+        let all = |_: &Uid| true;
+        let l = list_study(spool.path(), &study, 3, &all).unwrap();
         let paths: Vec<_> = l.files.iter().map(|f| f.rel_path.as_str()).collect();
         assert_eq!(paths, ["1.2.3/1.2.3.4/10.dcm", "1.2.3/1.2.3.4/2.dcm", "1.2.3/1.2.3.5/9.dcm"]);
         assert_eq!(l.ignored, 2);
-        let e = list_study(spool.path(), &study, 4).unwrap_err().to_string();
+        let e = list_study(spool.path(), &study, 4, &all).unwrap_err().to_string();
         assert!(e.contains("holds 3") && e.contains("announced 4"), "{e}");
         let other = Uid::parse("StudyInstanceUID", "1.2.4").unwrap();
-        assert!(matches!(list_study(spool.path(), &other, 1), Err(SpoolError::NoStudyDir { .. })));
+        assert!(matches!(list_study(spool.path(), &other, 1, &all), Err(SpoolError::NoStudyDir { .. })));
+        // Another generation's instances are left out, and not counted.
+        let l = list_study(spool.path(), &study, 2, &|sop| sop.as_str() != "9").unwrap();
+        let paths: Vec<_> = l.files.iter().map(|f| f.rel_path.as_str()).collect();
+        assert_eq!(paths, ["1.2.3/1.2.3.4/10.dcm", "1.2.3/1.2.3.4/2.dcm"]);
+        assert_eq!((l.ignored, l.other_generations), (2, 1));
+        let e = list_study(spool.path(), &study, 3, &|sop| sop.as_str() != "9").unwrap_err().to_string();
+        assert!(e.contains("holds 2") && e.contains("announced 3"), "{e}");
     }
 }
