@@ -8,7 +8,9 @@
 //!   [`metrics::Histogram`];
 //! - [`backoff`]: the one retry delay policy, [`backoff::Backoff`];
 //! - [`tasks`]: tracked background tasks and a graceful shutdown ([`tasks::Tasks`]), and the
-//!   token cancelled on SIGINT or SIGTERM ([`tasks::shutdown_on_signals`]).
+//!   token cancelled on SIGINT or SIGTERM ([`tasks::shutdown_on_signals`]);
+//! - [`workdir`]: a process's own scratch directory in a shared work directory, and the removal
+//!   of what killed processes left there ([`WorkDir`]).
 //!
 //! This crate knows nothing of the bus: [`http::Ready`] is how a service tells the health
 //! check what it depends on (`bidsflux-messaging` implements it for its `Bus`).
@@ -18,6 +20,8 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod tasks;
+pub mod workdir;
 
 pub use backoff::Backoff;
 pub use tasks::{Tasks, shutdown_on_signals};
+pub use workdir::WorkDir;

@@ -35,7 +35,7 @@ use anyhow::Context as _;
 use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, run_consumer, subjects};
 use bidsflux_service::tasks::SHUTDOWN_GRACE;
-use bidsflux_service::{Tasks, listen};
+use bidsflux_service::{Tasks, WorkDir, listen};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ForgeConfig};
@@ -56,9 +56,15 @@ pub const REQUIRES: &[Requirement] = &[
 /// Runs the indexer until `shutdown` is cancelled.
 pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
     let http = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
-    tokio::fs::create_dir_all(&config.work_dir)
-        .await
-        .with_context(|| format!("create BIDSFLUX_WORK_DIR {}", config.work_dir.display()))?;
+    // This replica's own scratch directory in the work directory replicas share; what killed
+    // replicas left there is removed, never a live replica's files.
+    let (work, reaped) = WorkDir::claim(&config.work_dir, "indexer")
+        .with_context(|| format!("claim a work directory in {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
+    if reaped > 0 {
+        tracing::info!(reaped, "removed the work files of stopped indexers");
+    }
+    let mut config = config;
+    config.work_dir = work.path().to_owned();
     let identity = Identity { name: config.bot_username.clone(), email: config.bot_email.clone() };
     let git = Git::new(&config.git, identity, config.git_timeout);
     let version = git

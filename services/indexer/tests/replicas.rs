@@ -17,8 +17,15 @@ use futures::StreamExt as _;
 use prost::Message as _;
 use support::{Harness, archive_study, git, publish, spawn_replica};
 
+/// Whether the replica working in `work` holds a job: a job directory in its claimed scratch
+/// directory (`indexer.<pid>.<n>/`, which otherwise holds only its `.lock`).
 fn has_job(work: &Path) -> bool {
-    std::fs::read_dir(work).map(|mut d| d.next().is_some()).unwrap_or(false)
+    let Ok(claims) = std::fs::read_dir(work) else { return false };
+    claims.filter_map(Result::ok).any(|claim| {
+        std::fs::read_dir(claim.path())
+            .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != ".lock")))
+            .unwrap_or(false)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

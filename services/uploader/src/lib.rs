@@ -58,7 +58,7 @@ use bidsflux_messaging::topology::Requirement;
 use bidsflux_messaging::{Bus, ConsumerOptions, Delivery, run_consumer, subjects};
 use bidsflux_proto::v1 as pb;
 use bidsflux_service::tasks::SHUTDOWN_GRACE;
-use bidsflux_service::{Tasks, listen};
+use bidsflux_service::{Tasks, WorkDir, listen};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -160,11 +160,16 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     let tasks = Tasks::new(&shutdown);
     let listener = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
     bidsflux_service::http::spawn(&tasks, listener, Arc::new(bus.clone()), metrics.clone());
+    // This process's own scratch directory; what a killed predecessor left is removed.
+    let (work, reaped) = WorkDir::claim(&config.work_dir, "uploader")
+        .with_context(|| format!("claim a work directory in {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
+    if reaped > 0 {
+        tracing::info!(reaped, "removed the work files of stopped uploaders");
+    }
+    let mut config = config;
+    config.work_dir = work.path().to_owned();
     let studies = bus.js.get_key_value(subjects::KV_STUDIES).await.context("open the studies KV bucket")?;
     let uploader = Arc::new(Uploader::new(&config, bus.clone(), studies));
-    tokio::fs::create_dir_all(&config.work_dir)
-        .await
-        .with_context(|| format!("create work directory {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
     if !config.spool_dir.is_dir() {
         tracing::warn!(spool = %config.spool_dir.display(), "spool directory does not exist yet");
     }

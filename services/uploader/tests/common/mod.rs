@@ -196,11 +196,20 @@ impl Harness {
         }
     }
 
-    /// Entries left in the work directory (temp archives must be gone).
+    /// Entries left in the work directory (temp archives must be gone): what the uploader's
+    /// claimed scratch directories hold besides their lock.
     pub fn work_leftovers(&self) -> Vec<PathBuf> {
-        match std::fs::read_dir(self.work.path().join("work")) {
-            Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
-            Err(_) => Vec::new(),
+        let Ok(claims) = std::fs::read_dir(self.work.path().join("work")) else { return Vec::new() };
+        let mut out = Vec::new();
+        for claim in claims {
+            let claim = claim.unwrap().path();
+            for e in std::fs::read_dir(&claim).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name().is_some_and(|n| n != ".lock") {
+                    out.push(p);
+                }
+            }
         }
+        out
     }
 }
