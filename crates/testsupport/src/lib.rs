@@ -10,6 +10,8 @@
 //! - [`dicom`]: a synthetic MR study generator and Part 10 helpers (also the
 //!   `bidsflux-synth-study` binary);
 //! - [`pki`]: test certificates made with `openssl`;
+//! - [`site`]: the whole site as separate processes (the services' binaries, killed and
+//!   restarted at will), for the fault tests;
 //! - [`scrape`]: a service's `/healthz` and `/metrics`, as a probe and Prometheus ask them;
 //! - [`free_port`], [`wait_until`] (polling with a deadline instead of
 //!   sleeps) and [`have_program`].
@@ -23,6 +25,7 @@ mod nats;
 pub mod pki;
 mod s3;
 pub mod scrape;
+pub mod site;
 
 use std::future::Future;
 use std::time::Duration;
