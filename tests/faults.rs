@@ -5,32 +5,23 @@
 //! file left behind.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, pull};
 use bidsflux_messaging::{Bus, subjects as s};
 use bidsflux_proto::v1 as pb;
-use bidsflux_testsupport::dicom::{GeneratedStudy, StudySpec, dataset_bytes, generate_study, sop_instance_uid};
+use bidsflux_testsupport::dicom::{GeneratedStudy, StudySpec, generate_study};
 use bidsflux_testsupport::site::{Service, Site};
 use bidsflux_testsupport::wait_until;
-use futures::StreamExt as _;
+use common::{decode, messages};
 
 /// Every message of `stream`, decoded.
 async fn all<M: prost::Message + Default>(bus: &Bus, stream: &str) -> Vec<M> {
-    let st = bus.js.get_stream(stream).await.unwrap();
-    let c = st
-        .create_consumer(pull::Config { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let mut batch = c.fetch().max_messages(10_000).expires(Duration::from_millis(300)).messages().await.unwrap();
-    while let Some(Ok(m)) = batch.next().await {
-        out.push(M::decode(m.payload.as_ref()).unwrap());
-    }
-    out
+    decode(&messages(bus, stream).await)
 }
 
 /// Messages stored in `stream` now.
@@ -152,25 +143,7 @@ async fn check_end_state(scenario: &str, site: &Site, bus: &Bus, sent: &[(PathBu
         assert_eq!(log, (n + 1).to_string(), "{}: a new-dataset commit and one per generation", ev.project_path);
         // DataLad as the oracle: every DICOM back, byte for byte.
         let clone = site.dir.path().join("clones").join(&g.study_instance_uid);
-        let env = site.s3.annex_user_env();
-        let out = Command::new("datalad").envs(env.clone()).arg("clone").arg(&bare).arg(&clone).output().unwrap();
-        assert!(out.status.success(), "datalad clone: {}", String::from_utf8_lossy(&out.stderr));
-        let out = Command::new("datalad").envs(env).current_dir(&clone).args(["get", "-J", "2", "."]).output().unwrap();
-        assert!(out.status.success(), "datalad get: {}", String::from_utf8_lossy(&out.stderr));
-        let mut got: HashMap<String, PathBuf> = HashMap::new();
-        for entry in walkdir::WalkDir::new(&clone).into_iter().filter_entry(|e| e.file_name() != ".git") {
-            let entry = entry.unwrap();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(sop) = name.strip_suffix(".dcm") {
-                got.insert(sop.to_owned(), entry.path().to_path_buf());
-            }
-        }
-        assert_eq!(got.len(), g.files.len(), "{}: DICOMs in the dataset", g.study_instance_uid);
-        for f in &g.files {
-            let sop = sop_instance_uid(f).unwrap();
-            let mine = got.get(&sop).unwrap_or_else(|| panic!("{sop} not in the dataset"));
-            assert_eq!(dataset_bytes(mine).unwrap(), dataset_bytes(f).unwrap(), "data set bytes differ for {sop}");
-        }
+        common::assert_datalad_gets_every_instance(&bare, &clone, &site.s3.annex_user_env(), &g.files);
     }
 
     // Nothing left behind: the lifecycle deleted every indexed file, the work directories are empty.

@@ -7,38 +7,19 @@
 //! that were sent.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, pull};
 use bidsflux_config::Env;
 use bidsflux_messaging::{Bus, subjects as s, trace};
 use bidsflux_proto::v1 as pb;
-use bidsflux_testsupport::dicom::{StudySpec, dataset_bytes, generate_study, sop_instance_uid};
+use bidsflux_testsupport::dicom::{StudySpec, generate_study};
 use bidsflux_testsupport::{NatsServer, S3Server, wait_until};
-use futures::StreamExt as _;
+use common::{decode, messages};
 use prost::Message as _;
-
-/// Every message on a stream, with its headers.
-async fn messages(bus: &Bus, stream: &str) -> Vec<async_nats::jetstream::Message> {
-    let st = bus.js.get_stream(stream).await.unwrap();
-    let c = st
-        .create_consumer(pull::Config { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let mut batch = c.fetch().max_messages(1000).expires(Duration::from_millis(300)).messages().await.unwrap();
-    while let Some(Ok(m)) = batch.next().await {
-        out.push(m);
-    }
-    out
-}
-
-fn decode<M: prost::Message + Default>(msgs: &[async_nats::jetstream::Message]) -> Vec<M> {
-    msgs.iter().map(|m| M::decode(m.payload.as_ref()).unwrap()).collect()
-}
 
 fn trace_id(m: &async_nats::jetstream::Message) -> String {
     let tp = m.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_owned()).unwrap_or_default();
@@ -166,23 +147,7 @@ async fn a_study_travels_from_storescu_to_a_datalad_dataset() {
     let bare = w.forge.join(format!("{}.git", ev.project_path));
     assert!(bare.is_dir(), "{} missing", bare.display());
     let clone = w._tmp.path().join("clone");
-    let datalad_env = w.s3.annex_user_env();
-    run(Command::new("datalad").envs(datalad_env.clone()).arg("clone").arg(&bare).arg(&clone));
-    run(Command::new("datalad").envs(datalad_env.clone()).current_dir(&clone).args(["get", "."]));
-    let mut got: HashMap<String, PathBuf> = HashMap::new();
-    for entry in walkdir::WalkDir::new(&clone).into_iter().filter_entry(|e| e.file_name() != ".git") {
-        let entry = entry.unwrap();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(sop) = name.strip_suffix(".dcm") {
-            got.insert(sop.to_owned(), entry.path().to_path_buf());
-        }
-    }
-    assert_eq!(got.len(), 40, "DICOM files in the dataset: {got:?}");
-    for f in &study.files {
-        let sop = sop_instance_uid(f).unwrap();
-        let mine = got.get(&sop).unwrap_or_else(|| panic!("{sop} not in the dataset"));
-        assert_eq!(dataset_bytes(mine).unwrap(), dataset_bytes(f).unwrap(), "data set bytes differ for {sop}");
-    }
+    common::assert_datalad_gets_every_instance(&bare, &clone, &w.s3.annex_user_env(), &study.files);
 
     // A redelivered archive stored: handled (acked), no second commit, nothing dead-lettered.
     let commits = commit_count(&bare);
