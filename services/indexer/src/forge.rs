@@ -38,6 +38,190 @@ impl fmt::Debug for ProjectPath {
     }
 }
 
+/// Latin letters GitLab refuses in a path, with the ASCII they are written with: the letters
+/// of European names (Latin-1 Supplement and Latin Extended-A).
+const TRANSLITERATION: &[(char, &str)] = &[
+    ('À', "A"),
+    ('Á', "A"),
+    ('Â', "A"),
+    ('Ã', "A"),
+    ('Ä', "A"),
+    ('Å', "A"),
+    ('Æ', "AE"),
+    ('Ç', "C"),
+    ('È', "E"),
+    ('É', "E"),
+    ('Ê', "E"),
+    ('Ë', "E"),
+    ('Ì', "I"),
+    ('Í', "I"),
+    ('Î', "I"),
+    ('Ï', "I"),
+    ('Ð', "D"),
+    ('Ñ', "N"),
+    ('Ò', "O"),
+    ('Ó', "O"),
+    ('Ô', "O"),
+    ('Õ', "O"),
+    ('Ö', "O"),
+    ('Ø', "O"),
+    ('Ù', "U"),
+    ('Ú', "U"),
+    ('Û', "U"),
+    ('Ü', "U"),
+    ('Ý', "Y"),
+    ('Þ', "TH"),
+    ('ß', "ss"),
+    ('à', "a"),
+    ('á', "a"),
+    ('â', "a"),
+    ('ã', "a"),
+    ('ä', "a"),
+    ('å', "a"),
+    ('æ', "ae"),
+    ('ç', "c"),
+    ('è', "e"),
+    ('é', "e"),
+    ('ê', "e"),
+    ('ë', "e"),
+    ('ì', "i"),
+    ('í', "i"),
+    ('î', "i"),
+    ('ï', "i"),
+    ('ð', "d"),
+    ('ñ', "n"),
+    ('ò', "o"),
+    ('ó', "o"),
+    ('ô', "o"),
+    ('õ', "o"),
+    ('ö', "o"),
+    ('ø', "o"),
+    ('ù', "u"),
+    ('ú', "u"),
+    ('û', "u"),
+    ('ü', "u"),
+    ('ý', "y"),
+    ('þ', "th"),
+    ('ÿ', "y"),
+    ('Ā', "A"),
+    ('ā', "a"),
+    ('Ă', "A"),
+    ('ă', "a"),
+    ('Ą', "A"),
+    ('ą', "a"),
+    ('Ć', "C"),
+    ('ć', "c"),
+    ('Č', "C"),
+    ('č', "c"),
+    ('Ď', "D"),
+    ('ď', "d"),
+    ('Đ', "D"),
+    ('đ', "d"),
+    ('Ē', "E"),
+    ('ē', "e"),
+    ('Ė', "E"),
+    ('ė', "e"),
+    ('Ę', "E"),
+    ('ę', "e"),
+    ('Ě', "E"),
+    ('ě', "e"),
+    ('Ğ', "G"),
+    ('ğ', "g"),
+    ('Ī', "I"),
+    ('ī', "i"),
+    ('Į', "I"),
+    ('į', "i"),
+    ('İ', "I"),
+    ('ı', "i"),
+    ('Ķ', "K"),
+    ('ķ', "k"),
+    ('Ĺ', "L"),
+    ('ĺ', "l"),
+    ('Ļ', "L"),
+    ('ļ', "l"),
+    ('Ľ', "L"),
+    ('ľ', "l"),
+    ('Ł', "L"),
+    ('ł', "l"),
+    ('Ń', "N"),
+    ('ń', "n"),
+    ('Ņ', "N"),
+    ('ņ', "n"),
+    ('Ň', "N"),
+    ('ň', "n"),
+    ('Ō', "O"),
+    ('ō', "o"),
+    ('Ő', "O"),
+    ('ő', "o"),
+    ('Œ', "OE"),
+    ('œ', "oe"),
+    ('Ŕ', "R"),
+    ('ŕ', "r"),
+    ('Ř', "R"),
+    ('ř', "r"),
+    ('Ś', "S"),
+    ('ś', "s"),
+    ('Ş', "S"),
+    ('ş', "s"),
+    ('Š', "S"),
+    ('š', "s"),
+    ('Ţ', "T"),
+    ('ţ', "t"),
+    ('Ť', "T"),
+    ('ť', "t"),
+    ('Ū', "U"),
+    ('ū', "u"),
+    ('Ů', "U"),
+    ('ů', "u"),
+    ('Ű', "U"),
+    ('ű', "u"),
+    ('Ų', "U"),
+    ('ų', "u"),
+    ('Ÿ', "Y"),
+    ('Ź', "Z"),
+    ('ź', "z"),
+    ('Ż', "Z"),
+    ('ż', "z"),
+    ('Ž', "Z"),
+    ('ž', "z"),
+];
+
+/// A group segment as a path GitLab accepts: letters, digits, `_`, `-` and `.`, not starting
+/// with `-` or `.`, not ending in `.`, `.git` or `.atom`.
+///
+/// A segment GitLab already accepts is kept as it is (the original created groups with
+/// `path = name = segment`, so sites' existing groups are found). Otherwise — DICOM values
+/// hold spaces, commas and accented letters, which the original could not create — the letters
+/// of European names are written in ASCII (`Müller` → `Muller`), every other run of refused
+/// characters becomes one `-` (`Anna-Maria Christina` → `Anna-Maria-Christina`), and leading
+/// and trailing `-` and `.` are dropped. `None` when nothing is left.
+pub fn gitlab_segment(segment: &str) -> Option<String> {
+    let accepted = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let mut out = String::with_capacity(segment.len());
+    for c in segment.chars() {
+        if accepted(c) {
+            out.push(c);
+        } else if let Some((_, ascii)) = TRANSLITERATION.iter().find(|(from, _)| *from == c) {
+            out.push_str(ascii);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let mut out = out.trim_matches(|c| c == '-' || c == '.').to_owned();
+    for suffix in [".git", ".atom"] {
+        if out.ends_with(suffix) {
+            out.push('_');
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// `group` with each segment as [`gitlab_segment`] writes it; `None` if a segment has no
+/// character GitLab accepts.
+pub fn gitlab_group(group: &str) -> Option<String> {
+    group.split('/').map(gitlab_segment).collect::<Option<Vec<_>>>().map(|v| v.join("/"))
+}
+
 /// Which rule `path` breaks, if any.
 fn path_problem(path: &str) -> Option<&'static str> {
     if path.is_empty() {
@@ -268,6 +452,25 @@ impl LocalForge {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn group_segments_become_paths_gitlab_accepts() {
+        use super::{gitlab_group, gitlab_segment};
+        for kept in ["Smith", "Study1", "sub-01_x.y", "PI"] {
+            assert_eq!(gitlab_segment(kept).as_deref(), Some(kept));
+        }
+        assert_eq!(gitlab_segment("Müller").as_deref(), Some("Muller"));
+        assert_eq!(gitlab_segment("Øster Åsa").as_deref(), Some("Oster-Asa"));
+        assert_eq!(gitlab_segment("Étude été").as_deref(), Some("Etude-ete"));
+        assert_eq!(gitlab_segment("Prof.").as_deref(), Some("Prof"));
+        assert_eq!(gitlab_segment("memory study, cohort A").as_deref(), Some("memory-study-cohort-A"));
+        assert_eq!(gitlab_segment("-x.atom").as_deref(), Some("x.atom_"));
+        assert_eq!(gitlab_segment("東京"), None);
+        assert_eq!(gitlab_segment(" - "), None);
+        assert_eq!(gitlab_group("Smith/John/Study1").as_deref(), Some("Smith/John/Study1"));
+        assert_eq!(gitlab_group("Müller/Jürgen/Étude").as_deref(), Some("Muller/Jurgen/Etude"));
+        assert_eq!(gitlab_group("Smith/東京"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -74,6 +74,14 @@ pub(crate) fn project_paths(
     let group = group_template
         .render(&job.metas)
         .map_err(|e| HandlerError::invalid(format!("GITLAB_INDEXER_GROUP_TEMPLATE: {e}")))?;
+    // As GitLab writes paths (on every forge, so that a site's layout does not depend on it).
+    let group = crate::forge::gitlab_group(&group).ok_or_else(|| {
+        HandlerError::invalid(format!(
+            "GITLAB_INDEXER_GROUP_TEMPLATE {:?} renders a group segment with no character GitLab accepts in a path \
+             (letters, digits, '_', '-', '.')",
+            group_template.as_str()
+        ))
+    })?;
     let hidden = group_template.uses_patient_values();
     let in_group = |rest: &str| {
         ProjectPath::in_group(&group, rest, hidden).map_err(|e| {
