@@ -130,6 +130,11 @@ pub async fn run_lifecycle(
         janitor.await;
         Ok(())
     });
+    let sweep = lifecycle.clone().run_resend_sweep(config.janitor_interval, tasks.shutdown().clone());
+    tasks.spawn("spool resend sweep", async move {
+        sweep.await;
+        Ok(())
+    });
     let l = lifecycle.clone();
     let indexed = run_consumer(
         bus.clone(),

@@ -20,7 +20,17 @@
 //!   that are spool paths ([`SpoolPath`]) are deleted: conflict
 //!   (`.conflict-…`) and torn (`.torn-…`) files are always left for operators.
 //!
-//! Both are idempotent: a file already gone counts as deleted, so a
+//! - **Resent** (every `BIDSFLUX_SPOOL_JANITOR_INTERVAL`, [`Lifecycle::sweep_resends`]): a
+//!   scanner that sends a study again after it was indexed puts the instances back in the
+//!   spool; study-completion counts them as duplicates, so no generation ever takes them and
+//!   no `StudyIndexed` would delete them. Once a generation's files are handled, the lifecycle
+//!   leaves a marker in the manifests store ([`indexed_marker`], naming the manifest); the
+//!   sweep matches each study directory against the manifests of its indexed generations
+//!   (markers from generation 0 up to the first missing one) and deletes the files with the
+//!   listed size and SHA-256 — byte-identical copies of what is archived and indexed. A
+//!   resent instance that differs, or is new, is not listed and stays.
+//!
+//! All are idempotent: a file already gone counts as deleted, so a
 //! redelivery deletes nothing more. Directories are never removed here (the
 //! deletions just changed them): the janitor removes series and study
 //! directories that are empty and have not changed for
@@ -59,6 +69,28 @@ pub struct Lifecycle {
     pub metrics: Arc<Metrics>,
 }
 
+/// Name of the marker, in the manifests store, of an indexed generation whose files the
+/// lifecycle handled: its content is the name of the generation's manifest object.
+pub fn indexed_marker(study: &str, generation: u32) -> String {
+    format!("{study}.{generation}.indexed")
+}
+
+/// The files `entries` of manifest `object` lists, checked to be `study`'s spool paths.
+fn targets(
+    study: &Uid,
+    object: &str,
+    entries: Vec<pb::ManifestEntry>,
+) -> Result<Vec<(SpoolPath, u64, String)>, HandlerError> {
+    entries
+        .into_iter()
+        .map(|e| {
+            checked_path(study, &e.path).map(|rel| (rel, e.size, e.sha256)).ok_or_else(|| {
+                HandlerError::invalid(format!("manifest {object} lists a path outside the study's spool layout"))
+            })
+        })
+        .collect()
+}
+
 /// Checks a manifest path: `<study>/<series>/<sop>.dcm` of `study` (archives hold no conflict files).
 fn checked_path(study: &Uid, path: &str) -> Option<SpoolPath> {
     SpoolPath::parse(path).ok().filter(|p| p.study() == study && !p.is_conflict())
@@ -93,17 +125,7 @@ impl Lifecycle {
             tracing::warn!(object, "no manifest for the indexed archive; spool files kept");
             return Ok(());
         };
-        let mut targets = Vec::with_capacity(entries.len());
-        for e in entries {
-            match checked_path(&study, &e.path) {
-                Some(rel) => targets.push((rel, e.size, e.sha256)),
-                None => {
-                    return Err(HandlerError::invalid(format!(
-                        "manifest {object} lists a path outside the study's spool layout"
-                    )));
-                }
-            }
-        }
+        let targets = targets(&study, &object, entries)?;
         let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
         let outcome = tokio::task::spawn_blocking(move || delete_matching(&spool_dir, &targets, keep))
             .await
@@ -111,6 +133,12 @@ impl Lifecycle {
             .map_err(HandlerError::Transient)?
             .map_err(|e| transient(e, "delete indexed spool files"))?;
         self.metrics.record_deletion(&outcome);
+        // For the resend sweep: this generation's files are handled, its manifest names them.
+        self.manifests()
+            .await?
+            .put(indexed_marker(study.as_str(), msg.generation).as_str(), &mut object.as_bytes())
+            .await
+            .map_err(|e| transient(e, "record the indexed generation"))?;
         tracing::info!(
             deleted = outcome.deleted,
             already_gone = outcome.gone,
@@ -123,21 +151,83 @@ impl Lifecycle {
     }
 
     /// The manifest object's entries; `None` when there is no such object.
-    async fn read_manifest(&self, object: &str) -> Result<Option<Vec<pb::ManifestEntry>>, HandlerError> {
-        use async_nats::jetstream::object_store::GetErrorKind;
-        let store = self
-            .bus
+    async fn manifests(&self) -> Result<async_nats::jetstream::object_store::ObjectStore, HandlerError> {
+        self.bus
             .js
             .get_object_store(subjects::OBJ_MANIFESTS)
             .await
-            .map_err(|e| transient(e, "open the manifests object store"))?;
-        let mut obj = match store.get(object).await {
+            .map_err(|e| transient(e, "open the manifests object store"))
+    }
+
+    /// The bytes of object `name` of the manifests store; `None` when there is no such object.
+    async fn read_object(&self, name: &str) -> Result<Option<Vec<u8>>, HandlerError> {
+        use async_nats::jetstream::object_store::GetErrorKind;
+        let mut obj = match self.manifests().await?.get(name).await {
             Ok(o) => o,
             Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(transient(e, "read the manifest")),
+            Err(e) => return Err(transient(e, "read the manifests store")),
         };
         let mut bytes = Vec::new();
-        obj.read_to_end(&mut bytes).await.map_err(|e| transient(e, "read the manifest"))?;
+        obj.read_to_end(&mut bytes).await.map_err(|e| transient(e, "read the manifests store"))?;
+        Ok(Some(bytes))
+    }
+
+    /// Deletes the resent copies of indexed instances in the whole spool (see the module
+    /// docs): each study directory is matched against the manifests of its indexed generations.
+    pub async fn sweep_resends(&self) -> Result<Outcome, HandlerError> {
+        let spool_dir = self.spool_dir.clone();
+        let studies = tokio::task::spawn_blocking(move || spool::study_dirs(&spool_dir))
+            .await
+            .context("join spool listing task")
+            .map_err(HandlerError::Transient)?
+            .map_err(|e| transient(e, "list the spool's studies"))?;
+        let mut total = Outcome::default();
+        for study in studies {
+            let mut all = Vec::new();
+            for generation in 0.. {
+                let Some(name) = self.read_object(&indexed_marker(study.as_str(), generation)).await? else { break };
+                let object = String::from_utf8_lossy(&name).into_owned();
+                if let Some(entries) = self.read_manifest(&object).await? {
+                    all.extend(targets(&study, &object, entries)?);
+                }
+            }
+            if all.is_empty() {
+                continue;
+            }
+            let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
+            let outcome = tokio::task::spawn_blocking(move || delete_matching(&spool_dir, &all, keep))
+                .await
+                .context("join spool deletion task")
+                .map_err(HandlerError::Transient)?
+                .map_err(|e| transient(e, "delete resent spool files"))?;
+            if outcome.deleted > 0 || outcome.would_delete > 0 {
+                self.metrics.record_deletion(&outcome);
+                tracing::info!(
+                    study_uid = %study,
+                    deleted = outcome.deleted,
+                    would_delete = outcome.would_delete,
+                    keep = self.keep,
+                    "resent copies of indexed instances deleted from the spool"
+                );
+            }
+            total.deleted += outcome.deleted;
+            total.would_delete += outcome.would_delete;
+        }
+        Ok(total)
+    }
+
+    /// Runs [`Self::sweep_resends`] every `interval` until `shutdown`.
+    pub async fn run_resend_sweep(self: Arc<Self>, interval: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = bidsflux_service::tasks::Every::new(interval, shutdown);
+        while every.tick().await {
+            if let Err(e) = self.sweep_resends().await {
+                tracing::warn!(error = %format!("{e:#}"), "resend sweep failed; next one at the next interval");
+            }
+        }
+    }
+
+    async fn read_manifest(&self, object: &str) -> Result<Option<Vec<pb::ManifestEntry>>, HandlerError> {
+        let Some(bytes) = self.read_object(object).await? else { return Ok(None) };
         let m = pb::Manifest::decode(bytes.as_slice())
             .map_err(|e| HandlerError::invalid(format!("manifest {object} cannot be decoded: {e}")))?;
         Ok(Some(m.entries))

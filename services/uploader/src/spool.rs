@@ -126,6 +126,22 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolErr
     move |source| SpoolError::Io { what, path, source }
 }
 
+/// The studies with a directory in the spool (names that are StudyInstanceUIDs; the receiver's
+/// `.tmp/` and `.journal/` and anything else are skipped).
+pub fn study_dirs(spool: &Path) -> io::Result<Vec<Uid>> {
+    let mut studies = Vec::new();
+    for entry in std::fs::read_dir(spool)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(uid) = name.to_str().and_then(|n| Uid::parse_exact("StudyInstanceUID", n).ok()) else { continue };
+        if entry.file_type()?.is_dir() {
+            studies.push(uid);
+        }
+    }
+    studies.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(studies)
+}
+
 /// Lists the files of `study` in `spool` whose SOP Instance UID `belongs` (to the generation
 /// being archived), checking that at least `expected` are there.
 pub fn list_study(

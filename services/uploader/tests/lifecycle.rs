@@ -50,6 +50,7 @@ async fn start_with(keep: bool, delete_discarded: bool) -> Setup {
         ("BIDSFLUX_SPOOL_DIR", &spool.path().display().to_string()),
         ("BIDSFLUX_SPOOL_KEEP", if keep { "true" } else { "false" }),
         ("BIDSFLUX_SPOOL_DELETE_DISCARDED", if delete_discarded { "true" } else { "false" }),
+        ("BIDSFLUX_SPOOL_JANITOR_INTERVAL", "1s"),
     ]);
     let config = Config::from_env(&env).unwrap();
     let metrics = Arc::new(Metrics::default());
@@ -137,6 +138,33 @@ async fn indexed_deletes_exactly_the_manifest_files_and_redelivery_is_a_no_op() 
     settled(&s.bus, subjects::STREAM_INDEXED).await;
     assert!(c.exists() && late.exists());
     assert_eq!(s.metrics.deleted_files(), 2, "a redelivery deletes nothing more");
+}
+
+/// A study resent after it was indexed: the copies identical to what the indexed generation
+/// archived are swept away; a resent instance that differs and a new one stay.
+#[tokio::test]
+async fn a_resend_after_indexing_is_swept_keeping_what_differs() {
+    let s = start(false).await;
+    let root = s.spool.path();
+    write(root, A, b"aaaa");
+    write(root, B, b"bbbb");
+    put_manifest(&s.bus, 0, vec![entry(A, b"aaaa"), entry(B, b"bbbb")]).await;
+    publish_indexed(&s.bus, 0, 1).await;
+    settled(&s.bus, subjects::STREAM_INDEXED).await;
+    assert!(!root.join(A).exists() && !root.join(B).exists());
+    // The scanner sends the study again: A as it was, B changed, and a new instance.
+    let (a, b, late) = (write(root, A, b"aaaa"), write(root, B, b"b changed"), write(root, LATE, b"new"));
+    wait_until("the resent copy swept", Duration::from_secs(20), || {
+        let gone = !a.exists();
+        async move { gone.then_some(()) }
+    })
+    .await
+    .unwrap();
+    // Another pass or two changes nothing more.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(std::fs::read(&b).unwrap(), b"b changed", "a resent instance that differs stays");
+    assert!(late.exists(), "a new instance stays for its generation");
+    assert_eq!(s.metrics.deleted_files(), 3);
 }
 
 /// `BIDSFLUX_SPOOL_KEEP=true`: neither indexed nor discarded deletes anything.
