@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use bidsflux_fake_gitlab::FakeGitlab;
 use bidsflux_messaging::{Bus, subjects as s};
 use bidsflux_proto::v1 as pb;
+use bidsflux_session::SpoolPath;
 use bidsflux_testsupport::dicom::{GeneratedStudy, StudySpec, generate_study};
-use bidsflux_testsupport::site::{Service, Site};
+use bidsflux_testsupport::site::{Service, Site, SiteOptions};
 use bidsflux_testsupport::wait_until;
 use common::{decode, messages};
 
@@ -34,7 +36,6 @@ async fn count(bus: &Bus, stream: &str) -> u64 {
 fn studies(dir: &Path, n: usize, instances: usize) -> Vec<(PathBuf, GeneratedStudy)> {
     (0..n)
         .map(|i| {
-            let d = dir.join(format!("study-{i}"));
             let spec = StudySpec {
                 series: 2,
                 instances_per_series: instances / 2,
@@ -42,44 +43,119 @@ fn studies(dir: &Path, n: usize, instances: usize) -> Vec<(PathBuf, GeneratedStu
                 patient_id: format!("SUB{i:02}"),
                 ..StudySpec::default()
             };
-            let g = generate_study(&d, &spec).unwrap();
-            (d, g)
+            study(&dir.join(format!("study-{i}")), &spec)
         })
         .collect()
 }
 
-/// Sends the files under `dir` with DCMTK's storescu; whether every store succeeded.
-async fn send(port: u16, dir: &Path) -> bool {
-    tokio::process::Command::new("/usr/bin/storescu")
+/// One study of `spec` written under `dir`.
+fn study(dir: &Path, spec: &StudySpec) -> (PathBuf, GeneratedStudy) {
+    (dir.to_path_buf(), generate_study(dir, spec).unwrap())
+}
+
+/// Sends the files under `dir` with DCMTK's storescu: `Ok` when every store succeeded, else
+/// storescu's output.
+async fn send(port: u16, dir: &Path) -> Result<(), String> {
+    let out = tokio::process::Command::new("/usr/bin/storescu")
         .env("TCP_NODELAY", "1")
         .args(["-aec", "BIDSFLUX", "127.0.0.1", &port.to_string(), "+sd", "+r", "-to", "10", "-ta", "10"])
         .arg(dir)
         .output()
         .await
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        .map_err(|e| format!("run storescu: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Sends until a send succeeds as a whole, as a scanner's operator resends a failed transfer.
 async fn send_until_accepted(port: u16, dir: &Path) {
+    let mut last = String::new();
     for _ in 0..20 {
-        if send(port, dir).await {
-            return;
+        match send(port, dir).await {
+            Ok(()) => return,
+            Err(out) => last = out,
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    panic!("{} was never accepted", dir.display());
+    panic!("{} was never accepted; storescu said:\n{last}", dir.display());
 }
 
-/// Waits for `n` distinct studies indexed, then checks the end state every scenario shares, and
-/// prints the figures docs/reliability.md reports (`scenario:` lines on the test's output).
-async fn check_end_state(scenario: &str, site: &Site, bus: &Bus, sent: &[(PathBuf, GeneratedStudy)]) {
+/// Sends a transfer that must be refused (the sender sees a failure status); its output.
+async fn send_refused(port: u16, dir: &Path) -> String {
+    let out = tokio::process::Command::new("/usr/bin/storescu")
+        .args(["-v", "-aec", "BIDSFLUX", "127.0.0.1", &port.to_string(), "+sd", "+r", "-to", "10", "-ta", "10"])
+        .arg(dir)
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the transfer of {} was accepted:\n{text}", dir.display());
+    text
+}
+
+/// Waits until `stream` holds at least `n` messages.
+async fn at_least(bus: &Bus, stream: &str, n: u64, site: &Site) {
+    wait_until(&format!("{n} messages on {stream}"), Duration::from_secs(120), || async {
+        (count(bus, stream).await >= n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", site.log_tails(15)));
+}
+
+/// Waits until a message of `stream`, decoded as `M`, is about `study` (by `uid`).
+async fn study_on<M: prost::Message + Default>(
+    bus: &Bus,
+    stream: &str,
+    study: &str,
+    uid: impl Fn(&M) -> &str,
+    site: &Site,
+) {
+    wait_until(&format!("{study} on {stream}"), Duration::from_secs(120), || async {
+        all::<M>(bus, stream).await.iter().any(|m| uid(m) == study).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", site.log_tails(15)));
+}
+
+/// Where the session datasets are pushed.
+#[derive(Clone, Copy)]
+enum Forge<'a> {
+    /// Bare repositories under the site's forge directory.
+    Local,
+    /// The fake GitLab's repositories.
+    Gitlab(&'a FakeGitlab),
+}
+
+impl Forge<'_> {
+    /// The bare repository of `project`.
+    fn repo(self, site: &Site, project: &str) -> PathBuf {
+        match self {
+            Self::Local => site.forge().join(format!("{project}.git")),
+            Self::Gitlab(fake) => fake.repo_dir(project).unwrap_or_else(|| panic!("no project {project} in GitLab")),
+        }
+    }
+}
+
+/// Waits until every instance sent is in a completed generation and every completed generation
+/// of `sent` is indexed (those of `dead` dead-lettered instead), then checks the end state every
+/// scenario shares, and prints the figures docs/reliability.md reports (`scenario:` lines).
+async fn check_end_state(
+    scenario: &str,
+    site: &mut Site,
+    bus: &Bus,
+    forge: Forge<'_>,
+    sent: &[(PathBuf, GeneratedStudy)],
+    dead: &[(PathBuf, GeneratedStudy)],
+) {
     let started = std::time::Instant::now();
     let want: BTreeMap<String, u64> =
-        sent.iter().map(|(_, g)| (g.study_instance_uid.clone(), g.files.len() as u64)).collect();
+        sent.iter().chain(dead).map(|(_, g)| (g.study_instance_uid.clone(), g.files.len() as u64)).collect();
+    let dead_studies: BTreeSet<String> = dead.iter().map(|(_, g)| g.study_instance_uid.clone()).collect();
     // Done when every instance sent is in a completed generation and every completed
-    // generation is indexed.
-    let result = wait_until("every instance completed and indexed", Duration::from_secs(240), || async {
+    // generation is indexed (or, for the studies expected to fail, dead-lettered).
+    let result = wait_until("every instance completed and indexed", Duration::from_secs(300), || async {
         let completed: Vec<pb::StudyCompleted> = all(bus, s::STREAM_STUDIES).await;
         let mut in_generations: BTreeMap<String, u64> = BTreeMap::new();
         let mut generations = BTreeSet::new();
@@ -89,8 +165,11 @@ async fn check_end_state(scenario: &str, site: &Site, bus: &Bus, sent: &[(PathBu
             }
         }
         let indexed: Vec<pb::StudyIndexed> = all(bus, s::STREAM_INDEXED).await;
-        let done: BTreeSet<(String, u32)> =
+        let dead: Vec<pb::DeadLetter> = all(bus, s::STREAM_DEADLETTER).await;
+        let mut done: BTreeSet<(String, u32)> =
             indexed.iter().map(|e| (e.study_instance_uid.clone(), e.generation)).collect();
+        let dead_done: BTreeSet<&str> = dead.iter().map(|d| d.study_instance_uid.as_str()).collect();
+        done.extend(generations.iter().filter(|(study, _)| dead_done.contains(study.as_str())).cloned());
         (in_generations == want && done == generations).then_some(indexed)
     })
     .await;
@@ -115,29 +194,43 @@ async fn check_end_state(scenario: &str, site: &Site, bus: &Bus, sent: &[(PathBu
     let waited = started.elapsed();
     let stored: Vec<pb::InstanceStored> = all(bus, s::STREAM_INSTANCES).await;
     let distinct: BTreeSet<&str> = stored.iter().map(|e| e.sop_instance_uid.as_str()).collect();
-    let sent_n: usize = sent.iter().map(|(_, g)| g.files.len()).sum();
+    let sent_n: usize = sent.iter().chain(dead).map(|(_, g)| g.files.len()).sum();
+    let indexed_n: usize = sent.iter().map(|(_, g)| g.files.len()).sum();
+    let dead_letters: Vec<pb::DeadLetter> = all(bus, s::STREAM_DEADLETTER).await;
     println!(
         "scenario: {scenario}: {} studies, {sent_n} instances sent, {} acknowledged (distinct), {} InstanceStored \
-         events ({} repeats of a resend, de-duplicated downstream), indexed {:.0} s after the last fault, {} generations",
-        sent.len(),
+         events ({} repeats of a resend, de-duplicated downstream), {indexed_n} indexed in {} generations, \
+         {} dead letters, done {:.0} s after the last fault",
+        sent.len() + dead.len(),
         distinct.len(),
         stored.len(),
         stored.len() - distinct.len(),
+        commits.len(),
+        dead_letters.len(),
         waited.as_secs_f64(),
-        commits.len()
     );
     assert_eq!(distinct.len(), sent_n, "every instance sent was stored");
-    let dead: Vec<pb::DeadLetter> = all(bus, s::STREAM_DEADLETTER).await;
-    assert!(dead.is_empty(), "dead letters: {:?}", dead.iter().map(|d| (&d.service, &d.reason)).collect::<Vec<_>>());
+    // Only the expected dead letters: one per expected study, from the uploader.
+    let unexpected: Vec<_> = dead_letters
+        .iter()
+        .filter(|d| !dead_studies.contains(&d.study_instance_uid))
+        .map(|d| (&d.service, &d.reason))
+        .collect();
+    assert!(unexpected.is_empty(), "dead letters: {unexpected:?}");
+    let lettered: BTreeSet<String> = dead_letters.iter().map(|d| d.study_instance_uid.clone()).collect();
+    assert_eq!(lettered, dead_studies, "the studies expected to fail are dead-lettered");
     let completed: Vec<pb::StudyCompleted> = all(bus, s::STREAM_STUDIES).await;
-    let per_generation: BTreeSet<(String, u32)> =
-        completed.iter().map(|c| (c.study_instance_uid.clone(), c.generation)).collect();
+    let per_generation: BTreeSet<(String, u32)> = completed
+        .iter()
+        .filter(|c| !dead_studies.contains(&c.study_instance_uid))
+        .map(|c| (c.study_instance_uid.clone(), c.generation))
+        .collect();
     assert_eq!(per_generation.len(), commits.len(), "one completion per generation: {per_generation:?}");
 
     for (_, g) in sent {
         let ev = indexed.iter().find(|e| e.study_instance_uid == g.study_instance_uid).unwrap();
         let n = generations[&g.study_instance_uid];
-        let bare = site.forge().join(format!("{}.git", ev.project_path));
+        let bare = forge.repo(site, &ev.project_path);
         let log = Command::new("git").arg("--git-dir").arg(&bare).args(["rev-list", "--count", "main"]).output();
         let log = String::from_utf8_lossy(&log.unwrap().stdout).trim().to_owned();
         assert_eq!(log, (n + 1).to_string(), "{}: a new-dataset commit and one per generation", ev.project_path);
@@ -146,22 +239,30 @@ async fn check_end_state(scenario: &str, site: &Site, bus: &Bus, sent: &[(PathBu
         common::assert_datalad_gets_every_instance(&bare, &clone, &site.s3.annex_user_env(), &g.files);
     }
 
-    // Nothing left behind: the lifecycle deleted every indexed file, the work directories are empty.
+    // Nothing left behind: the lifecycle deleted every indexed file (a dead-lettered study's
+    // files stay, every one of them, for the operator), the work directories are empty.
     let spool = site.spool();
-    let leftover = wait_until("the spool emptied by the lifecycle", Duration::from_secs(60), || {
-        let spool = spool.clone();
-        async move {
-            let files: Vec<PathBuf> = walkdir::WalkDir::new(&spool)
-                .into_iter()
-                .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "dcm"))
-                .map(|e| e.path().to_path_buf())
-                .collect();
-            files.is_empty().then_some(())
+    let kept: BTreeMap<String, usize> =
+        dead.iter().map(|(_, g)| (g.study_instance_uid.clone(), g.files.len())).collect();
+    let spooled = || {
+        let mut per_study: BTreeMap<String, usize> = BTreeMap::new();
+        for e in walkdir::WalkDir::new(&spool).into_iter().filter_map(Result::ok) {
+            if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "dcm") {
+                if let Ok(p) = SpoolPath::parse_under(&spool, e.path()) {
+                    *per_study.entry(p.study().to_string()).or_default() += 1;
+                } else {
+                    *per_study.entry(e.path().display().to_string()).or_default() += 1;
+                }
+            }
         }
+        per_study
+    };
+    let leftover = wait_until("the spool emptied by the lifecycle", Duration::from_secs(60), || {
+        let done = spooled() == kept;
+        async move { done.then_some(()) }
     })
     .await;
-    assert!(leftover.is_ok(), "spool files left after indexing\n{}", site.log_tails(10));
+    assert!(leftover.is_ok(), "spool files {:?}, want {kept:?}\n{}", spooled(), site.log_tails(10));
     // Each process's claimed scratch directory holds its lock only; a killed one's is gone
     // (removed by its successor).
     let work: Vec<PathBuf> = walkdir::WalkDir::new(site.work())
@@ -177,6 +278,9 @@ async fn check_end_state(scenario: &str, site: &Site, bus: &Bus, sent: &[(PathBu
         let claims = std::fs::read_dir(&process).unwrap().count();
         assert!(claims <= 1, "{}: {claims} claims, a killed process's was not removed", process.display());
     }
+    for s in Service::ALL {
+        assert!(site.is_running(s, 0), "{s:?} stopped\n{}", site.log_tails(15));
+    }
 }
 
 /// kill -9 of each service in turn at a point of the flow where it holds work, then a restart;
@@ -191,7 +295,7 @@ async fn every_service_killed_in_turn_loses_nothing_and_indexes_once() {
 
     // The receiver dies while the first study arrives; the scanner resends it.
     let dir0 = sent[0].0.clone();
-    let first = tokio::spawn(async move { send(port, &dir0).await });
+    let first = tokio::spawn(async move { send(port, &dir0).await.is_ok() });
     wait_until("some instances stored", Duration::from_secs(30), || async {
         (count(&bus, s::STREAM_INSTANCES).await >= 10).then_some(())
     })
@@ -230,10 +334,7 @@ async fn every_service_killed_in_turn_loses_nothing_and_indexes_once() {
     site.spawn(Service::Indexer, 0).unwrap();
     scanners.await.unwrap();
 
-    check_end_state("kill -9 of each service", &site, &bus, &sent).await;
-    for s in Service::ALL {
-        assert!(site.is_running(s, 0), "{s:?} stopped\n{}", site.log_tails(15));
-    }
+    check_end_state("kill -9 of each service", &mut site, &bus, Forge::Local, &sent, &[]).await;
 }
 
 /// `nats-server` killed and restarted on the same store while studies flow: the receiver keeps
@@ -250,13 +351,245 @@ async fn nats_killed_and_restarted_mid_flow_loses_nothing() {
     site.nats.stop().await.unwrap();
     // The second study arrives while the bus is down: accepted into the journal, or refused
     // with 0xA700 and resent by the scanner once the bus is back.
-    let second = send(port, &sent[1].0).await;
+    let second = send(port, &sent[1].0).await.is_ok();
     site.nats.restart().await.unwrap();
     if !second {
         send_until_accepted(port, &sent[1].0).await;
     }
-    check_end_state("nats-server killed and restarted", &site, &bus, &sent).await;
-    for s in Service::ALL {
-        assert!(site.is_running(s, 0), "{s:?} stopped\n{}", site.log_tails(15));
+    check_end_state("nats-server killed and restarted", &mut site, &bus, Forge::Local, &sent, &[]).await;
+}
+
+/// S3 unreachable for 30 s while archives are uploaded, then answering 503 (`ServiceUnavailable`)
+/// for 20 s while another completes: the uploader retries until S3 is back; nothing is
+/// dead-lettered and nothing is deleted before it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_unreachable_then_answering_503_loses_nothing() {
+    bidsflux_telemetry::init_for_tests();
+    let mut site = Site::start(&[], 1).await.unwrap();
+    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let sent = studies(&site.dir.path().join("sent"), 3, 40);
+    let port = site.dicom_port;
+    // S3 goes away before the first study completes; the second arrives during the outage.
+    send_until_accepted(port, &sent[0].0).await;
+    site.s3.stop();
+    let outage = tokio::time::Instant::now();
+    send_until_accepted(port, &sent[1].0).await;
+    at_least(&bus, s::STREAM_STUDIES, 2, &site).await;
+    tokio::time::sleep_until(outage + Duration::from_secs(30)).await;
+    assert_eq!(count(&bus, s::STREAM_ARCHIVES).await, 0, "nothing can be archived while S3 is away");
+    site.s3.restart().await.unwrap();
+    // Then S3 answers but refuses to serve: 503 to every request for 20 s.
+    site.s3.fail_requests(Some(503));
+    let failing = tokio::time::Instant::now();
+    send_until_accepted(port, &sent[2].0).await;
+    at_least(&bus, s::STREAM_STUDIES, 3, &site).await;
+    tokio::time::sleep_until(failing + Duration::from_secs(20)).await;
+    site.s3.fail_requests(None);
+    check_end_state("S3 unreachable 30 s, then 503 for 20 s", &mut site, &bus, Forge::Local, &sent, &[]).await;
+}
+
+/// GitLab answers 5xx in bursts (REST API and git pushes), then is down for 60 s while
+/// sessions wait to be indexed: the indexers retry until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gitlab_5xx_bursts_and_a_60_s_outage_lose_nothing() {
+    bidsflux_telemetry::init_for_tests();
+    let fake = FakeGitlab::start().await.unwrap();
+    let (_, token) = fake.add_user("dicom_bot", false);
+    let url = fake.url();
+    let gitlab = [
+        ("BIDSFLUX_FORGE", "gitlab"),
+        ("GITLAB_URL", url.as_str()),
+        ("GITLAB_TOKEN", token.as_str()),
+        ("GITLAB_BOT_USERNAME", "dicom_bot"),
+        ("BIDSFLUX_GITLAB_TIMEOUT", "10s"),
+    ];
+    let mut site = Site::start(&gitlab, 2).await.unwrap();
+    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let sent = studies(&site.dir.path().join("sent"), 4, 40);
+    let port = site.dicom_port;
+    // Bursts: the next API requests fail with 502 and 500, the next pushes with 503.
+    fake.fail_next(None, "/api/v4/", 502, 4);
+    fake.fail_next(None, "/api/v4/", 500, 2);
+    fake.fail_next(Some("POST"), "/Investigator/", 503, 2);
+    let (a, b) = (sent[0].0.clone(), sent[1].0.clone());
+    tokio::join!(send_until_accepted(port, &a), send_until_accepted(port, &b));
+    at_least(&bus, s::STREAM_INDEXED, 2, &site).await;
+    // The outage: connections refused for 60 s while two more studies are archived.
+    fake.stop();
+    let outage = tokio::time::Instant::now();
+    let (c, d) = (sent[2].0.clone(), sent[3].0.clone());
+    tokio::join!(send_until_accepted(port, &c), send_until_accepted(port, &d));
+    at_least(&bus, s::STREAM_ARCHIVES, 4, &site).await;
+    tokio::time::sleep_until(outage + Duration::from_secs(60)).await;
+    assert_eq!(count(&bus, s::STREAM_INDEXED).await, 2, "nothing can be indexed while GitLab is down");
+    fake.restart().await.unwrap();
+    check_end_state("GitLab 5xx bursts and a 60 s outage", &mut site, &bus, Forge::Gitlab(&fake), &sent, &[]).await;
+    let failed = fake.request_log().iter().filter(|r| r.status >= 500).count();
+    assert!(failed >= 8, "the bursts were served: {failed} 5xx answers");
+}
+
+/// The spool's file system full (a 64 MiB tmpfs of its own, filled): the scanner gets 0xA700
+/// (Out of Resources); once space is freed, its resend is accepted and the study indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_spool_refuses_with_a700_then_recovers() {
+    bidsflux_telemetry::init_for_tests();
+    // No free-space reserve: the file system itself runs out.
+    let options = SiteOptions { spool_fs_bytes: Some(64 << 20) };
+    let mut site = Site::start_with(&[("BIDSFLUX_SPOOL_MIN_FREE", "0")], 1, &options).await.unwrap();
+    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let sent = studies(&site.dir.path().join("sent"), 2, 40);
+    let port = site.dicom_port;
+    send_until_accepted(port, &sent[0].0).await;
+    // Fill the file system to the last byte.
+    let filler = site.spool().join(".filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xA5u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
     }
+    let refused = send_refused(port, &sent[1].0).await;
+    let lower = refused.to_ascii_lowercase().replace(' ', "");
+    assert!(lower.contains("a700") || lower.contains("outofresources"), "not refused with 0xA700:\n{refused}");
+    // The receiver is still up, and answers again once space is freed.
+    assert!(site.wait_for_dicom().await.is_ok());
+    std::fs::remove_file(&filler).unwrap();
+    send_until_accepted(port, &sent[1].0).await;
+    check_end_state("spool file system full", &mut site, &bus, Forge::Local, &sent, &[]).await;
+}
+
+/// Four scanners send three studies each at once; two studies get a late series after they
+/// were completed (amendments: generation 1), and a study is sent again after it was indexed
+/// (a resend: nothing new, nothing left in the spool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_busy_scanners_with_amendments_and_a_resend() {
+    bidsflux_telemetry::init_for_tests();
+    let mut site = Site::start(&[], 2).await.unwrap();
+    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let dir = site.dir.path().join("sent");
+    let mut sent: Vec<(PathBuf, GeneratedStudy)> = (0..12)
+        .map(|i| {
+            let spec = StudySpec {
+                series: 2,
+                instances_per_series: 10,
+                patient_name: format!("sub-{i:02}^ses-1"),
+                patient_id: format!("SUB{i:02}"),
+                referring_physician_name: format!("Scanner{}PI", i % 4),
+                ..StudySpec::default()
+            };
+            study(&dir.join(format!("study-{i}")), &spec)
+        })
+        .collect();
+    let port = site.dicom_port;
+    let scanners: Vec<_> = (0..4)
+        .map(|scanner| {
+            let mine: Vec<PathBuf> = (0..3).map(|k| sent[scanner + 4 * k].0.clone()).collect();
+            tokio::spawn(async move {
+                for d in mine {
+                    send_until_accepted(port, &d).await;
+                }
+            })
+        })
+        .collect();
+    // Late series: as soon as studies 0 and 1 are completed, another series of each arrives.
+    for i in [0, 1] {
+        let uid = sent[i].1.study_instance_uid.clone();
+        study_on::<pb::StudyCompleted>(&bus, s::STREAM_STUDIES, &uid, |c| &c.study_instance_uid, &site).await;
+        let spec = StudySpec {
+            series: 1,
+            instances_per_series: 10,
+            patient_name: format!("sub-{i:02}^ses-1"),
+            patient_id: format!("SUB{i:02}"),
+            referring_physician_name: format!("Scanner{}PI", i % 4),
+            study_instance_uid: Some(uid),
+            ..StudySpec::default()
+        };
+        let (late_dir, late) = study(&dir.join(format!("study-{i}-late")), &spec);
+        send_until_accepted(port, &late_dir).await;
+        sent[i].1.files.extend(late.files);
+    }
+    for t in scanners {
+        t.await.unwrap();
+    }
+    // A resend of study 2 once it is indexed: its instances are known, nothing is redone.
+    let uid = sent[2].1.study_instance_uid.clone();
+    study_on::<pb::StudyIndexed>(&bus, s::STREAM_INDEXED, &uid, |e| &e.study_instance_uid, &site).await;
+    send_until_accepted(port, &sent[2].0).await;
+    check_end_state("4 scanners × 3 studies, 2 amendments, 1 resend", &mut site, &bus, Forge::Local, &sent, &[]).await;
+    let completed: Vec<pb::StudyCompleted> = all(&bus, s::STREAM_STUDIES).await;
+    for (i, want) in [(0, 2), (1, 2), (2, 1)] {
+        let n = completed.iter().filter(|c| c.study_instance_uid == sent[i].1.study_instance_uid).count();
+        assert_eq!(n, want, "study {i}: generations");
+    }
+}
+
+/// Real-world and hostile metadata through the whole pipeline, on the fake GitLab: person names
+/// with `^` in every templated tag, unicode, values at their VR's maximum length go through to
+/// the original's layout; a missing StudyDescription and a `..` name are refused with a clear
+/// dead letter, their instances kept in the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_world_names_go_through_and_hostile_ones_are_dead_lettered_keeping_the_data() {
+    bidsflux_telemetry::init_for_tests();
+    let fake = FakeGitlab::start().await.unwrap();
+    let (_, token) = fake.add_user("dicom_bot", false);
+    let url = fake.url();
+    let gitlab = [
+        ("BIDSFLUX_FORGE", "gitlab"),
+        ("GITLAB_URL", url.as_str()),
+        ("GITLAB_TOKEN", token.as_str()),
+        ("GITLAB_BOT_USERNAME", "dicom_bot"),
+    ];
+    let mut site = Site::start(&gitlab, 1).await.unwrap();
+    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let dir = site.dir.path().join("sent");
+    let spec = |i: usize, referring: &str, description: &str, patient: &str| StudySpec {
+        series: 2,
+        instances_per_series: 5,
+        patient_name: patient.to_owned(),
+        patient_id: format!("SUB{i:02}"),
+        referring_physician_name: referring.to_owned(),
+        study_description: description.to_owned(),
+        ..StudySpec::default()
+    };
+    // PN and LO hold 64 characters (PS3.5 6.2): a long PI name and description.
+    let long_pi = "Vanderberg-Lindqvist^Anna-Maria Christina^^Prof.^PhD";
+    let long_description = "Neuroimaging^Longitudinal memory consolidation study, cohort A";
+    assert!(long_pi.chars().count() <= 64 && long_description.chars().count() <= 64);
+    let good = vec![
+        study(&dir.join("names"), &spec(0, "Smith^John", "Brain^Study1", "Doe^Jane")),
+        study(&dir.join("unicode"), &spec(1, "Müller^Jürgen", "Cerveau^Étude été", "Øster^Åsa")),
+        study(&dir.join("long"), &spec(2, long_pi, long_description, "Doe^John^Q^Mr^Jr")),
+    ];
+    let bad = vec![
+        study(&dir.join("no-description"), &spec(3, "Smith^John", "", "Doe^Jim")),
+        study(&dir.join("dot-dot"), &spec(4, "..^John", "Brain^Study1", "Doe^Joe")),
+    ];
+    for (d, _) in good.iter().chain(&bad) {
+        send_until_accepted(site.dicom_port, d).await;
+    }
+    check_end_state("real-world and hostile metadata", &mut site, &bus, Forge::Gitlab(&fake), &good, &bad).await;
+    // The original's layout: `^` is `/`, nested groups under the PI's family and given names.
+    let indexed: Vec<pb::StudyIndexed> = all(&bus, s::STREAM_INDEXED).await;
+    let project = |g: &GeneratedStudy| {
+        indexed.iter().find(|e| e.study_instance_uid == g.study_instance_uid).unwrap().project_path.clone()
+    };
+    assert_eq!(project(&good[0].1), format!("Smith/John/Study1/sourcedata/dicoms/{}", good[0].1.study_instance_uid));
+    assert!(fake.group("Smith/John/Study1").is_some(), "nested groups {:?}", fake.groups());
+    // Unicode and spaces, which GitLab refuses in a path, written as it accepts them.
+    assert_eq!(
+        project(&good[1].1),
+        format!("Muller/Jurgen/Etude-ete/sourcedata/dicoms/{}", good[1].1.study_instance_uid)
+    );
+    // Dead letters say why, without the value (patient data may be in it).
+    let dead: Vec<pb::DeadLetter> = all(&bus, s::STREAM_DEADLETTER).await;
+    for d in &dead {
+        assert!(!d.reason.contains("Doe"), "{}", d.reason);
+    }
+    let why =
+        |g: &GeneratedStudy| dead.iter().find(|d| d.study_instance_uid == g.study_instance_uid).unwrap().reason.clone();
+    assert!(why(&bad[0].1).contains("StudyDescription"), "{}", why(&bad[0].1));
+    assert!(why(&bad[1].1).contains("ReferringPhysicianName"), "{}", why(&bad[1].1));
 }

@@ -82,7 +82,11 @@
 //! [`FakeGitlab::add_group`], ...), inspect it ([`FakeGitlab::group`],
 //! [`FakeGitlab::members`], ...), read the request log
 //! ([`FakeGitlab::requests`]) and inject failures or delays on any path, REST or
-//! git ([`FakeGitlab::fail_next`], [`FakeGitlab::delay_next`]).
+//! git ([`FakeGitlab::fail_next`], [`FakeGitlab::delay_next`]). A constant
+//! [`Latency`] before every API and git request ([`FakeGitlab::set_latency`])
+//! stands for a GitLab on another host; [`FakeGitlab::stop`] and
+//! [`FakeGitlab::restart`] make an outage (connections refused, then served
+//! again on the same port with the same state).
 //!
 //! # What it does not implement
 //!
@@ -135,6 +139,6 @@ mod shared;
 mod ssh;
 mod state;
 
-pub use server::{FakeGitlab, LoggedRequest};
+pub use server::{FakeGitlab, Latency, LoggedRequest};
 pub use ssh::FakeGitlabSsh;
 pub use state::{Group, Member, PersonalAccessToken, Project, ProtectedBranch, Runner, Scope, User, Variable, access};

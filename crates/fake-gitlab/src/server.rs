@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde_json::json;
@@ -52,7 +53,8 @@ struct Fault {
 pub struct FakeGitlab {
     pub(crate) addr: SocketAddr,
     pub(crate) inner: Arc<Inner>,
-    task: tokio::task::JoinHandle<()>,
+    /// The accept loop; replaced by [`FakeGitlab::restart`].
+    task: Mutex<tokio::task::JoinHandle<()>>,
     /// The server's own runtime, so that a test blocking its thread (e.g.
     /// running `git` with `std::process`) cannot starve the server.
     runtime: Option<tokio::runtime::Runtime>,
@@ -66,6 +68,20 @@ pub(crate) struct Inner {
     pub(crate) shared: Shared,
     log: Mutex<Vec<LoggedRequest>>,
     faults: Mutex<Vec<Fault>>,
+    /// What every request waits before it is served: see [`Latency`].
+    latency: Mutex<Latency>,
+}
+
+/// A constant delay before every request is served, as when GitLab runs on another host of a
+/// site's network: the round trip plus GitLab's own time to answer. Set with
+/// [`FakeGitlab::set_latency`]; none by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Before each REST API request (`/api/v4/…`).
+    pub api: Duration,
+    /// Before each git smart-HTTP request (`…/info/refs`, `…/git-upload-pack`,
+    /// `…/git-receive-pack`): a push or a fetch makes two of them.
+    pub git: Duration,
 }
 
 impl FakeGitlab {
@@ -101,16 +117,9 @@ impl FakeGitlab {
             shared: Shared { url, repos, home, state: Mutex::new(state) },
             log: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
+            latency: Mutex::new(Latency::default()),
         });
-        let served = inner.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let inner = served.clone();
-            async move { Ok::<_, Infallible>(inner.handle(req).await) }
-        });
-        let task = runtime.spawn(async move {
-            let Ok(listener) = TcpListener::from_std(std_listener) else { return };
-            bidsflux_testsupport::serve(listener, service).await;
-        });
+        let task = Mutex::new(serve_on(&runtime, &inner, std_listener));
         Ok(Self { addr, inner, task, runtime: Some(runtime), _tmp: tmp })
     }
 
@@ -129,9 +138,39 @@ impl FakeGitlab {
         self.addr
     }
 
-    /// Stops serving (an outage); state and repositories stay until drop.
+    /// Stops serving (an outage): the port refuses connections and the connections open now
+    /// are reset. State and repositories stay until drop; [`Self::restart`] serves them again.
     pub fn stop(&self) {
-        self.task.abort();
+        lock(&self.task).abort();
+    }
+
+    /// Serves again on the same address after [`Self::stop`] (the end of an outage), with the
+    /// same state, repositories, faults and latency.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.stop();
+        // std sets SO_REUSEADDR on Unix; the aborted loop drops its listener when its runtime
+        // next polls it, so the port may be busy for a moment.
+        let mut tries = 0;
+        let listener = loop {
+            match std::net::TcpListener::bind(self.addr) {
+                Ok(l) => break l,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("bind {} again: {e}", self.addr)),
+            }
+        };
+        listener.set_nonblocking(true)?;
+        let rt = self.runtime.as_ref().context("the fake GitLab's runtime is gone")?;
+        *lock(&self.task) = serve_on(rt, &self.inner, listener);
+        Ok(())
+    }
+
+    /// Makes every request wait `latency` before it is served, until set again (e.g. to
+    /// [`Latency::default`]).
+    pub fn set_latency(&self, latency: Latency) {
+        *lock(&self.inner.latency) = latency;
     }
 
     /// Token of the admin user `root` (all scopes).
@@ -213,9 +252,26 @@ impl FakeGitlab {
     }
 }
 
+/// Spawns the accept loop for `listener` on `rt`.
+fn serve_on(
+    rt: &tokio::runtime::Runtime,
+    inner: &Arc<Inner>,
+    listener: std::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    let served = inner.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let inner = served.clone();
+        async move { Ok::<_, Infallible>(inner.handle(req).await) }
+    });
+    rt.spawn(async move {
+        let Ok(listener) = TcpListener::from_std(listener) else { return };
+        bidsflux_testsupport::serve(listener, service).await;
+    })
+}
+
 impl Drop for FakeGitlab {
     fn drop(&mut self) {
-        self.task.abort();
+        lock(&self.task).abort();
         // Dropping a runtime blocks, which is not allowed in async code.
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
@@ -246,6 +302,17 @@ impl Inner {
             log.push(LoggedRequest { method: method.clone(), path: path.clone(), query: query.clone(), status: 0 });
             log.len() - 1
         };
+        let latency = *lock(&self.latency);
+        let wait = if path.starts_with("/api/v4/") {
+            latency.api
+        } else if git_http::git_route(&path).is_some() {
+            latency.git
+        } else {
+            Duration::ZERO
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let resp = match self.take_fault(&method, &path) {
             Some(FaultKind::Status(status, message)) => {
                 let message = message.unwrap_or_else(|| format!("{status} {}", reason(status)));

@@ -24,7 +24,7 @@ pub struct StudySpec {
     pub patient_id: String,
     /// ReferringPhysicianName: the PI by convention (root group).
     pub referring_physician_name: String,
-    /// StudyDescription, `Something^StudyName` by convention.
+    /// StudyDescription, `Something^StudyName` by convention; empty: the element is left out.
     pub study_description: String,
     /// Transfer syntax of the files (default Explicit VR Little Endian).
     pub transfer_syntax: String,
@@ -85,7 +85,7 @@ pub fn generate_study(dir: &Path, spec: &StudySpec) -> anyhow::Result<GeneratedS
                         & 0x0fff
                 })
                 .collect();
-            let obj = InMemDicomObject::from_element_iter([
+            let mut obj = InMemDicomObject::from_element_iter([
                 str_el(tags::SOP_CLASS_UID, VR::UI, uids::MR_IMAGE_STORAGE),
                 str_el(tags::SOP_INSTANCE_UID, VR::UI, &sop),
                 str_el(tags::STUDY_DATE, VR::DA, "20261127"),
@@ -112,6 +112,14 @@ pub fn generate_study(dir: &Path, spec: &StudySpec) -> anyhow::Result<GeneratedS
                 DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0_u16)),
                 DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())),
             ]);
+            if spec.study_description.is_empty() {
+                obj.remove_element(tags::STUDY_DESCRIPTION);
+            }
+            let texts = [&spec.referring_physician_name, &spec.study_description, &spec.patient_name, &spec.patient_id];
+            if texts.iter().any(|t| !t.is_ascii()) {
+                // Unicode values are UTF-8, declared as such (PS3.3 C.12.1.1.2).
+                obj.put(str_el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"));
+            }
             let file = obj
                 .with_meta(
                     FileMetaTableBuilder::new()

@@ -1,6 +1,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,8 +25,39 @@ pub struct S3Server {
     requests: Arc<Mutex<Vec<String>>>,
     /// Milliseconds each UploadPart waits before it is served (0: none).
     part_delay_ms: Arc<AtomicU64>,
+    /// The status every request is answered with instead of being served (0: served).
+    failing: Arc<AtomicU16>,
     _tmp: Option<tempfile::TempDir>,
-    task: tokio::task::JoinHandle<()>,
+    /// Starts the accept loop on a listener (again, after [`S3Server::stop`]).
+    serve: Serve,
+    /// The accept loop.
+    task: Mutex<tokio::task::JoinHandle<()>>,
+}
+
+/// Spawns the server's accept loop on a listener.
+#[derive(Clone)]
+struct Serve(Arc<dyn Fn(TcpListener) -> tokio::task::JoinHandle<()> + Send + Sync>);
+
+impl std::fmt::Debug for Serve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Serve")
+    }
+}
+
+/// An S3 error reply (`<Error><Code>…`), as S3 and MinIO send when they cannot serve a request.
+fn s3_error(status: u16) -> hyper::Response<s3s::Body> {
+    let code = match status {
+        503 => "ServiceUnavailable",
+        500 => "InternalError",
+        _ => "SlowDown",
+    };
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test</Message></Error>"
+    );
+    let mut resp = hyper::Response::new(s3s::Body::from(body));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE);
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/xml"));
+    resp
 }
 
 impl S3Server {
@@ -51,25 +82,29 @@ impl S3Server {
         };
         let requests = Arc::new(Mutex::new(Vec::new()));
         let part_delay_ms = Arc::new(AtomicU64::new(0));
-        let (log, delay) = (requests.clone(), part_delay_ms.clone());
+        let failing = Arc::new(AtomicU16::new(0));
+        let (log, delay, fail) = (requests.clone(), part_delay_ms.clone(), failing.clone());
         let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             if let Ok(mut l) = log.lock() {
                 l.push(format!("{} {}", req.method(), req.uri()));
             }
             let is_part = req.uri().query().is_some_and(|q| q.contains("partNumber="));
             let pause = if is_part { delay.load(Ordering::Relaxed) } else { 0 };
+            let status = fail.load(Ordering::Relaxed);
             // Lazy: the request (body included) is read only when polled.
-            let served = hyper::service::Service::call(&service, req);
+            let served = (status == 0).then(|| hyper::service::Service::call(&service, req));
             async move {
+                let Some(served) = served else { return Ok(s3_error(status)) };
                 if pause > 0 {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 served.await
             }
         });
+        let serve = Serve(Arc::new(move |l: TcpListener| tokio::spawn(crate::http::serve(l, service.clone()))));
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(crate::http::serve(listener, service));
+        let task = Mutex::new((serve.0)(listener));
         Ok(Self {
             endpoint: format!("http://{addr}"),
             addr,
@@ -78,7 +113,9 @@ impl S3Server {
             root: root.to_path_buf(),
             requests,
             part_delay_ms,
+            failing,
             _tmp: None,
+            serve,
             task,
         })
     }
@@ -128,14 +165,46 @@ impl S3Server {
         names
     }
 
-    /// Stops serving (an outage); objects stay on disk.
+    /// Answers every request with `status` (e.g. 503 `ServiceUnavailable`, as MinIO does when
+    /// it cannot serve) instead of serving it, until called with `None`.
+    pub fn fail_requests(&self, status: Option<u16>) {
+        self.failing.store(status.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Stops serving (an outage): the port refuses connections and open ones are reset.
+    /// Objects stay on disk; [`Self::restart`] serves them again.
     pub fn stop(&self) {
-        self.task.abort();
+        if let Ok(t) = self.task.lock() {
+            t.abort();
+        }
+    }
+
+    /// Serves again on the same address after [`Self::stop`] (the end of an outage).
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.stop();
+        // Tokio's listener sets SO_REUSEADDR: the port is free once the old one is dropped.
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                // The aborted loop drops its listener when the runtime next polls it.
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("bind {} again: {e}", self.addr)),
+            }
+        };
+        let task = (self.serve.0)(listener);
+        if let Ok(mut t) = self.task.lock() {
+            *t = task;
+        }
+        Ok(())
     }
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }

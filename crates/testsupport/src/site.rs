@@ -45,9 +45,48 @@ impl Service {
     }
 }
 
-/// The site.
+/// A tmpfs mounted for a test (the test runs as root, as CI does here), unmounted on drop.
+#[derive(Debug)]
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, bytes: u64) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(at)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .context("run mount")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mount a {bytes}-byte tmpfs at {} (the fault tests run as root): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process that still has a file open there cannot keep the mount busy.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// How [`Site::start_with`] lays the site out beyond the environment.
+#[derive(Debug, Clone, Default)]
+pub struct SiteOptions {
+    /// Put the spool on a file system of its own this many bytes large (a tmpfs), so a test
+    /// can fill it.
+    pub spool_fs_bytes: Option<u64>,
+}
+
+/// The site. Dropping it kills every process, then removes its files.
 #[derive(Debug)]
 pub struct Site {
+    /// The spool's own file system, if asked for: dropped (unmounted) before `dir`.
+    spool_fs: Option<Tmpfs>,
     /// Everything the site writes: spool, work directories, forge, logs.
     pub dir: tempfile::TempDir,
     /// The bus.
@@ -79,7 +118,13 @@ impl Site {
     /// (local forge, an allow-list for DCMTK's `storescu` from loopback, the original's
     /// templates).
     pub async fn start(settings: &[(&str, &str)], indexers: usize) -> anyhow::Result<Self> {
+        Self::start_with(settings, indexers, &SiteOptions::default()).await
+    }
+
+    /// [`Site::start`] with `options`.
+    pub async fn start_with(settings: &[(&str, &str)], indexers: usize, options: &SiteOptions) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let spool_fs = options.spool_fs_bytes.map(|n| Tmpfs::mount(&dir.path().join("spool"), n)).transpose()?;
         let bins = bin_dir()?;
         for s in Service::ALL {
             let b = bins.join(s.binary());
@@ -100,6 +145,8 @@ impl Site {
             ("BIDSFLUX_DICOM_BIND", format!("127.0.0.1:{dicom_port}")),
             ("BIDSFLUX_DICOM_ALLOWLIST", "STORESCU@127.0.0.1=BIDSFLUX".into()),
             ("BIDSFLUX_QUIET_PERIOD", "2s".into()),
+            // The janitor and the resend sweep: every few seconds, not every 10 minutes.
+            ("BIDSFLUX_SPOOL_JANITOR_INTERVAL", "3s".into()),
             (
                 "S3_URL_PATTERN",
                 format!("s3://{host}/test.{{ReferringPhysicianName}}.{{StudyDescriptionPath[1]}}.dicoms"),
@@ -126,7 +173,8 @@ impl Site {
             env.retain(|(key, _)| key != k);
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
-        let mut site = Self { dir, nats, s3, dicom_port, env, bins, running: HashMap::new(), starts: HashMap::new() };
+        let mut site =
+            Self { spool_fs, dir, nats, s3, dicom_port, env, bins, running: HashMap::new(), starts: HashMap::new() };
         site.provision().await?;
         for s in [Service::StudyCompletion, Service::Uploader, Service::Receiver] {
             site.spawn(s, 0)?;
@@ -224,6 +272,11 @@ impl Site {
         self.dir.path().join("work")
     }
 
+    /// The environment every service gets (the defaults with the test's settings on top).
+    pub fn env(&self, var: &str) -> Option<&str> {
+        self.env.iter().rev().find(|(k, _)| k == var).map(|(_, v)| v.as_str())
+    }
+
     /// The last lines of every log, for a failure message.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
@@ -240,5 +293,15 @@ impl Site {
             }
         }
         out
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        // Every process first (kill_on_drop), so that nothing writes while the files go.
+        for (_, mut child) in self.running.drain() {
+            let _ = child.start_kill();
+        }
+        drop(self.spool_fs.take());
     }
 }
