@@ -11,6 +11,13 @@
 //!   files indexed by one replica, then by two (each its own `bidsflux-indexer` process with
 //!   `BIDSFLUX_INDEXER_CONCURRENCY=1`, sharing the work queue): throughput ratio. Sessions are participants of `BENCH_GROUPS`
 //!   (default 1) study groups in turn; in one group, replicas also race on its superdataset.
+//! - `scaling`: the same on the fake GitLab with the latency of a GitLab on another host
+//!   (`BENCH_GITLAB_API_MS`, default 50, before every REST call; `BENCH_GITLAB_GIT_MS`, default
+//!   250, before every git smart-HTTP request, two per push or fetch), `BENCH_SESSIONS` sessions
+//!   of `BENCH_SESSION_FILES` (default 1000 here) files indexed by 1, 2 and 4 replicas
+//!   (`BENCH_REPLICAS`, e.g. `1,2,4,8`): throughput ratios, and the CPU time each session costs —
+//!   the replicas' own and that of the git processes they ran (`/proc/<pid>/stat`: utime, stime,
+//!   cutime, cstime). Not run by default (`BENCH_ONLY=scaling`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 #[path = "../tests/support/mod.rs"]
@@ -18,6 +25,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use bidsflux_fake_gitlab::{FakeGitlab, Latency};
 use bidsflux_messaging::subjects;
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::StudySpec;
@@ -154,6 +162,107 @@ async fn replicas() {
     println!("| **2 ÷ 1** | | **{:.2}×** |", one.as_secs_f64() / two.as_secs_f64());
 }
 
+/// CPU seconds of process `pid` and of the children it waited for (its git processes):
+/// utime + stime + cutime + cstime of `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After "pid (comm) ": state is field 3, utime..cstime are fields 14..17.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11..15].iter().map(|v| v.parse::<u64>().unwrap()).sum();
+    let hz = std::process::Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    let hz: f64 = String::from_utf8_lossy(&hz.stdout).trim().parse().unwrap();
+    ticks as f64 / hz
+}
+
+/// `replicas` indexer processes index `sessions` sessions of `files` files on the fake GitLab
+/// answering after `latency`: wall time, and CPU seconds of the replicas with their git.
+/// One run of [`index_on_gitlab`].
+struct Run {
+    took: Duration,
+    cpu: f64,
+    api_requests: usize,
+    git_requests: usize,
+}
+
+async fn index_on_gitlab(replicas: usize, sessions: usize, files: usize, latency: Latency) -> Run {
+    let fake = FakeGitlab::start().await.unwrap();
+    let (_, token) = fake.add_user("dicom_bot", false);
+    let url = fake.url();
+    let h = Harness::start_gitlab(&fake, &token, &[]).await;
+    h.stop.cancel();
+    let forge = [("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", url.as_str()), ("GITLAB_TOKEN", token.as_str())];
+    let mut processes = Vec::new();
+    for i in 0..replicas {
+        processes.push(spawn_replica(&h, &h.tmp.path().join(format!("work-{i}")), &forge));
+    }
+    replicas_pulling(&h, replicas).await;
+    let mut messages = Vec::new();
+    for _ in 0..sessions {
+        messages.push(archive_study(&h, spec(files)).await.message);
+    }
+    let before: f64 = processes.iter().map(|p| cpu_seconds(p.id().unwrap())).sum();
+    fake.set_latency(latency);
+    let logged = fake.request_log().len();
+    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
+    let t = Instant::now();
+    for m in &messages {
+        publish(&h, m).await;
+    }
+    indexed(&mut sub, sessions).await;
+    let took = t.elapsed();
+    let after: f64 = processes.iter().map(|p| cpu_seconds(p.id().unwrap())).sum();
+    let log = fake.request_log();
+    let api_requests = log[logged..].iter().filter(|r| r.path.starts_with("/api/v4/")).count();
+    let git_requests = log.len() - logged - api_requests;
+    for mut p in processes {
+        let _ = p.start_kill();
+        let _ = p.wait().await;
+    }
+    h.shutdown().await;
+    Run { took, cpu: after - before, api_requests, git_requests }
+}
+
+async fn scaling() {
+    let (sessions, files) = (env_or("BENCH_SESSIONS", 16), env_or("BENCH_SESSION_FILES", 1000));
+    let latency = Latency {
+        api: Duration::from_millis(env_or("BENCH_GITLAB_API_MS", 50) as u64),
+        git: Duration::from_millis(env_or("BENCH_GITLAB_GIT_MS", 250) as u64),
+    };
+    let replicas: Vec<usize> = std::env::var("BENCH_REPLICAS")
+        .unwrap_or_else(|_| "1,2,4".into())
+        .split(',')
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    let mut runs = Vec::new();
+    for &n in &replicas {
+        runs.push((n, index_on_gitlab(n, sessions, files, latency).await));
+    }
+    let groups = env_or("BENCH_GROUPS", 1);
+    println!();
+    println!(
+        "{sessions} sessions of {files} files in {groups} study group(s) on the fake GitLab, {} ms before each API \
+         call, {} ms before each git request",
+        latency.api.as_millis(),
+        latency.git.as_millis()
+    );
+    println!(
+        "| replicas | time | sessions/min | × the first row | CPU s per session (indexer + git) | API / git requests per session |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let one = runs[0].1.took.as_secs_f64();
+    for (n, r) in &runs {
+        let t = r.took.as_secs_f64();
+        println!(
+            "| {n} | {t:.1} s | {:.1} | {:.2}× | {:.2} | {:.1} / {:.1} |",
+            sessions as f64 * 60.0 / t,
+            one / t,
+            r.cpu / sessions as f64,
+            r.api_requests as f64 / sessions as f64,
+            r.git_requests as f64 / sessions as f64
+        );
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -162,5 +271,8 @@ fn main() {
     }
     if only.is_empty() || only == "replicas" {
         rt.block_on(replicas());
+    }
+    if only == "scaling" {
+        rt.block_on(scaling());
     }
 }
