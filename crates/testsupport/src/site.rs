@@ -272,11 +272,6 @@ impl Site {
         self.dir.path().join("work")
     }
 
-    /// The environment every service gets (the defaults with the test's settings on top).
-    pub fn env(&self, var: &str) -> Option<&str> {
-        self.env.iter().rev().find(|(k, _)| k == var).map(|(_, v)| v.as_str())
-    }
-
     /// The last lines of every log, for a failure message.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

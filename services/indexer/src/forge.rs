@@ -193,8 +193,9 @@ const TRANSLITERATION: &[(char, &str)] = &[
 /// `path = name = segment`, so sites' existing groups are found). Otherwise — DICOM values
 /// hold spaces, commas and accented letters, which the original could not create — the letters
 /// of European names are written in ASCII (`Müller` → `Muller`), every other run of refused
-/// characters becomes one `-` (`Anna-Maria Christina` → `Anna-Maria-Christina`), and leading
-/// and trailing `-` and `.` are dropped. `None` when nothing is left.
+/// characters becomes one `-` (`Anna-Maria Christina` → `Anna-Maria-Christina`), and a leading
+/// `-` and trailing `-` and `.` are dropped. A leading `.` is kept: [`ProjectPath`] refuses
+/// such a segment (a hidden name is not a study group). `None` when nothing is left.
 pub fn gitlab_segment(segment: &str) -> Option<String> {
     let accepted = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
     let mut out = String::with_capacity(segment.len());
@@ -207,7 +208,7 @@ pub fn gitlab_segment(segment: &str) -> Option<String> {
             out.push('-');
         }
     }
-    let mut out = out.trim_matches(|c| c == '-' || c == '.').to_owned();
+    let mut out = out.trim_start_matches('-').trim_end_matches(['-', '.']).to_owned();
     for suffix in [".git", ".atom"] {
         if out.ends_with(suffix) {
             out.push('_');
@@ -464,6 +465,7 @@ mod tests {
         assert_eq!(gitlab_segment("Prof.").as_deref(), Some("Prof"));
         assert_eq!(gitlab_segment("memory study, cohort A").as_deref(), Some("memory-study-cohort-A"));
         assert_eq!(gitlab_segment("-x.atom").as_deref(), Some("x.atom_"));
+        assert_eq!(gitlab_segment(".hidden").as_deref(), Some(".hidden"), "refused by ProjectPath");
         assert_eq!(gitlab_segment("東京"), None);
         assert_eq!(gitlab_segment(" - "), None);
         assert_eq!(gitlab_group("Smith/John/Study1").as_deref(), Some("Smith/John/Study1"));
