@@ -243,7 +243,7 @@ pub async fn init_bids(
 }
 
 /// Fetches `main` into `refs/remotes/origin/main`; false when the project is
-/// empty. A project with branches but no `main` (e.g. a superdataset made on
+/// empty (a `main` that appears meanwhile, made by another replica, is fetched). A project with branches but no `main` (e.g. a superdataset made on
 /// `master` before bidsflux) is a [`Conflict`]: writing a second history
 /// beside it would be wrong, and retrying cannot help.
 async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<bool> {
@@ -255,6 +255,13 @@ async fn fetch_main(git: &Git, dir: &Path, url: &str) -> anyhow::Result<bool> {
             branches.sort_unstable();
             if branches.is_empty() {
                 Ok(false)
+            } else if branches.iter().any(|b| b == "main") {
+                // Another replica created the dataset between the fetch and the listing (it
+                // pushes main and git-annex at once): fetch what it made.
+                git.run(dir, &["fetch", "-q", "--no-tags", url, "+refs/heads/main:refs/remotes/origin/main"])
+                    .await
+                    .map(|_| true)
+                    .map_err(|e| anyhow::Error::new(e).context("fetch the superdataset"))
             } else {
                 Err(Conflict(format!(
                     "the project has no main branch but has {}; bidsflux writes main (rename the branch in the forge)",
