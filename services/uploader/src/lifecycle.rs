@@ -200,7 +200,9 @@ impl Lifecycle {
                 .context("join spool deletion task")
                 .map_err(HandlerError::Transient)?
                 .map_err(|e| transient(e, "delete resent spool files"))?;
-            if outcome.deleted > 0 || outcome.would_delete > 0 {
+            // With BIDSFLUX_SPOOL_KEEP the same copies would be reported every pass: said once
+            // by the janitor's stale report instead.
+            if outcome.deleted > 0 {
                 self.metrics.record_deletion(&outcome);
                 tracing::info!(
                     study_uid = %study,
