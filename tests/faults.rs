@@ -1,8 +1,11 @@
 //! Whole-pipeline faults: the five services as separate processes (as in the stack), a real
-//! `nats-server`, the S3 server and the local forge, DCMTK's `storescu` as the scanners and
-//! DataLad as the oracle. Each scenario ends with every study indexed exactly once, `datalad
-//! get` giving back every data set byte for byte, nothing dead-lettered, and no spool or work
-//! file left behind.
+//! `nats-server`, the S3 server, the local forge or the fake GitLab, DCMTK's `storescu` as the
+//! scanners and DataLad as the oracle. Faults: SIGKILL of each service and of `nats-server`, S3
+//! and GitLab outages and error bursts, a full spool file system, busy scanners with amendments
+//! and a resend, real-world and hostile metadata. Each scenario ends with every study indexed
+//! exactly once per generation, `datalad get` giving back every data set byte for byte, no dead
+//! letter but the expected ones, and no spool or work file left behind. Figures and what they
+//! mean: `docs/reliability.md`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
