@@ -183,39 +183,50 @@ impl Lifecycle {
             .map_err(|e| transient(e, "list the spool's studies"))?;
         let mut total = Outcome::default();
         for study in studies {
-            let mut all = Vec::new();
-            for generation in 0.. {
-                let Some(name) = self.read_object(&indexed_marker(study.as_str(), generation)).await? else { break };
-                let object = String::from_utf8_lossy(&name).into_owned();
-                if let Some(entries) = self.read_manifest(&object).await? {
-                    all.extend(targets(&study, &object, entries)?);
+            // One study's trouble (an undecodable manifest) must not stop the others' sweep.
+            match self.sweep_study(&study).await {
+                Ok(outcome) => {
+                    total.deleted += outcome.deleted;
+                    total.would_delete += outcome.would_delete;
+                }
+                Err(e) => {
+                    tracing::warn!(study_uid = %study, error = %format!("{e:#}"), "resend sweep of a study failed")
                 }
             }
-            if all.is_empty() {
-                continue;
-            }
-            let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
-            let outcome = tokio::task::spawn_blocking(move || delete_matching(&spool_dir, &all, keep))
-                .await
-                .context("join spool deletion task")
-                .map_err(HandlerError::Transient)?
-                .map_err(|e| transient(e, "delete resent spool files"))?;
-            // With BIDSFLUX_SPOOL_KEEP the same copies would be reported every pass: said once
-            // by the janitor's stale report instead.
-            if outcome.deleted > 0 {
-                self.metrics.record_deletion(&outcome);
-                tracing::info!(
-                    study_uid = %study,
-                    deleted = outcome.deleted,
-                    would_delete = outcome.would_delete,
-                    keep = self.keep,
-                    "resent copies of indexed instances deleted from the spool"
-                );
-            }
-            total.deleted += outcome.deleted;
-            total.would_delete += outcome.would_delete;
         }
         Ok(total)
+    }
+
+    /// [`Self::sweep_resends`] for one study.
+    async fn sweep_study(&self, study: &Uid) -> Result<Outcome, HandlerError> {
+        let mut all = Vec::new();
+        for generation in 0.. {
+            let Some(name) = self.read_object(&indexed_marker(study.as_str(), generation)).await? else { break };
+            let object = String::from_utf8_lossy(&name).into_owned();
+            if let Some(entries) = self.read_manifest(&object).await? {
+                all.extend(targets(study, &object, entries)?);
+            }
+        }
+        if all.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let (spool_dir, keep) = (self.spool_dir.clone(), self.keep);
+        let outcome = tokio::task::spawn_blocking(move || delete_matching(&spool_dir, &all, keep))
+            .await
+            .context("join spool deletion task")
+            .map_err(HandlerError::Transient)?
+            .map_err(|e| transient(e, "delete resent spool files"))?;
+        // With BIDSFLUX_SPOOL_KEEP the same copies would be reported every pass: the janitor's
+        // stale report says it instead.
+        if outcome.deleted > 0 {
+            self.metrics.record_deletion(&outcome);
+            tracing::info!(
+                study_uid = %study,
+                deleted = outcome.deleted,
+                "resent copies of indexed instances deleted from the spool"
+            );
+        }
+        Ok(outcome)
     }
 
     /// Runs [`Self::sweep_resends`] every `interval` until `shutdown`.
