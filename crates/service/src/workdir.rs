@@ -23,6 +23,18 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
+    /// [`Self::claim`] at a service's start: the error names `BIDSFLUX_WORK_DIR`, and the
+    /// removal of what stopped processes of `service` left is logged.
+    pub fn claim_at_start(root: &Path, service: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let (work, reaped) = Self::claim(root, service)
+            .with_context(|| format!("claim a work directory in {} (BIDSFLUX_WORK_DIR)", root.display()))?;
+        if reaped > 0 {
+            tracing::info!(reaped, service, "removed the work files of stopped processes");
+        }
+        Ok(work)
+    }
+
     /// Removes the claims of `service` under `root` that no live process holds, then claims a
     /// new directory. Returns it and how many stale claims were removed.
     pub fn claim(root: &Path, service: &str) -> io::Result<(Self, usize)> {

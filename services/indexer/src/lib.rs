@@ -58,11 +58,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     let http = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
     // This replica's own scratch directory in the work directory replicas share; what killed
     // replicas left there is removed, never a live replica's files.
-    let (work, reaped) = WorkDir::claim(&config.work_dir, "indexer")
-        .with_context(|| format!("claim a work directory in {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
-    if reaped > 0 {
-        tracing::info!(reaped, "removed the work files of stopped indexers");
-    }
+    let work = WorkDir::claim_at_start(&config.work_dir, "indexer")?;
     let mut config = config;
     config.work_dir = work.path().to_owned();
     let identity = Identity { name: config.bot_username.clone(), email: config.bot_email.clone() };

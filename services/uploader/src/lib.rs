@@ -166,11 +166,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyho
     let listener = listen::bind_optional(config.http_bind, config::HTTP_BIND_VAR).await?;
     bidsflux_service::http::spawn(&tasks, listener, Arc::new(bus.clone()), metrics.clone());
     // This process's own scratch directory; what a killed predecessor left is removed.
-    let (work, reaped) = WorkDir::claim(&config.work_dir, "uploader")
-        .with_context(|| format!("claim a work directory in {} (BIDSFLUX_WORK_DIR)", config.work_dir.display()))?;
-    if reaped > 0 {
-        tracing::info!(reaped, "removed the work files of stopped uploaders");
-    }
+    let work = WorkDir::claim_at_start(&config.work_dir, "uploader")?;
     let mut config = config;
     config.work_dir = work.path().to_owned();
     let studies = bus.js.get_key_value(subjects::KV_STUDIES).await.context("open the studies KV bucket")?;
