@@ -122,6 +122,33 @@ async fn study_on<M: prost::Message + Default>(
     .unwrap_or_else(|e| panic!("{e}\n{}", site.log_tails(15)));
 }
 
+/// Starts a site with `settings` on top of the defaults, `indexers` replicas and `options`, and
+/// a bus client to read its streams.
+async fn start(settings: &[(&str, &str)], indexers: usize, options: &SiteOptions) -> (Site, Bus) {
+    bidsflux_telemetry::init_for_tests();
+    let site = Site::start_with(settings, indexers, options).await.unwrap();
+    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    (site, bus)
+}
+
+/// A fake GitLab with the indexer's bot user, and the settings that make a site index into it.
+async fn fake_gitlab() -> (FakeGitlab, Vec<(&'static str, String)>) {
+    let fake = FakeGitlab::start().await.unwrap();
+    let (_, token) = fake.add_user("dicom_bot", false);
+    let settings = vec![
+        ("BIDSFLUX_FORGE", "gitlab".to_owned()),
+        ("GITLAB_URL", fake.url()),
+        ("GITLAB_TOKEN", token),
+        ("GITLAB_BOT_USERNAME", "dicom_bot".to_owned()),
+    ];
+    (fake, settings)
+}
+
+/// `settings` borrowed as [`start`] takes them.
+fn borrowed<'a>(settings: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    settings.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 /// Where the session datasets are pushed.
 #[derive(Clone, Copy)]
 enum Forge<'a> {
@@ -290,9 +317,7 @@ async fn check_end_state(
 /// the provisioner re-run mid-flow. The scanners resend a transfer the receiver's death broke.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_service_killed_in_turn_loses_nothing_and_indexes_once() {
-    bidsflux_telemetry::init_for_tests();
-    let mut site = Site::start(&[], 3).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (mut site, bus) = start(&[], 3, &SiteOptions::default()).await;
     let sent = studies(&site.dir.path().join("sent"), 3, 40);
     let port = site.dicom_port;
 
@@ -344,9 +369,7 @@ async fn every_service_killed_in_turn_loses_nothing_and_indexes_once() {
 /// its journal's events and publishes them again, the consumers resume, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_killed_and_restarted_mid_flow_loses_nothing() {
-    bidsflux_telemetry::init_for_tests();
-    let mut site = Site::start(&[], 2).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (mut site, bus) = start(&[], 2, &SiteOptions::default()).await;
     let sent = studies(&site.dir.path().join("sent"), 2, 40);
     let port = site.dicom_port;
     send_until_accepted(port, &sent[0].0).await;
@@ -367,9 +390,7 @@ async fn nats_killed_and_restarted_mid_flow_loses_nothing() {
 /// dead-lettered and nothing is deleted before it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_unreachable_then_answering_503_loses_nothing() {
-    bidsflux_telemetry::init_for_tests();
-    let mut site = Site::start(&[], 1).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (mut site, bus) = start(&[], 1, &SiteOptions::default()).await;
     let sent = studies(&site.dir.path().join("sent"), 3, 40);
     let port = site.dicom_port;
     // S3 goes away before the first study completes; the second arrives during the outage.
@@ -395,19 +416,9 @@ async fn s3_unreachable_then_answering_503_loses_nothing() {
 /// sessions wait to be indexed: the indexers retry until it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gitlab_5xx_bursts_and_a_60_s_outage_lose_nothing() {
-    bidsflux_telemetry::init_for_tests();
-    let fake = FakeGitlab::start().await.unwrap();
-    let (_, token) = fake.add_user("dicom_bot", false);
-    let url = fake.url();
-    let gitlab = [
-        ("BIDSFLUX_FORGE", "gitlab"),
-        ("GITLAB_URL", url.as_str()),
-        ("GITLAB_TOKEN", token.as_str()),
-        ("GITLAB_BOT_USERNAME", "dicom_bot"),
-        ("BIDSFLUX_GITLAB_TIMEOUT", "10s"),
-    ];
-    let mut site = Site::start(&gitlab, 2).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (fake, mut gitlab) = fake_gitlab().await;
+    gitlab.push(("BIDSFLUX_GITLAB_TIMEOUT", "10s".to_owned()));
+    let (mut site, bus) = start(&borrowed(&gitlab), 2, &SiteOptions::default()).await;
     let sent = studies(&site.dir.path().join("sent"), 4, 40);
     let port = site.dicom_port;
     // Bursts: the next API requests fail with 502 and 500, the next pushes with 503.
@@ -435,11 +446,9 @@ async fn gitlab_5xx_bursts_and_a_60_s_outage_lose_nothing() {
 /// (Out of Resources); once space is freed, its resend is accepted and the study indexed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_spool_refuses_with_a700_then_recovers() {
-    bidsflux_telemetry::init_for_tests();
     // No free-space reserve: the file system itself runs out.
     let options = SiteOptions { spool_fs_bytes: Some(64 << 20) };
-    let mut site = Site::start_with(&[("BIDSFLUX_SPOOL_MIN_FREE", "0")], 1, &options).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (mut site, bus) = start(&[("BIDSFLUX_SPOOL_MIN_FREE", "0")], 1, &options).await;
     let sent = studies(&site.dir.path().join("sent"), 2, 40);
     let port = site.dicom_port;
     send_until_accepted(port, &sent[0].0).await;
@@ -469,9 +478,7 @@ async fn a_full_spool_refuses_with_a700_then_recovers() {
 /// (a resend: nothing new, nothing left in the spool).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_busy_scanners_with_amendments_and_a_resend() {
-    bidsflux_telemetry::init_for_tests();
-    let mut site = Site::start(&[], 2).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (mut site, bus) = start(&[], 2, &SiteOptions::default()).await;
     let dir = site.dir.path().join("sent");
     let mut sent: Vec<(PathBuf, GeneratedStudy)> = (0..12)
         .map(|i| {
@@ -535,18 +542,8 @@ async fn four_busy_scanners_with_amendments_and_a_resend() {
 /// dead letter, their instances kept in the spool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_world_names_go_through_and_hostile_ones_are_dead_lettered_keeping_the_data() {
-    bidsflux_telemetry::init_for_tests();
-    let fake = FakeGitlab::start().await.unwrap();
-    let (_, token) = fake.add_user("dicom_bot", false);
-    let url = fake.url();
-    let gitlab = [
-        ("BIDSFLUX_FORGE", "gitlab"),
-        ("GITLAB_URL", url.as_str()),
-        ("GITLAB_TOKEN", token.as_str()),
-        ("GITLAB_BOT_USERNAME", "dicom_bot"),
-    ];
-    let mut site = Site::start(&gitlab, 1).await.unwrap();
-    let bus = Bus::connect(&site.nats.url, "faults", Duration::from_secs(5)).await.unwrap();
+    let (fake, gitlab) = fake_gitlab().await;
+    let (mut site, bus) = start(&borrowed(&gitlab), 1, &SiteOptions::default()).await;
     let dir = site.dir.path().join("sent");
     let spec = |i: usize, referring: &str, description: &str, patient: &str| StudySpec {
         series: 2,

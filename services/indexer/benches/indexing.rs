@@ -132,19 +132,29 @@ async fn index_with(replicas: usize, sessions: usize, files: usize) -> Duration 
     for _ in 0..sessions {
         messages.push(archive_study(&h, spec(files)).await.message);
     }
+    let took = index_all(&h, &messages).await;
+    stop(processes).await;
+    h.shutdown().await;
+    took
+}
+
+/// Publishes `messages` and waits until every session is indexed: the time it took.
+async fn index_all(h: &Harness, messages: &[pb::ArchiveStored]) -> Duration {
     let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
     let t = Instant::now();
-    for m in &messages {
-        publish(&h, m).await;
+    for m in messages {
+        publish(h, m).await;
     }
-    indexed(&mut sub, sessions).await;
-    let took = t.elapsed();
+    indexed(&mut sub, messages.len()).await;
+    t.elapsed()
+}
+
+/// Kills the replica processes.
+async fn stop(processes: Vec<tokio::process::Child>) {
     for mut p in processes {
         let _ = p.start_kill();
         let _ = p.wait().await;
     }
-    h.shutdown().await;
-    took
 }
 
 async fn replicas() {
@@ -203,21 +213,12 @@ async fn index_on_gitlab(replicas: usize, sessions: usize, files: usize, latency
     let before: f64 = processes.iter().map(|p| cpu_seconds(p.id().unwrap())).sum();
     fake.set_latency(latency);
     let logged = fake.request_log().len();
-    let mut sub = h.bus.client.subscribe(subjects::STUDY_INDEXED).await.unwrap();
-    let t = Instant::now();
-    for m in &messages {
-        publish(&h, m).await;
-    }
-    indexed(&mut sub, sessions).await;
-    let took = t.elapsed();
+    let took = index_all(&h, &messages).await;
     let after: f64 = processes.iter().map(|p| cpu_seconds(p.id().unwrap())).sum();
     let log = fake.request_log();
     let api_requests = log[logged..].iter().filter(|r| r.path.starts_with("/api/v4/")).count();
     let git_requests = log.len() - logged - api_requests;
-    for mut p in processes {
-        let _ = p.start_kill();
-        let _ = p.wait().await;
-    }
+    stop(processes).await;
     h.shutdown().await;
     Run { took, cpu: after - before, api_requests, git_requests }
 }
