@@ -16,7 +16,8 @@ apt_pkgs=(nats-server git git-annex p7zip-full python3)
 pip_pkgs=(datalad)
 if [ "$what" = test ]; then
   # openssh-server: the fake GitLab's git-over-SSH endpoint (sshd, run by the tests).
-  apt_pkgs+=(dcmtk openssh-server curl)
+  # docker.io, debootstrap, nftables: the deploy test (its own dockerd, images from Debian).
+  apt_pkgs+=(dcmtk openssh-server curl docker.io debootstrap nftables)
   pip_pkgs+=(pynetdicom pydicom)
 fi
 

@@ -25,4 +25,4 @@ mod bus;
 
 pub use bus::{Bus, PublishError, now_unix_ms};
 pub use consume::{Classify, ConsumerOptions, Delivery, ErrorClass, HandlerError, run_consumer};
-pub use service_main::service_main;
+pub use service_main::{HealthProbe, service_main};

@@ -126,3 +126,73 @@ async fn handle(mut socket: TcpStream, health: &Health) -> std::io::Result<()> {
     socket.write_all(response.as_bytes()).await?;
     socket.shutdown().await
 }
+
+/// The container healthcheck, `bidsflux-<service> health`: `GET /healthz` on the service's own
+/// listener at `bind` (an unspecified address is probed on loopback), within `timeout`. `Ok`
+/// when the service answers 200; the error says what failed (docker keeps it in `docker
+/// inspect`'s health log). Blocking and dependency-free: the images have no curl or wget.
+pub fn probe(bind: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    let ip = match bind.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let addr = SocketAddr::new(ip, bind.port());
+    let mut socket =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| anyhow::anyhow!("connect to {addr}: {e}"))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut answer = Vec::with_capacity(256);
+    socket.take(MAX_HEAD as u64).read_to_end(&mut answer).map_err(|e| anyhow::anyhow!("read from {addr}: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or_default();
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ if status.is_empty() => anyhow::bail!("{addr} closed the connection without an answer"),
+        _ => anyhow::bail!("{addr}/healthz answered {status:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Ready for Flag {
+        fn ready(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+    #[derive(Debug)]
+    struct NoMetrics;
+    impl MetricsText for NoMetrics {
+        fn render(&self) -> String {
+            String::new()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_probe_follows_healthz_and_fails_on_a_closed_port() {
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let bind = listener.local_addr().unwrap();
+        let flag = Arc::new(Flag(std::sync::atomic::AtomicBool::new(true)));
+        let stop = CancellationToken::new();
+        let health = Health { ready: flag.clone(), metrics: Arc::new(NoMetrics), shutdown: stop.clone() };
+        let server = tokio::spawn(serve(listener, health, stop.clone()));
+        let probe_now = move || tokio::task::spawn_blocking(move || probe(bind, Duration::from_secs(2)));
+
+        probe_now().await.unwrap().unwrap();
+        flag.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        let err = probe_now().await.unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("503"), "{err:#}");
+        stop.cancel();
+        server.await.unwrap();
+        let err = probe_now().await.unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("connect to 127.0.0.1"), "{err:#}");
+    }
+}

@@ -106,7 +106,7 @@ pub struct Site {
 }
 
 /// The directory of the binaries cargo built for the running test.
-fn bin_dir() -> anyhow::Result<PathBuf> {
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("find the test executable")?;
     // target/<profile>/deps/<test> → target/<profile>
     exe.parent().and_then(Path::parent).map(Path::to_path_buf).context("the test executable has no grandparent")

@@ -74,6 +74,8 @@ pub struct Config {
 pub const SPOOL_MIN_FREE_VAR: &str = "BIDSFLUX_SPOOL_MIN_FREE";
 /// Variable of the HTTP (health, metrics) listener address.
 pub const HTTP_BIND_VAR: &str = "BIDSFLUX_RECEIVER_HTTP_BIND";
+/// Default of [`HTTP_BIND_VAR`].
+pub const DEFAULT_HTTP_BIND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9464);
 /// The variable of [`Config::dicom_bind`].
 pub const DICOM_BIND_VAR: &str = "BIDSFLUX_DICOM_BIND";
 
@@ -162,7 +164,7 @@ impl Config {
             Some(text) => parse_size(text).map_err(|e| ConfigError::invalid(SPOOL_MIN_FREE_VAR, e))?,
             None => 2 << 30,
         };
-        let http_bind = env.listen_addr_or(HTTP_BIND_VAR, SocketAddr::from(([0, 0, 0, 0], 9464)))?;
+        let http_bind = env.listen_addr_or(HTTP_BIND_VAR, DEFAULT_HTTP_BIND)?;
         let allow_patient = env.bool_or(rule_attributes::ALLOW_PATIENT_VAR, false)?;
         let rule_attributes = match env.get(rule_attributes::VAR) {
             Some("none") => RuleAttributes::default(),

@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use bidsflux_receiver::config::DICOM_BIND_VAR;
+use bidsflux_messaging::HealthProbe;
+use bidsflux_receiver::config::{DEFAULT_HTTP_BIND, DICOM_BIND_VAR, HTTP_BIND_VAR};
 use bidsflux_receiver::{Config, REQUIRES, run};
 use bidsflux_service::listen;
 
@@ -15,6 +16,7 @@ async fn main() -> ExitCode {
     }
     bidsflux_messaging::service_main(
         "receiver",
+        HealthProbe { var: HTTP_BIND_VAR, default: DEFAULT_HTTP_BIND },
         REQUIRES,
         Config::from_env,
         |c| &c.nats_url,
