@@ -140,10 +140,11 @@ impl HostState {
             let _ = std::fs::remove_file(Path::new(NETWORK_FILES).join(name));
         }
         for (path, existed) in &self.created {
-            if !existed && path.exists() {
-                if let Err(e) = std::fs::remove_dir_all(path) {
-                    problems.push(format!("remove {}: {e}", path.display()));
-                }
+            if !existed
+                && path.exists()
+                && let Err(e) = std::fs::remove_dir_all(path)
+            {
+                problems.push(format!("remove {}: {e}", path.display()));
             }
         }
         let left: Vec<String> = links().difference(&self.links).cloned().collect();
