@@ -45,7 +45,7 @@ hash() { sha256sum | cut -c1-16; }
 # --- The docker CLI that builds with BuildKit --------------------------------------------
 if docker buildx version >/dev/null 2>&1; then
     build() { docker buildx build --load "$@"; }
-elif [ -x /usr/bin/docker ] && /usr/bin/docker version --format '{{.Client.Version}}' 2>/dev/null | grep -q '^20\.10\.'; then
+elif [ -x /usr/bin/docker ] && /usr/bin/docker --version | grep -q '^Docker version 20\.10\.'; then
     build() { DOCKER_BUILDKIT=1 /usr/bin/docker build "$@"; }
 else
     echo "build-images.sh: needs BuildKit: install docker-buildx, or Debian's docker.io (its CLI builds with DOCKER_BUILDKIT=1)" >&2
@@ -68,14 +68,37 @@ else
     if [ -z "$tarball" ] || [ ! -s "$tarball" ]; then
         command -v debootstrap >/dev/null || { echo "build-images.sh: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
         rootfs=$(mktemp -d "${TMPDIR:-/tmp}/bidsflux-rootfs.XXXXXX")
-        trap 'rm -rf "$rootfs"' EXIT
-        log "debootstrap $suite from $mirror (about 35 s)"
-        debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >&2
+        # A failed debootstrap can leave /proc, /sys (even a bind of /dev) mounted in the root
+        # file system: unmounted first, and rm never crosses into another file system.
+        remove_rootfs() {
+            awk -v r="$rootfs/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r |
+                while read -r m; do umount -l "$m" || true; done
+            rm -rf --one-file-system "$rootfs"
+        }
+        trap 'remove_rootfs; rm -f "$rootfs.log"' EXIT
+        # Its progress goes to a log; on failure the end of it (and of debootstrap's own log,
+        # which names the package or download that failed) is printed. A mirror being synced
+        # can fail a download for a while: three tries, a minute apart at most.
+        for try in 1 2 3; do
+            log "debootstrap $suite from $mirror (about 35 s; try $try of 3)"
+            if debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >"$rootfs.log" 2>&1; then
+                break
+            fi
+            log "debootstrap failed; the end of its output:"
+            tail -n 25 "$rootfs.log" >&2
+            if [ -f "$rootfs/debootstrap/debootstrap.log" ]; then
+                log "the end of $rootfs/debootstrap/debootstrap.log:"
+                tail -n 25 "$rootfs/debootstrap/debootstrap.log" >&2
+            fi
+            [ "$try" -lt 3 ] || exit 1
+            remove_rootfs && mkdir -p "$rootfs"
+            sleep $((try * 20))
+        done
         rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
         out=${tarball:-$rootfs.tar}
         tar --numeric-owner -C "$rootfs" -cf "$out.part" .
         mv "$out.part" "$out"
-        rm -rf "$rootfs"
+        remove_rootfs; rm -f "$rootfs.log"
         trap - EXIT
         tarball=$out
     fi

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bidsflux_messaging::{Bus, subjects as s};
 use bidsflux_testsupport::dicom::{GeneratedStudy, StudySpec, generate_study};
 use bidsflux_testsupport::{free_port, wait_until};
-use common::{SiteView, check_end_state, count, send, send_until_accepted_within};
+use common::{SiteView, check_end_state, count, run_ok, send, send_until_accepted_within};
 
 /// The repository root (the stack and its scripts are read from there).
 fn repo() -> PathBuf {
@@ -37,18 +37,6 @@ fn repo() -> PathBuf {
 /// Runs `cmd`, returning its output (never panics on a failed status).
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
-}
-
-/// Runs `cmd`; its stdout, or a panic with its stderr.
-fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What a Docker daemon changes on the host, taken before it starts, to put back after.

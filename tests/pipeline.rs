@@ -18,7 +18,7 @@ use bidsflux_messaging::{Bus, subjects as s, trace};
 use bidsflux_proto::v1 as pb;
 use bidsflux_testsupport::dicom::{StudySpec, generate_study};
 use bidsflux_testsupport::{NatsServer, S3Server, wait_until};
-use common::{decode, messages};
+use common::{decode, messages, run_ok};
 use prost::Message as _;
 
 fn trace_id(m: &async_nats::jetstream::Message) -> String {
@@ -26,19 +26,8 @@ fn trace_id(m: &async_nats::jetstream::Message) -> String {
     trace::trace_id_of(&tp).unwrap_or_default().to_owned()
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn commit_count(bare: &Path) -> usize {
-    run(Command::new("git").arg("-C").arg(bare).args(["rev-list", "--count", "main"])).trim().parse().unwrap()
+    run_ok(Command::new("git").arg("-C").arg(bare).args(["rev-list", "--count", "main"])).trim().parse().unwrap()
 }
 
 struct World {

@@ -40,13 +40,9 @@ pub fn decode<M: prost::Message + Default>(msgs: &[async_nats::jetstream::Messag
 /// `env` for git-annex's S3 remote); then every file of `sent` must be in it with the same data
 /// set bytes, and nothing else.
 pub fn assert_datalad_gets_every_instance(bare: &Path, clone: &Path, env: &[(&str, String)], sent: &[PathBuf]) {
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-        assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    };
     let env = || env.iter().map(|(k, v)| (*k, v.as_str()));
-    run(Command::new("datalad").envs(env()).arg("clone").arg(bare).arg(clone));
-    run(Command::new("datalad").envs(env()).current_dir(clone).args(["get", "-r", "."]));
+    run_ok(Command::new("datalad").envs(env()).arg("clone").arg(bare).arg(clone));
+    run_ok(Command::new("datalad").envs(env()).current_dir(clone).args(["get", "-r", "."]));
     let mut got: HashMap<String, PathBuf> = HashMap::new();
     for entry in walkdir::WalkDir::new(clone).into_iter().filter_entry(|e| e.file_name() != ".git") {
         let entry = entry.unwrap();
@@ -61,6 +57,30 @@ pub fn assert_datalad_gets_every_instance(bare: &Path, clone: &Path, env: &[(&st
         let mine = got.get(&sop).unwrap_or_else(|| panic!("{sop} not in the dataset"));
         assert_eq!(dataset_bytes(mine).unwrap(), dataset_bytes(f).unwrap(), "data set bytes differ for {sop}");
     }
+}
+
+/// The last `n` lines of `text` (a failed command's output can be long; what explains the
+/// failure is at its end, and CI logs cut long messages in the middle).
+pub fn tail(text: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(text);
+    let lines: Vec<&str> = text.lines().collect();
+    let skipped = lines.len().saturating_sub(n);
+    let mut out = if skipped > 0 { format!("[{skipped} lines before these]\n") } else { String::new() };
+    out.push_str(&lines[skipped..].join("\n"));
+    out
+}
+
+/// Runs `cmd`: its stdout, or a panic with the end of its stdout and stderr.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        tail(&out.stdout, 40),
+        tail(&out.stderr, 60)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What [`check_end_state`] looks at, wherever the site runs (processes of the fault suite, or
