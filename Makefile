@@ -10,7 +10,7 @@ CARGO ?= cargo
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export BIDSFLUX_VENV_BIN := $(CURDIR)/.venv/bin
 
-.PHONY: dev test deps-run deps-test lint build bench bench-uploader
+.PHONY: dev test deps-run deps-test lint build bench bench-memory bench-uploader
 
 dev: deps-run
 	$(CARGO) build --bin bidsflux-dev
@@ -21,6 +21,9 @@ test: deps-test
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items --locked
 	bash stack/check.sh
+# Every binary, also those of packages without tests of their own (bidsflux-s3-dev, which the
+# deploy test puts in an image): cargo test builds only the tested packages' binaries.
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked --no-fail-fast
 
 deps-run:
@@ -39,6 +42,10 @@ build:
 
 bench:
 	bash bench/receiver.sh
+
+bench-memory:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p bidsflux-e2e --bench memory
 
 bench-uploader:
 	@command -v aws >/dev/null || python3 -m pip install --quiet awscli

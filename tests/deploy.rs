@@ -598,6 +598,8 @@ async fn the_stack_deploys_on_a_swarm_and_runs_the_site() {
     })
     .await
     .unwrap();
+    // The update must start while the scanner still has series to send.
+    assert!(!sender.is_finished(), "the study was sent before the receiver's update started");
     engine.docker_ok(&["service", "update", "--force", "--detach", "bidsflux_receiver"]);
     let refused = sender.await.unwrap();
     engine.converged(&want, Duration::from_secs(120)).await;

@@ -65,6 +65,11 @@ impl NatsServer {
         Ok(())
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Stops the server (as in an outage); data stays in the temp dir.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {

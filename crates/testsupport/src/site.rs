@@ -248,6 +248,11 @@ impl Site {
         self.running.get_mut(&(service, n)).is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The process id of replica `n` of `service`, while it runs.
+    pub fn pid(&self, service: Service, n: usize) -> Option<u32> {
+        self.running.get(&(service, n)).and_then(Child::id)
+    }
+
     /// Waits until the receiver accepts TCP connections.
     pub async fn wait_for_dicom(&self) -> anyhow::Result<()> {
         let port = self.dicom_port;
