@@ -17,7 +17,8 @@ pip_pkgs=(datalad)
 if [ "$what" = test ]; then
   # openssh-server: the fake GitLab's git-over-SSH endpoint (sshd, run by the tests).
   # docker.io, debootstrap, nftables: the deploy test (its own dockerd, images from Debian).
-  apt_pkgs+=(dcmtk openssh-server curl docker.io debootstrap nftables)
+  # busybox-static: a one-file image for the provisioner's secrets test.
+  apt_pkgs+=(dcmtk openssh-server curl docker.io debootstrap nftables busybox-static)
   pip_pkgs+=(pynetdicom pydicom)
 fi
 

@@ -19,196 +19,18 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bidsflux_messaging::{Bus, subjects as s};
 use bidsflux_testsupport::dicom::{GeneratedStudy, StudySpec, generate_study};
 use bidsflux_testsupport::{free_port, wait_until};
+use common::engine::{Engine, repo};
 use common::{SiteView, check_end_state, count, run_ok, send, send_until_accepted_within};
 
-/// The repository root (the stack and its scripts are read from there).
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// Runs `cmd`, returning its output (never panics on a failed status).
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
-}
-
-/// What a Docker daemon changes on the host, taken before it starts, to put back after.
-#[derive(Debug)]
-struct HostState {
-    ip_forward: String,
-    /// `iptables-save` (the nf_tables backend docker 20.10 uses): restored when not empty.
-    iptables: String,
-    /// nftables tables (`family name`): the ones docker adds are deleted.
-    nft_tables: BTreeSet<String>,
-    links: BTreeSet<String>,
-    /// Paths outside its data root that dockerd creates: removed when they were not there.
-    created: Vec<(PathBuf, bool)>,
-    /// `/var/lib/docker/network/files` entries (dockerd writes there whatever its data root).
-    network_files: BTreeSet<String>,
-}
-
-const NETWORK_FILES: &str = "/var/lib/docker/network/files";
-
-fn nft_tables() -> BTreeSet<String> {
-    let out = run(Command::new("nft").args(["list", "tables"]));
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.strip_prefix("table ")).map(str::to_owned).collect()
-}
-
-fn links() -> BTreeSet<String> {
-    let out = run(Command::new("ip").args(["-o", "link", "show"]));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
-        .collect()
-}
-
-fn dir_entries(dir: &str) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
-}
-
-impl HostState {
-    fn capture() -> Self {
-        Self {
-            ip_forward: std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim().to_owned(),
-            iptables: run_ok(&mut Command::new("iptables-save")),
-            nft_tables: nft_tables(),
-            links: links(),
-            created: ["/var/lib/docker", "/run/docker", "/var/run/docker"]
-                .iter()
-                .map(|p| (PathBuf::from(p), Path::new(p).exists()))
-                .collect(),
-            network_files: dir_entries(NETWORK_FILES),
-        }
-    }
-
-    /// Puts the host back; what could not be put back, for the log.
-    fn restore(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let failed = |what: &str, out: std::io::Result<Output>| match out {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(format!("{what}: {}", String::from_utf8_lossy(&o.stderr).trim())),
-            Err(e) => Some(format!("{what}: {e}")),
-        };
-        for table in nft_tables().difference(&self.nft_tables) {
-            let mut args = vec!["delete", "table"];
-            args.extend(table.split_whitespace());
-            problems.extend(failed(&format!("nft delete table {table}"), Command::new("nft").args(&args).output()));
-        }
-        if !self.iptables.trim().is_empty() {
-            let restore =
-                Command::new("iptables-restore").stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().and_then(
-                    |mut child| {
-                        use std::io::Write as _;
-                        child.stdin.take().map(|mut i| i.write_all(self.iptables.as_bytes())).transpose()?;
-                        child.wait_with_output()
-                    },
-                );
-            problems.extend(failed("iptables-restore", restore));
-        }
-        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", &self.ip_forward) {
-            problems.push(format!("restore ip_forward: {e}"));
-        }
-        for link in links().difference(&self.links) {
-            problems.extend(failed(
-                &format!("ip link delete {link}"),
-                Command::new("ip").args(["link", "delete", link]).output(),
-            ));
-        }
-        for name in dir_entries(NETWORK_FILES).difference(&self.network_files) {
-            let _ = std::fs::remove_file(Path::new(NETWORK_FILES).join(name));
-        }
-        for (path, existed) in &self.created {
-            if !existed
-                && path.exists()
-                && let Err(e) = std::fs::remove_dir_all(path)
-            {
-                problems.push(format!("remove {}: {e}", path.display()));
-            }
-        }
-        let left: Vec<String> = links().difference(&self.links).cloned().collect();
-        if !left.is_empty() {
-            problems.push(format!("links left: {left:?}"));
-        }
-        problems
-    }
-}
-
-/// The test's own Docker Engine, in swarm mode, and the stack deployed on it. Dropping it (also
-/// while a failing test unwinds) removes the stack, leaves the swarm, stops the daemon and puts
-/// the host back.
-struct Engine {
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    dockerd: Option<Child>,
-    host: HostState,
-    /// The variables the stack is deployed with.
-    env: BTreeMap<String, String>,
-}
-
 impl Engine {
-    fn start() -> Self {
-        let host = HostState::capture();
-        let dir = tempfile::Builder::new().prefix("bidsflux-deploy.").tempdir().unwrap();
-        let sock = dir.path().join("docker.sock");
-        let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
-        let dockerd = Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.path().join("data"))
-            .arg("--exec-root")
-            .arg(dir.path().join("exec"))
-            .arg("--pidfile")
-            .arg(dir.path().join("dockerd.pid"))
-            .arg("--host")
-            .arg(format!("unix://{}", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start dockerd (scripts/install-deps.sh installs docker.io): {e}"));
-        let engine = Self { dir, sock, dockerd: Some(dockerd), host, env: BTreeMap::new() };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !engine.docker(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "dockerd did not answer in 30 s:\n{}", engine.daemon_log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        engine
-    }
-
-    fn daemon_log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
-        log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-
-    /// The docker CLI against this engine, with the stack's variables.
-    fn cli(&self) -> Command {
-        let mut c = Command::new("docker");
-        c.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", self.dir.path())
-            .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
-            .envs(&self.env)
-            .current_dir(repo());
-        c
-    }
-
-    fn docker(&self, args: &[&str]) -> Output {
-        run(self.cli().args(args))
-    }
-
-    fn docker_ok(&self, args: &[&str]) -> String {
-        run_ok(self.cli().args(args))
-    }
-
     /// `docker service ls`: replicas per service (`1/1`, `0/1 (1/1 completed)`).
     fn replicas(&self) -> BTreeMap<String, String> {
         self.docker_ok(&["service", "ls", "--format", "{{.Name}}\t{{.Replicas}}"])
@@ -298,50 +120,6 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let mut problems = Vec::new();
-        if self.dockerd.is_some() {
-            let _ = self.docker(&["stack", "rm", "bidsflux"]);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                let ps = self.docker(&["ps", "-aq"]);
-                if ps.status.success() && ps.stdout.is_empty() {
-                    break;
-                }
-                let _ = self.docker(&["container", "prune", "-f"]);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            let _ = self.docker(&["swarm", "leave", "--force"]);
-        }
-        if let Some(mut d) = self.dockerd.take() {
-            let _ = Command::new("kill").args(["-TERM", &d.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            if d.try_wait().ok().flatten().is_none() {
-                problems.push("dockerd did not stop in 30 s: killed".to_owned());
-                let _ = d.kill();
-                let _ = d.wait();
-            }
-        }
-        // Whatever the daemon left mounted under its directories (overlays, network namespaces).
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let root = self.dir.path().display().to_string();
-        let mut under: Vec<&str> =
-            mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&root)).collect();
-        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in under {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-        problems.extend(self.host.restore());
-        if !problems.is_empty() {
-            eprintln!("deploy test: the host could not be put back entirely: {problems:?}");
-        }
-    }
-}
-
 /// One study of `series` series of `instances` instances, each series in its own directory
 /// (as a scanner sends them one by one), for participant `n`.
 fn study(dir: &Path, n: usize, series: usize, instances: usize) -> (Vec<PathBuf>, (PathBuf, GeneratedStudy)) {
@@ -378,24 +156,48 @@ fn env_example() -> BTreeMap<String, String> {
     out.split('\0').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
-/// Creates the secrets the stack declares, through the Engine API (the provisioner's job once
-/// it makes them: issue 14). GitLab's are placeholders: GitLab is not deployed here.
-async fn create_secrets(sock: &Path, s3_id: &str, s3_secret: &str) {
+/// The secrets the stack declares: the random ones by `bidsflux-provisioner secrets`, as a site
+/// makes them (its plan printed, GitLab's root password written to a 0600 file); GitLab's (a
+/// token, the runners' `config.toml`) through the Engine API as placeholders: GitLab is not
+/// deployed here.
+async fn create_secrets(engine: &Engine) {
     use base64::Engine as _;
+    use bidsflux_config::secrets as names;
+    // As docs/deploy.md has the operator run it: the image, as root, the manager's socket.
+    let keep = engine.dir.path().join("keep");
+    std::fs::create_dir_all(&keep).unwrap();
+    let image = format!("{}:{}", engine.env["BIDSFLUX_IMAGE"], engine.env["BIDSFLUX_TAG"]);
+    let plan = engine.docker_ok(&[
+        "run",
+        "--rm",
+        "--user",
+        "0",
+        "-v",
+        &format!("{}:/var/run/docker.sock", engine.sock.display()),
+        "-v",
+        &format!("{}:/keep", keep.display()),
+        &image,
+        "bidsflux-provisioner",
+        "secrets",
+        "--reveal-to",
+        "/keep/values",
+    ]);
+    let values = std::fs::read_to_string(keep.join("values")).unwrap();
+    assert!(values.starts_with("gitlab_root_password="), "the root password is kept in the file");
+    for name in [names::S3_ID, names::S3_SECRET, names::GITLAB_ROOT_PASSWORD] {
+        assert!(plan.contains(&format!("create secret {name} ")), "{name} not created:\n{plan}");
+    }
     let docker = bollard::Docker::connect_with_unix(
-        &sock.display().to_string(),
+        &engine.sock.display().to_string(),
         60,
         &bollard::ClientVersion { major_version: 1, minor_version: 41 },
     )
     .unwrap();
     let runner = "# GitLab is not deployed by the deploy test: no runner.\nconcurrent = 1\n";
     let secrets = [
-        ("s3_id", s3_id.to_owned()),
-        ("s3_secret", s3_secret.to_owned()),
-        ("dicom_bot_gitlab_token", "unused-with-the-local-forge".to_owned()),
-        ("gitlab_root_password", uuid::Uuid::new_v4().simple().to_string()),
-        ("gitlab_runner_data_config", runner.to_owned()),
-        ("gitlab_runner_proc_config", runner.to_owned()),
+        (names::DICOM_BOT_GITLAB_TOKEN, "unused-with-the-local-forge"),
+        (names::GITLAB_RUNNER_DATA_CONFIG, runner),
+        (names::GITLAB_RUNNER_PROC_CONFIG, runner),
     ];
     for (name, value) in secrets {
         let spec = bollard::models::SecretSpec {
@@ -421,17 +223,7 @@ async fn the_stack_deploys_on_a_swarm_and_runs_the_site() {
     };
 
     let mut engine = Engine::start();
-    engine.docker_ok(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
-    let node = engine.docker_ok(&["node", "ls", "-q"]).trim().to_owned();
-    engine.docker_ok(&[
-        "node",
-        "update",
-        "--label-add",
-        "bidsflux.data=true",
-        "--label-add",
-        "bidsflux.proc=true",
-        &node,
-    ]);
+    engine.init_swarm();
     lap("dockerd and swarm", &mut phases);
 
     // Images: from Debian (debootstrap, cached under target/) and the binaries of this build.
@@ -444,7 +236,7 @@ async fn the_stack_deploys_on_a_swarm_and_runs_the_site() {
             .arg(&bins)
             .arg("--cache")
             .arg(&cache)
-            .env("DOCKER_HOST", format!("unix://{}", engine.sock.display())),
+            .env("DOCKER_HOST", engine.host()),
     );
     lap("images", &mut phases);
 
@@ -471,7 +263,6 @@ async fn the_stack_deploys_on_a_swarm_and_runs_the_site() {
     for line in images.lines().filter_map(|l| l.split_once('=')) {
         env.insert(line.0.to_owned(), line.1.to_owned());
     }
-    let s3_secret = uuid::Uuid::new_v4().simple().to_string();
     let settings = [
         ("BIDSFLUX_HOME", home.display().to_string()),
         ("GITLAB_HOME", engine.dir.path().join("gitlab").display().to_string()),
@@ -490,7 +281,7 @@ async fn the_stack_deploys_on_a_swarm_and_runs_the_site() {
     ];
     env.extend(settings.into_iter().map(|(k, v)| (k.to_owned(), v)));
     engine.env = env;
-    create_secrets(&engine.sock, "bidsflux-deploy-test", &s3_secret).await;
+    create_secrets(&engine).await;
 
     engine.docker_ok(&[
         "stack",
@@ -532,9 +323,12 @@ async fn the_stack_deploys_on_a_swarm_and_runs_the_site() {
     let user_config =
         std::env::var("HOME").map(|h| format!("[include]\n\tpath = {h}/.gitconfig\n")).unwrap_or_default();
     std::fs::write(&git_config, format!("{user_config}[safe]\n\tdirectory = *\n")).unwrap();
+    // The S3 credentials the provisioner made, read as an operator would: from a container.
+    let uploader = engine.containers().into_iter().find(|c| c.0 == "uploader").unwrap().2;
+    let secret = |name: &str| engine.docker_ok(&["exec", &uploader, "cat", &format!("/run/secrets/{name}")]);
     let annex_env = vec![
-        ("AWS_ACCESS_KEY_ID", "bidsflux-deploy-test".to_owned()),
-        ("AWS_SECRET_ACCESS_KEY", s3_secret.clone()),
+        ("AWS_ACCESS_KEY_ID", secret(bidsflux_config::secrets::S3_ID)),
+        ("AWS_SECRET_ACCESS_KEY", secret(bidsflux_config::secrets::S3_SECRET)),
         ("GIT_CONFIG_COUNT", "1".to_owned()),
         ("GIT_CONFIG_KEY_0", "annex.security.allowed-ip-addresses".to_owned()),
         ("GIT_CONFIG_VALUE_0", "127.0.0.1".to_owned()),

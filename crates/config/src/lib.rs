@@ -5,6 +5,8 @@
 //! names the variable and what was wrong with it, and secrets are read from
 //! files into [`Secret`], whose `Debug` and `Display` print `[redacted]`.
 
+pub mod secrets;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -175,45 +175,156 @@ fn kv_stream_config(cfg: &kv::Config) -> stream::Config {
     }
 }
 
-/// Creates or updates every stream, consumer and KV bucket. Idempotent.
-pub async fn declare(js: &jetstream::Context) -> Result<(), TopologyError> {
-    for cfg in streams() {
-        let what = format!("stream {}", cfg.name);
-        js.create_or_update_stream(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+/// What [`reconcile`] does, or would do, to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Change {
+    /// Missing: created.
+    Create,
+    /// There, with settings that differ: updated.
+    Update,
+    /// There, as wanted: left alone (no write request).
+    Keep,
+}
+
+impl Change {
+    /// `create`, `update` or `keep`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Keep => "keep",
+        }
+    }
+}
+
+/// One object of the topology and what [`reconcile`] did (or, dry, would do) to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// `stream`, `consumer`, `KV bucket` or `object store`.
+    pub kind: &'static str,
+    /// Its name (`STREAM/consumer` for a consumer).
+    pub name: String,
+    /// What happened.
+    pub change: Change,
+    /// For an update: the settings that differed.
+    pub differs: Vec<String>,
+}
+
+/// Whether every field set in `wanted` has the same value in `have`. Left at its default, a
+/// field is either not serialized or a zero, which JetStream reads as "the server's default" (it
+/// then reports e.g. `max_bytes: -1` or `num_replicas: 1`): neither counts as a change.
+fn covers(have: &serde_json::Value, wanted: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (have, wanted) {
+        (_, Value::Number(n)) if n.as_f64() == Some(0.0) => true,
+        (Value::Object(h), Value::Object(w)) => w.iter().all(|(k, wv)| h.get(k).is_some_and(|hv| covers(hv, wv))),
+        (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| covers(hv, wv)),
+        _ => have == wanted,
+    }
+}
+
+/// The settings of `wanted` that `have` does not have (by their JSON names), for the plan's
+/// line; empty when it covers them all.
+fn differences<T: serde::Serialize, U: serde::Serialize>(have: &T, wanted: &U) -> Vec<String> {
+    let (Ok(h), Ok(serde_json::Value::Object(w))) = (serde_json::to_value(have), serde_json::to_value(wanted)) else {
+        return vec!["(unreadable settings)".to_owned()];
+    };
+    w.iter().filter(|(k, wv)| !h.get(k.as_str()).is_some_and(|hv| covers(hv, wv))).map(|(k, _)| k.clone()).collect()
+}
+
+/// Brings every stream, durable consumer, KV bucket and object store to its settings: creates what
+/// is missing, updates what differs, and makes no write request for what is as wanted. With
+/// `dry_run` nothing is written; the result says what a real run would do. Idempotent.
+pub async fn reconcile(js: &jetstream::Context, dry_run: bool) -> Result<Vec<Reconciled>, TopologyError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let mut done = Vec::new();
+    let mut all_streams: Vec<(&'static str, stream::Config)> = streams().into_iter().map(|c| ("stream", c)).collect();
+    all_streams.extend(key_values().iter().map(|c| ("KV bucket", kv_stream_config(c))));
+    all_streams.extend(object_stores().into_iter().map(|(b, d)| ("object store", object_stream_config(b, d))));
+    for (kind, cfg) in all_streams {
+        let shown = match kind {
+            "KV bucket" => cfg.name.trim_start_matches("KV_").to_owned(),
+            "object store" => cfg.name.trim_start_matches("OBJ_").to_owned(),
+            _ => cfg.name.clone(),
+        };
+        let what = format!("{kind} {shown}");
+        let mut differs = Vec::new();
+        let change = match js.get_stream(&cfg.name).await {
+            Ok(mut st) => {
+                let info = st
+                    .info()
+                    .await
+                    .map_err(|e| TopologyError::Unreachable { what: what.clone(), reason: e.to_string() })?;
+                differs = differences(&info.config, &cfg);
+                if differs.is_empty() { Change::Keep } else { Change::Update }
+            }
+            Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(_)) => Change::Create,
+            Err(e) => return Err(TopologyError::Unreachable { what, reason: e.to_string() }),
+        };
+        if !dry_run {
+            match change {
+                Change::Create => {
+                    js.create_stream(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+                }
+                Change::Update => {
+                    js.update_stream(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+                }
+                Change::Keep => {}
+            }
+        }
+        done.push(Reconciled { kind, name: shown, change, differs });
     }
     for (stream, cfg) in consumers() {
         let name = cfg.durable_name.clone().unwrap_or_default();
         let what = format!("consumer {name} on {stream}");
-        let st = js
-            .get_stream(stream)
-            .await
-            .map_err(|e| TopologyError::Declare { what: what.clone(), reason: e.to_string() })?;
-        match st.consumer_info(&name).await {
-            Ok(_) => {
-                js.update_consumer_on_stream(cfg, stream)
-                    .await
-                    .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
-            }
-            Err(_) => {
-                st.create_consumer(cfg).await.map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+        let existing = match js.get_stream(stream).await {
+            Ok(st) => match st.get_consumer::<consumer::pull::Config>(&name).await {
+                Ok(mut c) => Some(
+                    c.info()
+                        .await
+                        .map_err(|e| TopologyError::Unreachable { what: what.clone(), reason: e.to_string() })?
+                        .config
+                        .clone(),
+                ),
+                Err(_) => None,
+            },
+            // The stream itself is created above, except in a dry run.
+            Err(e) if dry_run && matches!(e.kind(), GetStreamErrorKind::JetStream(_)) => None,
+            Err(e) => return Err(TopologyError::Unreachable { what, reason: e.to_string() }),
+        };
+        let differs = existing.as_ref().map(|have| differences(have, &cfg)).unwrap_or_default();
+        let change = match existing {
+            None => Change::Create,
+            Some(_) if differs.is_empty() => Change::Keep,
+            Some(_) => Change::Update,
+        };
+        if !dry_run {
+            match change {
+                Change::Create => {
+                    let st = js
+                        .get_stream(stream)
+                        .await
+                        .map_err(|e| TopologyError::Declare { what: what.clone(), reason: e.to_string() })?;
+                    st.create_consumer(cfg)
+                        .await
+                        .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+                }
+                Change::Update => {
+                    js.update_consumer_on_stream(cfg, stream)
+                        .await
+                        .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
+                }
+                Change::Keep => {}
             }
         }
+        done.push(Reconciled { kind: "consumer", name: format!("{stream}/{name}"), change, differs });
     }
-    for cfg in key_values() {
-        let what = format!("KV bucket {}", cfg.bucket);
-        // `create_key_value` asks for account info in a form NATS 2.9 does not
-        // answer; declare the bucket's stream as async-nats would.
-        js.create_or_update_stream(kv_stream_config(&cfg))
-            .await
-            .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
-    }
-    for (bucket, description) in object_stores() {
-        let what = format!("object store {bucket}");
-        js.create_or_update_stream(object_stream_config(bucket, description))
-            .await
-            .map_err(|e| TopologyError::Declare { what, reason: e.to_string() })?;
-    }
-    Ok(())
+    Ok(done)
+}
+
+/// Creates or updates every object (see [`reconcile`]).
+pub async fn declare(js: &jetstream::Context) -> Result<(), TopologyError> {
+    reconcile(js, false).await.map(|_| ())
 }
 
 /// Checks that each requirement exists.

@@ -60,6 +60,12 @@ fn provider(service: &str, export: bool) -> anyhow::Result<SdkTracerProvider> {
 ///
 /// Call once at the start of `main`; keep the guard alive until exit.
 pub fn init_telemetry(service: &str) -> anyhow::Result<TelemetryGuard> {
+    init(service, false)
+}
+
+/// [`init_telemetry`] with the logs on standard error (a command whose standard output is its
+/// result, e.g. the provisioner's plan) or standard output (a service).
+fn init(service: &str, to_stderr: bool) -> anyhow::Result<TelemetryGuard> {
     let export = exporting();
     let provider = provider(service, export)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -68,11 +74,20 @@ pub fn init_telemetry(service: &str) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("BIDSFLUX_LOG_FORMAT").map(|v| v == "json").unwrap_or(false);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {
+        if to_stderr { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) }
+    });
     if json {
-        registry.with(tracing_subscriber::fmt::layer().json().with_target(true)).try_init()?;
+        registry.with(tracing_subscriber::fmt::layer().json().with_target(true).with_writer(writer)).try_init()?;
     } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry.with(tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi)).try_init()?;
+        let ansi = if to_stderr {
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+        } else {
+            std::io::IsTerminal::is_terminal(&std::io::stdout())
+        };
+        registry
+            .with(tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi).with_writer(writer))
+            .try_init()?;
     }
     tracing::info!(service, otlp_export = export, "telemetry initialised");
     Ok(TelemetryGuard { provider: Some(provider) })
@@ -107,7 +122,26 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let _telemetry = match init_telemetry(service) {
+    main_with(service, false, || async move { start().await.map(|()| std::process::ExitCode::SUCCESS) }).await
+}
+
+/// [`service_main`] for a command: its logs go to standard error (standard output is its
+/// result) and its success may have more than one exit code (a dry run that found changes
+/// exits 2).
+pub async fn command_main<F, Fut>(service: &str, start: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+{
+    main_with(service, true, start).await
+}
+
+async fn main_with<F, Fut>(service: &str, to_stderr: bool, start: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+{
+    let _telemetry = match init(service, to_stderr) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("cannot initialise telemetry: {e:#}");
@@ -115,7 +149,7 @@ where
         }
     };
     match start().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!(service, error = %format!("{e:#}"), "service stopped with an error");
             std::process::ExitCode::FAILURE

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bidsflux_config::{ConfigError, Env, Secret};
+use bidsflux_config::{ConfigError, Env, Secret, secrets};
 use bidsflux_session::Template;
 
 use crate::templates::Templates;
@@ -14,10 +14,6 @@ pub const DEFAULT_SESSION_NAME_TEMPLATE: &str = "{PatientName}";
 
 /// The group template the original BIDS-flux deployments use.
 pub const DEFAULT_GROUP_TEMPLATE: &str = "{ReferringPhysicianName}/{StudyDescriptionPath[1]}";
-
-/// Where the indexer reads its GitLab token when `GITLAB_TOKEN` is not set
-/// (a docker secret, as in the original deployments).
-pub const GITLAB_TOKEN_SECRET: &str = "/run/secrets/dicom_bot_gitlab_token";
 
 /// Where session datasets are pushed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,13 +49,6 @@ impl Visibility {
         }
     }
 }
-
-/// Where the indexer reads its SSH key for GitLab when `GITLAB_SSH_KEY` is
-/// not set (`BIDSFLUX_GITLAB_GIT_TRANSPORT=ssh`).
-pub const GITLAB_SSH_KEY_SECRET: &str = "/run/secrets/dicom_bot_ssh_key";
-
-/// Where the indexer reads GitLab's SSH host keys by default.
-pub const GITLAB_SSH_KNOWN_HOSTS: &str = "/run/secrets/ssh_known_hosts";
 
 /// How git reaches GitLab's repositories (the API always uses the token).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,21 +123,24 @@ fn ssh_transport(env: &Env, url: &str, work_dir: &Path) -> Result<SshTransport, 
     {
         return Err(ConfigError::invalid("BIDSFLUX_GITLAB_SSH_USER", "must be a user name such as git"));
     }
+    // Unset: the swarm secret, as in the original deployments.
+    let key_secret = secrets::path(secrets::DICOM_BOT_SSH_KEY);
     let key = env
-        .secret("GITLAB_SSH_KEY", Some(Path::new(GITLAB_SSH_KEY_SECRET)))?
+        .secret("GITLAB_SSH_KEY", Some(&key_secret))?
         .filter(|k| k.expose().contains("PRIVATE KEY"))
         .ok_or_else(|| {
             ConfigError::invalid(
                 "GITLAB_SSH_KEY",
                 format!(
-                    "required with BIDSFLUX_GITLAB_GIT_TRANSPORT=ssh: a private key in GITLAB_SSH_KEY_FILE or the secret {GITLAB_SSH_KEY_SECRET}"
+                    "required with BIDSFLUX_GITLAB_GIT_TRANSPORT=ssh: a private key in GITLAB_SSH_KEY_FILE or the secret {}",
+                    key_secret.display()
                 ),
             )
         })?;
     let key = Secret::new(format!("{}\n", key.expose().trim()));
     // Absolute: ssh runs in each job's directory.
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let known_hosts = absolute(env.path_or("GITLAB_SSH_KNOWN_HOSTS", GITLAB_SSH_KNOWN_HOSTS));
+    let known_hosts = absolute(env.path_or("GITLAB_SSH_KNOWN_HOSTS", secrets::path(secrets::SSH_KNOWN_HOSTS)));
     if !known_hosts.is_file() {
         return Err(ConfigError::invalid(
             "GITLAB_SSH_KNOWN_HOSTS",
@@ -188,14 +180,17 @@ fn gitlab_url(env: &Env) -> Result<String, ConfigError> {
 
 fn gitlab_config(env: &Env, bot_username: &str, work_dir: &Path) -> Result<GitlabConfig, ConfigError> {
     let url = gitlab_url(env)?;
+    // Unset: the swarm secret, as in the original deployments.
+    let token_secret = secrets::path(secrets::DICOM_BOT_GITLAB_TOKEN);
     let token = env
-        .secret("GITLAB_TOKEN", Some(Path::new(GITLAB_TOKEN_SECRET)))?
+        .secret("GITLAB_TOKEN", Some(&token_secret))?
         .filter(|t| !t.expose().trim().is_empty())
         .ok_or_else(|| {
             ConfigError::invalid(
                 "GITLAB_TOKEN",
                 format!(
-                    "required with BIDSFLUX_FORGE=gitlab: set GITLAB_TOKEN or GITLAB_TOKEN_FILE, or provide the secret {GITLAB_TOKEN_SECRET}"
+                    "required with BIDSFLUX_FORGE=gitlab: set GITLAB_TOKEN or GITLAB_TOKEN_FILE, or provide the secret {}",
+                    token_secret.display()
                 ),
             )
         })?;
@@ -473,7 +468,12 @@ mod tests {
     fn git_over_ssh() {
         let dir = tempfile::tempdir().unwrap();
         let (key, hosts) = (dir.path().join("id"), dir.path().join("known_hosts"));
-        std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n").unwrap();
+        // A body that no path or hex name can contain, so the redaction check below cannot flake.
+        std::fs::write(
+            &key,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nPRIVATE_KEY_BODY\n-----END OPENSSH PRIVATE KEY-----\n",
+        )
+        .unwrap();
         std::fs::write(&hosts, "[gitlab.example.org]:222 ssh-ed25519 AAAA\n").unwrap();
         let env = gitlab_env()
             .with("BIDSFLUX_GITLAB_GIT_TRANSPORT", "ssh")
@@ -485,7 +485,7 @@ mod tests {
         assert!(ssh.key_file.starts_with("/w/.ssh") && ssh.key_file.to_string_lossy().contains("gitlab_key-"));
         let GitTransport::Ssh(other) = gitlab(&env).transport else { panic!("not ssh") };
         assert_ne!(other.key_file, ssh.key_file, "each process has its own key file");
-        assert!(!format!("{ssh:?}").contains("abc"));
+        assert!(!format!("{ssh:?}").contains("PRIVATE_KEY_BODY"));
         let ssh_env = env.clone().with("GIT_SSH_PORT", "2222").with("BIDSFLUX_GITLAB_SSH_HOST", "10.0.0.5");
         let GitTransport::Ssh(ssh) = gitlab(&ssh_env).transport else { panic!("not ssh") };
         assert_eq!((ssh.host.as_str(), ssh.port), ("10.0.0.5", 2222));
@@ -528,7 +528,7 @@ mod tests {
     fn gitlab_errors_name_the_variable() {
         let no_token = Env::from_pairs([("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_URL", "https://gitlab.example.org")]);
         let e = Config::from_env(&no_token).unwrap_err().to_string();
-        assert!(e.contains("GITLAB_TOKEN") && e.contains(GITLAB_TOKEN_SECRET), "{e}");
+        assert!(e.contains("GITLAB_TOKEN") && e.contains(bidsflux_config::secrets::DICOM_BOT_GITLAB_TOKEN), "{e}");
         let e = Config::from_env(&no_token.with("GITLAB_TOKEN", "  ")).unwrap_err().to_string();
         assert!(e.contains("GITLAB_TOKEN"), "{e}");
         let no_url = Env::from_pairs([("BIDSFLUX_FORGE", "gitlab"), ("GITLAB_TOKEN", "t")]);

@@ -1,16 +1,26 @@
-//! The provisioner: declares the bus topology, idempotently.
+//! The provisioner: prepares what the site needs, idempotently, and says what it changes.
 //!
-//! Runs once at deployment (a swarm service with `restart_policy:
-//! on-failure`) and by `make dev` before the other services. Every stream,
-//! durable consumer and KV bucket in `bidsflux_messaging::topology` is created
-//! or brought up to date; running it again changes nothing. The services
-//! check at start that what they need exists and refuse to run otherwise.
+//! `bidsflux-provisioner [COMMAND] [--dry-run]` ([`cli::USAGE`]):
+//! - `bus` (the default; the stack runs it as a swarm job, `make dev` before the other
+//!   services): every stream, durable consumer, KV bucket and object store of
+//!   `bidsflux_messaging::topology`, created when missing, updated when its settings differ,
+//!   left alone (no write) when as wanted. The services check at start that what they need
+//!   exists and refuse to run otherwise.
+//! - `secrets`: the swarm secrets with random values ([`secrets`]), on a swarm manager.
 //!
-//! GitLab users, tokens, groups, CI variables and runners are not
-//! provisioned here.
+//! Every command prints one line per object ([`plan::Plan`]): `create`, `update` or `keep`, never a
+//! value; `--dry-run` changes nothing and exits 2 when something would change.
+//!
+//! GitLab (groups, bots, tokens, CI variables) and the runners are not provisioned yet.
+
+pub mod cli;
+pub mod plan;
+pub mod secrets;
 
 use bidsflux_config::{ConfigError, Env};
 use bidsflux_messaging::{Bus, topology};
+
+use crate::plan::Plan;
 
 /// Provisioner settings.
 #[derive(Debug, Clone)]
@@ -26,13 +36,18 @@ impl Config {
     }
 }
 
-/// Declares the topology and returns.
+/// Brings the bus topology to its settings (or, dry, says what that would change).
+pub async fn bus(bus: &Bus, plan: &mut Plan) -> anyhow::Result<()> {
+    for item in topology::reconcile(&bus.js, plan.dry_run).await? {
+        let note = (!item.differs.is_empty()).then(|| format!("differs: {}", item.differs.join(", ")));
+        plan.record(item.change, item.kind, &item.name, note);
+    }
+    tracing::info!(changes = plan.changes(), dry_run = plan.dry_run, "bus topology reconciled");
+    Ok(())
+}
+
+/// Declares the topology and returns (what `make dev` and the tests run before the services).
 pub async fn run(_config: &Config, bus: &Bus) -> anyhow::Result<()> {
     topology::declare(&bus.js).await?;
-    let streams: Vec<String> = topology::streams().into_iter().map(|s| s.name).collect();
-    let consumers: Vec<String> =
-        topology::consumers().into_iter().filter_map(|(st, c)| c.durable_name.map(|n| format!("{st}/{n}"))).collect();
-    let kvs: Vec<String> = topology::key_values().into_iter().map(|k| k.bucket).collect();
-    tracing::info!(streams = ?streams, consumers = ?consumers, key_values = ?kvs, "bus topology declared");
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! Configuration of the uploader, from environment variables.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use bidsflux_config::{ConfigError, Env, Secret};
+use bidsflux_config::{ConfigError, Env, Secret, secrets};
 use bidsflux_session::s3::S3UrlPattern;
 
 /// Everything the uploader needs to know at start.
@@ -143,10 +143,10 @@ impl Config {
                 .map_err(|why| ConfigError::invalid("S3_URL_PATTERN", format!("its host as a public URL: {why}")))?,
         };
         let access_key_id = env
-            .secret("AWS_ACCESS_KEY_ID", Some(Path::new("/run/secrets/s3_id")))?
+            .secret("AWS_ACCESS_KEY_ID", Some(&secrets::path(secrets::S3_ID)))?
             .ok_or_else(|| ConfigError::Missing { var: "AWS_ACCESS_KEY_ID (or /run/secrets/s3_id)".to_owned() })?;
         let secret_access_key =
-            env.secret("AWS_SECRET_ACCESS_KEY", Some(Path::new("/run/secrets/s3_secret")))?.ok_or_else(|| {
+            env.secret("AWS_SECRET_ACCESS_KEY", Some(&secrets::path(secrets::S3_SECRET)))?.ok_or_else(|| {
                 ConfigError::Missing { var: "AWS_SECRET_ACCESS_KEY (or /run/secrets/s3_secret)".to_owned() }
             })?;
         let sevenzip_level: u8 = env.parse_or("BIDSFLUX_7Z_LEVEL", 5)?;
