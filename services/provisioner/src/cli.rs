@@ -17,8 +17,10 @@ Commands (each can be run again at any time; what is already as wanted is kept):
 Options:
   --dry-run             print what would be done, change nothing; exit 2 if something would
                         change, 0 if nothing would
-  --docker-host URL     secrets: the Engine API (default: $DOCKER_HOST, else
-                        unix:///var/run/docker.sock)
+  --docker-host URL     secrets: the swarm manager's Engine API (default: $DOCKER_HOST,
+                        else unix:///var/run/docker.sock)
+  --secrets-dir DIR     secrets: keep them as files DIR/<name> (mode 0600) instead of in
+                        a swarm, for a host without one
   --rotate NAME         secrets: create the next version of NAME (NAME_v2, ...); repeatable
   --reveal-to FILE      secrets: write the values to keep (GitLab's root password) to FILE
                         (mode 0600) instead of showing them once on standard error
@@ -31,15 +33,24 @@ Exit: 0 done (or nothing to change), 1 error, 2 a dry run found changes.";
 pub enum Command {
     /// The bus topology.
     Bus,
-    /// The random swarm secrets.
+    /// The random secrets.
     Secrets {
-        /// The Engine API.
-        docker_host: String,
+        /// Where they are kept.
+        target: Target,
         /// Rotations and where to reveal.
         options: secrets::Options,
     },
     /// `--help`.
     Help,
+}
+
+/// Where secrets are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The swarm of the Engine API at this URL.
+    Swarm(String),
+    /// Files in this directory.
+    Dir(PathBuf),
 }
 
 /// The parsed command line.
@@ -61,6 +72,7 @@ pub fn parse_args(args: &[String], docker_host: Option<&str>) -> Result<Args, St
     let mut dry_run = false;
     let mut host = docker_host.filter(|h| !h.is_empty()).unwrap_or("unix:///var/run/docker.sock").to_owned();
     let mut options = secrets::Options::default();
+    let mut dir: Option<PathBuf> = None;
     let mut secrets_only = Vec::new();
     while let Some(a) = it.next() {
         let mut value = |flag: &str| it.next().map(str::to_owned).ok_or_else(|| format!("{flag} needs a value"));
@@ -69,6 +81,10 @@ pub fn parse_args(args: &[String], docker_host: Option<&str>) -> Result<Args, St
             "-h" | "--help" => return Ok(Args { command: Command::Help, dry_run }),
             "--docker-host" => {
                 host = value(a)?;
+                secrets_only.push(a);
+            }
+            "--secrets-dir" => {
+                dir = Some(PathBuf::from(value(a)?));
                 secrets_only.push(a);
             }
             "--rotate" => {
@@ -84,7 +100,13 @@ pub fn parse_args(args: &[String], docker_host: Option<&str>) -> Result<Args, St
     }
     let command = match name {
         None | Some("bus") => Command::Bus,
-        Some("secrets") => Command::Secrets { docker_host: host, options },
+        Some("secrets") => {
+            if dir.is_some() && secrets_only.contains(&"--docker-host") {
+                return Err("--docker-host and --secrets-dir exclude each other".to_owned());
+            }
+            let target = dir.map_or(Target::Swarm(host), Target::Dir);
+            Command::Secrets { target, options }
+        }
         Some("help") => Command::Help,
         Some(other) => return Err(format!("unknown command {other}")),
     };
@@ -96,6 +118,8 @@ pub fn parse_args(args: &[String], docker_host: Option<&str>) -> Result<Args, St
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Args, String> {
@@ -112,7 +136,7 @@ mod tests {
         assert_eq!(
             a.command,
             Command::Secrets {
-                docker_host: "unix:///x.sock".into(),
+                target: Target::Swarm("unix:///x.sock".into()),
                 options: secrets::Options {
                     rotate: vec!["s3_secret".into()],
                     reveal_to: Some(PathBuf::from("/root/keep"))
@@ -121,7 +145,14 @@ mod tests {
         );
         let a = parse_args(&["secrets".to_owned()], None).unwrap();
         assert!(
-            matches!(a.command, Command::Secrets { docker_host, .. } if docker_host == "unix:///var/run/docker.sock")
+            matches!(a.command, Command::Secrets { target: Target::Swarm(h), .. } if h == "unix:///var/run/docker.sock")
+        );
+        let a = parse(&["secrets", "--secrets-dir", "/etc/bidsflux/secrets"]).unwrap();
+        assert!(
+            matches!(a.command, Command::Secrets { target: Target::Dir(d), .. } if d == Path::new("/etc/bidsflux/secrets"))
+        );
+        assert!(
+            parse(&["secrets", "--secrets-dir", "/d", "--docker-host", "unix:///s"]).unwrap_err().contains("exclude")
         );
         assert!(parse(&["bus", "--rotate", "s3_id"]).unwrap_err().contains("secrets"));
         assert!(parse(&["secrets", "--rotate"]).unwrap_err().contains("needs a value"));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bidsflux_config::Env;
 use bidsflux_messaging::Bus;
-use bidsflux_provisioner::cli::{Command, USAGE, parse_args};
+use bidsflux_provisioner::cli::{Command, Target, USAGE, parse_args};
 use bidsflux_provisioner::plan::Plan;
 use bidsflux_provisioner::{Config, bus, secrets};
 
@@ -31,9 +31,12 @@ async fn main() -> ExitCode {
                 let nats = Bus::connect(&config.nats_url, "provisioner", Duration::from_secs(60)).await?;
                 bus(&nats, &mut plan).await?;
             }
-            Command::Secrets { docker_host, options } => {
-                let docker = secrets::connect(&docker_host).await?;
-                secrets::run(&docker, &options, &mut plan).await?;
+            Command::Secrets { target, options } => {
+                let store = match target {
+                    Target::Swarm(host) => secrets::Store::swarm(&host).await?,
+                    Target::Dir(dir) => secrets::Store::Dir(dir),
+                };
+                secrets::run(&store, &options, &mut plan).await?;
             }
             Command::Help => {}
         }

@@ -1,5 +1,6 @@
-//! `bidsflux-provisioner secrets`: the swarm secrets whose values are random, created through the
-//! Docker Engine API of a swarm manager.
+//! `bidsflux-provisioner secrets`: the secrets whose values are random, created in the swarm
+//! through the Docker Engine API of a manager ([`Store::Swarm`]), or as files in a directory
+//! ([`Store::Dir`]) on a host without swarm.
 //!
 //! Values come from the operating system's CSPRNG (`getrandom`). An existing secret is never
 //! overwritten (swarm secrets are immutable, and a running site uses it): it is kept. `--rotate
@@ -31,18 +32,6 @@ pub struct Options {
     pub reveal_to: Option<PathBuf>,
 }
 
-/// The Engine API at `host` (`unix:///var/run/docker.sock`, a socket path, or `tcp://...`), at the
-/// API version both sides speak (Debian's docker.io 20.10 speaks 1.41).
-pub async fn connect(host: &str) -> anyhow::Result<Docker> {
-    let docker = if let Some(addr) = host.strip_prefix("tcp://").or_else(|| host.strip_prefix("http://")) {
-        Docker::connect_with_http(addr, 60, bollard::API_DEFAULT_VERSION)
-    } else {
-        Docker::connect_with_unix(host.trim_start_matches("unix://"), 60, bollard::API_DEFAULT_VERSION)
-    }
-    .with_context(|| format!("connect to the Docker Engine at {host}"))?;
-    docker.negotiate_version().await.with_context(|| format!("the Docker Engine at {host} does not answer"))
-}
-
 /// A random value of `len` characters of [`ALPHABET`], from the OS's CSPRNG.
 pub fn random_value(len: usize) -> anyhow::Result<String> {
     // Rejection sampling: bytes ≥ the largest multiple of the alphabet's size would bias it.
@@ -61,26 +50,118 @@ pub fn random_value(len: usize) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// The names of the secrets the swarm holds.
-pub async fn existing(docker: &Docker) -> anyhow::Result<BTreeSet<String>> {
-    let list = docker.list_secrets(None).await.context("list the swarm's secrets (is this node a swarm manager?)")?;
-    Ok(list.into_iter().filter_map(|s| s.spec.and_then(|spec| spec.name)).collect())
+/// Where secrets are kept: the swarm (a site), or a directory of files (a host without swarm,
+/// `make dev`, a test), each file mode 0600 and read by the services through `<VAR>_FILE`.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The swarm of this manager's Engine API.
+    Swarm(Docker),
+    /// Files `<dir>/<name>`.
+    Dir(PathBuf),
 }
 
-/// Creates the secret `name` with `value`; `Ok(false)` when it appeared meanwhile (another
-/// provisioner): it is then kept, never overwritten.
-pub async fn create(docker: &Docker, name: &str, base: &str, value: &str) -> anyhow::Result<bool> {
-    let spec = SecretSpec {
-        name: Some(name.to_owned()),
-        labels: Some(HashMap::from([(LABEL.to_owned(), base.to_owned())])),
-        data: Some(base64::engine::general_purpose::STANDARD.encode(value)),
-        ..Default::default()
-    };
-    match docker.create_secret(spec).await {
-        Ok(_) => Ok(true),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(false),
-        // The Engine's message names the secret, never its value.
-        Err(e) => Err(anyhow::anyhow!("create the secret {name}: {e}")),
+impl Store {
+    /// The swarm of the Engine API at `host` (`unix:///var/run/docker.sock`, a socket path, or
+    /// `tcp://...`), at the API version both sides speak (Debian's docker.io 20.10: 1.41).
+    pub async fn swarm(host: &str) -> anyhow::Result<Self> {
+        let docker = if let Some(addr) = host.strip_prefix("tcp://").or_else(|| host.strip_prefix("http://")) {
+            Docker::connect_with_http(addr, 60, bollard::API_DEFAULT_VERSION)
+        } else {
+            Docker::connect_with_unix(host.trim_start_matches("unix://"), 60, bollard::API_DEFAULT_VERSION)
+        }
+        .with_context(|| format!("connect to the Docker Engine at {host}"))?;
+        let docker =
+            docker.negotiate_version().await.with_context(|| format!("the Docker Engine at {host} does not answer"))?;
+        Ok(Self::Swarm(docker))
+    }
+
+    /// The names of the secrets kept.
+    pub async fn existing(&self) -> anyhow::Result<BTreeSet<String>> {
+        match self {
+            Self::Swarm(docker) => {
+                let list = docker
+                    .list_secrets(None)
+                    .await
+                    .context("list the swarm's secrets (is this node a swarm manager?)")?;
+                Ok(list.into_iter().filter_map(|s| s.spec.and_then(|spec| spec.name)).collect())
+            }
+            Self::Dir(dir) => match std::fs::read_dir(dir) {
+                Ok(entries) => Ok(entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+                Err(e) => Err(anyhow::anyhow!("read the secrets directory {}: {e}", dir.display())),
+            },
+        }
+    }
+
+    /// Creates the secret `name` (version of `base`) with `value`; `Ok(false)` when it exists
+    /// already (made meanwhile by another run): it is then kept, never overwritten.
+    pub async fn create(&self, name: &str, base: &str, value: &str) -> anyhow::Result<bool> {
+        match self {
+            Self::Swarm(docker) => {
+                let spec = SecretSpec {
+                    name: Some(name.to_owned()),
+                    labels: Some(HashMap::from([(LABEL.to_owned(), base.to_owned())])),
+                    data: Some(base64::engine::general_purpose::STANDARD.encode(value)),
+                    ..Default::default()
+                };
+                match docker.create_secret(spec).await {
+                    Ok(_) => Ok(true),
+                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(false),
+                    // The Engine's message names the secret, never its value.
+                    Err(e) => Err(anyhow::anyhow!("create the secret {name}: {e}")),
+                }
+            }
+            Self::Dir(dir) => create_file(dir, name, value),
+        }
+    }
+}
+
+impl Store {
+    /// What the operator does to switch to the rotated `next` version of `base`.
+    pub fn rotation_hint(&self, base: &str, next: &str) -> String {
+        match self {
+            Self::Swarm(_) => {
+                format!(
+                    "rotation of {base}: set {}={next} in stack/.env and run docker stack deploy",
+                    stack_variable(base)
+                )
+            }
+            Self::Dir(dir) => {
+                format!("rotation of {base}: point the services at {} and restart them", dir.join(next).display())
+            }
+        }
+    }
+}
+
+/// Writes `<dir>/<name>` whole or not at all (a temporary file, synced, then linked into place:
+/// the link fails if the name exists, so nothing is overwritten), mode 0600, in a 0700 directory.
+fn create_file(dir: &Path, name: &str, value: &str) -> anyhow::Result<bool> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create the secrets directory {}", dir.display()))?;
+    let target = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(value.as_bytes())?;
+        f.sync_all()
+    })();
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, &target));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("write the secret {}: {e}", target.display())),
     }
 }
 
@@ -90,7 +171,7 @@ pub fn stack_variable(name: &str) -> String {
 }
 
 /// Creates every missing random secret (and the rotations asked for), recording a line for each.
-pub async fn run(docker: &Docker, options: &Options, plan: &mut Plan) -> anyhow::Result<()> {
+pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::Result<()> {
     for name in &options.rotate {
         match secrets::get(name) {
             Some(SiteSecret { origin: Origin::Generated { .. }, .. }) => {}
@@ -100,7 +181,7 @@ pub async fn run(docker: &Docker, options: &Options, plan: &mut Plan) -> anyhow:
             None => anyhow::bail!("{name} is not a secret of the site (known: {})", known()),
         }
     }
-    let have = existing(docker).await?;
+    let have = store.existing().await?;
     let mut reveal: Vec<(String, String)> = Vec::new();
     for secret in secrets::ALL {
         let Origin::Generated { len, reveal: keep } = secret.origin else { continue };
@@ -116,11 +197,7 @@ pub async fn run(docker: &Docker, options: &Options, plan: &mut Plan) -> anyhow:
             }
             (Some(v), true) => {
                 let next = secrets::versioned(secret.name, v + 1);
-                let note = format!(
-                    "rotation of {}: set {}={next} in stack/.env and run docker stack deploy",
-                    secret.name,
-                    stack_variable(secret.name)
-                );
+                let note = store.rotation_hint(secret.name, &next);
                 (next, note)
             }
         };
@@ -129,7 +206,7 @@ pub async fn run(docker: &Docker, options: &Options, plan: &mut Plan) -> anyhow:
             continue;
         }
         let value = random_value(len)?;
-        if create(docker, &target, secret.name, &value).await? {
+        if store.create(&target, secret.name, &value).await? {
             plan.record(Change::Create, "secret", &target, Some(note));
             if keep {
                 reveal.push((target, value));
