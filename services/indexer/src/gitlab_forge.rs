@@ -22,6 +22,8 @@ use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
 use base64::Engine as _;
+use bidsflux_gitlab_api::{Client, Fail};
+use gitlab::api::Endpoint;
 use gitlab::api::common::{AccessLevel, VisibilityLevel};
 use gitlab::api::endpoint_prelude::Method;
 use gitlab::api::groups::members::{AddGroupMember, EditGroupMember};
@@ -29,10 +31,7 @@ use gitlab::api::groups::{CreateGroup, Group};
 use gitlab::api::projects::protected_branches::ProtectBranch;
 use gitlab::api::projects::{CreateProject, Project as GetProject};
 use gitlab::api::users::Users;
-use gitlab::api::{ApiError, AsyncQuery, Endpoint};
-use gitlab::{AsyncGitlab, GitlabBuilder, GitlabError, RestError};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 use crate::config::{GitTransport, GitlabConfig, Visibility};
 use crate::forge::{Forge, ForgeError, Project, ProjectPath};
@@ -44,11 +43,8 @@ const MAINTAINER: u64 = 40;
 /// first [`Forge::ensure_project`].
 pub struct GitlabForge {
     config: GitlabConfig,
-    /// `host[:port][/path]` for [`GitlabBuilder`].
-    host: String,
-    insecure: bool,
-    /// Built on first use (building calls `GET /user`), again after a failed build.
-    client: tokio::sync::Mutex<Option<AsyncGitlab>>,
+    /// The REST client (built on first use).
+    api: Client,
     cache: Mutex<Cache>,
     git_config: Vec<(String, String)>,
 }
@@ -73,19 +69,12 @@ struct Cache {
     bot_id: Option<u64>,
 }
 
-/// Why a GitLab call failed, before it becomes a [`ForgeError`].
-#[derive(Debug)]
-enum Fail {
-    NotFound(String),
-    /// 400 "has already been taken": another replica (or user) created it.
-    Taken(String),
-    /// 409 (e.g. "Member already exists").
-    Conflict(String),
-    Unavailable(String),
-    Refused(String),
+/// A GitLab failure as the forge reports it, patient values redacted.
+trait IntoForgeError {
+    fn into_forge_error(self, path: &ProjectPath) -> ForgeError;
 }
 
-impl Fail {
+impl IntoForgeError for Fail {
     fn into_forge_error(self, path: &ProjectPath) -> ForgeError {
         match self {
             Self::Unavailable(m) => ForgeError::Unavailable(path.redact(&m)),
@@ -93,46 +82,6 @@ impl Fail {
                 ForgeError::Refused(path.redact(&m))
             }
         }
-    }
-}
-
-fn by_status(what: &str, status: u16, message: &str) -> Fail {
-    let text = format!("{what}: GitLab answered {status}: {message}");
-    match status {
-        404 => Fail::NotFound(text),
-        409 => Fail::Conflict(text),
-        400 if message.contains("has already been taken") => Fail::Taken(text),
-        408 | 429 | 500..=599 => Fail::Unavailable(text),
-        _ => Fail::Refused(text),
-    }
-}
-
-fn classify(what: &str, e: ApiError<RestError>) -> Fail {
-    match e {
-        ApiError::GitlabWithStatus { status, msg } => by_status(what, status.as_u16(), &msg),
-        ApiError::GitlabObjectWithStatus { status, obj } => by_status(what, status.as_u16(), &obj.to_string()),
-        ApiError::GitlabUnrecognizedWithStatus { status, obj } => by_status(what, status.as_u16(), &obj.to_string()),
-        ApiError::GitlabService { status, .. } => {
-            by_status(what, status.as_u16(), status.canonical_reason().unwrap_or("no message"))
-        }
-        ApiError::GitlabRateLimited { .. } => Fail::Unavailable(format!("{what}: GitLab is rate limiting: {e}")),
-        ApiError::Client { source: RestError::AuthError { .. } } | ApiError::Auth { .. } => {
-            Fail::Refused(format!("{what}: {e}"))
-        }
-        // Connection refused or reset, TLS, a proxy's non-JSON answer...
-        ApiError::Client { .. } | ApiError::Json { .. } | ApiError::DataType { .. } => {
-            Fail::Unavailable(format!("{what}: {e}"))
-        }
-        e => Fail::Refused(format!("{what}: {e}")),
-    }
-}
-
-fn classify_build(e: GitlabError) -> Fail {
-    let what = "connect to GitLab (GET /user)";
-    match e {
-        GitlabError::Api { source } => classify(what, source),
-        GitlabError::UrlParse { .. } | GitlabError::AuthError { .. } => Fail::Refused(format!("{what}: {e}")),
-        e => Fail::Unavailable(format!("{what}: {e}")),
     }
 }
 
@@ -200,10 +149,7 @@ fn study_group(segments: &[&str]) -> usize {
 impl GitlabForge {
     /// A forge for `config` (nothing is contacted yet).
     pub fn new(config: GitlabConfig) -> Self {
-        let (insecure, host) = match config.url.strip_prefix("http://") {
-            Some(rest) => (true, rest.to_owned()),
-            None => (false, config.url.strip_prefix("https://").unwrap_or(&config.url).to_owned()),
-        };
+        let api = Client::new(&config.url, config.token.clone(), config.request_timeout);
         let git_config = match &config.transport {
             GitTransport::Https => {
                 let credentials =
@@ -222,62 +168,7 @@ impl GitlabForge {
                 ),
             )],
         };
-        Self {
-            config,
-            host,
-            insecure,
-            client: tokio::sync::Mutex::new(None),
-            cache: Mutex::new(Cache::default()),
-            git_config,
-        }
-    }
-
-    async fn client(&self) -> Result<AsyncGitlab, Fail> {
-        let mut client = self.client.lock().await;
-        if let Some(c) = &*client {
-            return Ok(c.clone());
-        }
-        let mut builder = GitlabBuilder::new(self.host.as_str(), self.config.token.expose());
-        if self.insecure {
-            builder.insecure();
-        }
-        let built = tokio::time::timeout(self.config.request_timeout, builder.build_async())
-            .await
-            .map_err(|_| {
-                Fail::Unavailable(format!(
-                    "connect to GitLab at {}: no answer within {:?}",
-                    self.config.url, self.config.request_timeout
-                ))
-            })?
-            .map_err(classify_build)?;
-        *client = Some(built.clone());
-        Ok(built)
-    }
-
-    /// Runs one API request with the timeout; `what` names it in errors.
-    async fn call<T, Q>(&self, what: &str, query: Q) -> Result<T, Fail>
-    where
-        Q: AsyncQuery<T, AsyncGitlab> + Sync,
-        T: Send,
-    {
-        let client = self.client().await?;
-        match tokio::time::timeout(self.config.request_timeout, query.query_async(&client)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(what, e)),
-            Err(_) => Err(Fail::Unavailable(format!(
-                "{what}: GitLab did not answer within {:?}",
-                self.config.request_timeout
-            ))),
-        }
-    }
-
-    async fn get<T, E>(&self, what: &str, endpoint: Result<E, impl fmt::Display>) -> Result<T, Fail>
-    where
-        E: Endpoint + Sync + Send,
-        T: DeserializeOwned + Send + 'static,
-    {
-        let endpoint = endpoint.map_err(|e| Fail::Refused(format!("{what}: {e}")))?;
-        self.call(what, endpoint).await
+        Self { config, api, cache: Mutex::new(Cache::default()), git_config }
     }
 
     /// The id of the group `full` (`segments[..depth]`), created if missing.
@@ -294,7 +185,7 @@ impl GitlabForge {
         }
         let shown = path.shown_prefix(&full);
         let get_what = format!("get group {shown}");
-        let lookup = || self.get::<IdOnly, _>(&get_what, Group::builder().group(full.as_str()).build());
+        let lookup = || self.api.get::<IdOnly, _>(&get_what, Group::builder().group(full.as_str()).build());
         let id = match lookup().await {
             Ok(g) => g.id,
             Err(Fail::NotFound(_)) => {
@@ -305,7 +196,7 @@ impl GitlabForge {
                     create.parent_id(parent);
                 }
                 let create_what = format!("create group {shown}");
-                match self.get::<IdOnly, _>(&create_what, create.build()).await {
+                match self.api.get::<IdOnly, _>(&create_what, create.build()).await {
                     Ok(g) => {
                         tracing::info!(group = shown, "created GitLab group");
                         g.id
@@ -332,7 +223,7 @@ impl GitlabForge {
         }
         let bot = self.config.bot_username.as_str();
         let what = format!("look up the bot user {bot:?} (GITLAB_BOT_USERNAME)");
-        let users: Vec<UserInfo> = self.get(&what, Users::builder().username(bot).build()).await?;
+        let users: Vec<UserInfo> = self.api.get(&what, Users::builder().username(bot).build()).await?;
         let id = users
             .iter()
             .find(|u| u.username.eq_ignore_ascii_case(bot))
@@ -351,6 +242,7 @@ impl GitlabForge {
         let name = &self.config.bot_username;
         let level = || async {
             match self
+                .api
                 .call::<MemberInfo, _>(
                     &format!("get {name}'s access to group {shown}"),
                     InheritedMember { group, user: bot },
@@ -365,7 +257,7 @@ impl GitlabForge {
         if level().await? < MAINTAINER {
             let what = format!("make {name} Maintainer of group {shown}");
             let add = AddGroupMember::builder().group(group).user(bot).access_level(AccessLevel::Maintainer).build();
-            match self.get::<MemberInfo, _>(&what, add).await {
+            match self.api.get::<MemberInfo, _>(&what, add).await {
                 Ok(_) => tracing::info!(group = shown, bot = name, "made the bot Maintainer of the study group"),
                 // Already a direct member: added meanwhile by another replica, or below Maintainer.
                 Err(Fail::Conflict(_)) => {
@@ -375,7 +267,7 @@ impl GitlabForge {
                             .user(bot)
                             .access_level(AccessLevel::Maintainer)
                             .build();
-                        self.get::<MemberInfo, _>(&what, edit).await?;
+                        self.api.get::<MemberInfo, _>(&what, edit).await?;
                         tracing::info!(group = shown, bot = name, "raised the bot to Maintainer of the study group");
                     }
                 }
@@ -389,7 +281,7 @@ impl GitlabForge {
     async fn project(&self, path: &ProjectPath, namespace: u64, name: &str) -> Result<ProjectInfo, Fail> {
         let shown = path.shown();
         let get_what = format!("get project {shown}");
-        let lookup = || self.get::<ProjectInfo, _>(&get_what, GetProject::builder().project(path.as_str()).build());
+        let lookup = || self.api.get::<ProjectInfo, _>(&get_what, GetProject::builder().project(path.as_str()).build());
         match lookup().await {
             Ok(p) => return Ok(p),
             Err(Fail::NotFound(_)) => {}
@@ -403,7 +295,7 @@ impl GitlabForge {
             .initialize_with_readme(false)
             .build();
         let create_what = format!("create project {shown}");
-        match self.get::<ProjectInfo, _>(&create_what, create).await {
+        match self.api.get::<ProjectInfo, _>(&create_what, create).await {
             Ok(p) => {
                 tracing::info!(project = shown, "created GitLab project");
                 Ok(p)
@@ -485,7 +377,7 @@ impl GitlabForge {
                 .name(branch.as_str())
                 .build()
                 .map_err(|e| Fail::Refused(format!("{what}: {e}")))?;
-            match self.call::<(), _>(&what, gitlab::api::ignore(protect)).await {
+            match self.api.call::<(), _>(&what, gitlab::api::ignore(protect)).await {
                 Ok(_) => tracing::info!(project = path.shown(), branch, "protected branch"),
                 // "Protected branch 'dev' already exists": a site's own settings stay.
                 Err(Fail::Conflict(_)) => {}
@@ -532,7 +424,6 @@ mod tests {
     #[test]
     fn git_credentials_are_a_header_scoped_to_gitlab() {
         let f = forge("https://gitlab.example.org");
-        assert_eq!((f.host.as_str(), f.insecure), ("gitlab.example.org", false));
         let expected = base64::engine::general_purpose::STANDARD.encode("oauth2:glpat-abc");
         assert_eq!(
             f.git_config,
@@ -542,8 +433,6 @@ mod tests {
             )]
         );
         assert!(!format!("{f:?}").contains("glpat-abc"));
-        let f = forge("http://127.0.0.1:8080/gitlab");
-        assert_eq!((f.host.as_str(), f.insecure), ("127.0.0.1:8080/gitlab", true));
     }
 
     #[test]
@@ -565,19 +454,6 @@ mod tests {
         assert!(command.contains("StrictHostKeyChecking=yes"), "{command}");
         assert!(command.contains("UserKnownHostsFile='/run/secrets/it'\\''s hosts'"), "{command}");
         assert!(!command.contains("PRIVATE KEY"));
-    }
-
-    #[test]
-    fn statuses_are_classified() {
-        assert!(matches!(by_status("x", 502, "Bad Gateway"), Fail::Unavailable(_)));
-        assert!(matches!(by_status("x", 429, "slow down"), Fail::Unavailable(_)));
-        assert!(matches!(by_status("x", 403, "403 Forbidden"), Fail::Refused(_)));
-        assert!(matches!(by_status("x", 401, "401 Unauthorized"), Fail::Refused(_)));
-        assert!(matches!(by_status("x", 404, "404 Group Not Found"), Fail::NotFound(_)));
-        assert!(matches!(by_status("x", 409, "Member already exists"), Fail::Conflict(_)));
-        let taken = r#"Failed to save group {:path=>["has already been taken"]}"#;
-        assert!(matches!(by_status("x", 400, taken), Fail::Taken(_)));
-        assert!(matches!(by_status("x", 400, "path is invalid"), Fail::Refused(_)));
     }
 
     #[test]
