@@ -34,6 +34,12 @@ pub(crate) fn today() -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The date (UTC) `days` days from today as `YYYY-MM-DD`.
+pub(crate) fn date_in_days(days: i64) -> String {
+    let (y, m, d) = civil((unix_now() / 86_400) as i64 + days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 /// Whether `s` looks like `YYYY-MM-DD`.
 pub(crate) fn is_date(s: &str) -> bool {
     let b = s.as_bytes();
@@ -54,5 +60,7 @@ mod tests {
         assert_eq!(civil(19_782), (2024, 2, 29));
         assert!(is_date("2024-02-29"));
         assert!(!is_date("2024-2-29"));
+        assert_eq!(date_in_days(0), today());
+        assert!(date_in_days(7) > today());
     }
 }

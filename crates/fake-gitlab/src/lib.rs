@@ -8,8 +8,9 @@
 //! follows the behaviour documented for **GitLab 17.x** in the REST API
 //! documentation (docs.gitlab.com/ee/api/: `groups`, `members`,
 //! `group_level_variables`, `project_level_variables`, `instance_level_ci_variables`,
-//! `projects`, `branches`, `protected_branches`, `users`, `user_tokens`,
-//! `runners`, `rest/index` for authentication, status codes and pagination):
+//! `projects`, `branches`, `protected_branches`, `commits`, `repository_files`,
+//! `users`, `user_keys`, `user_tokens`, `personal_access_tokens`, `runners`,
+//! `rest/index` for authentication, status codes and pagination):
 //! paths, parameters, status codes, the fields of the responses that callers
 //! use, and error bodies shaped like GitLab's (`{"message": ...}` for
 //! application errors, `{"error": ...}` for parameter validation and unknown
@@ -20,7 +21,17 @@
 //!
 //! - `GET /api/v4/user`, `GET /users` (`username`, `search`), `GET /users/:id`,
 //!   `POST /users` (admin), `POST /users/:id/personal_access_tokens` (admin),
-//!   `GET /personal_access_tokens` (`user_id`), `GET /personal_access_tokens/self`.
+//!   `GET /personal_access_tokens` (`user_id`), `GET /personal_access_tokens/self`,
+//!   `POST /personal_access_tokens/:id/rotate` (`expires_at`, a week by
+//!   default; `self` too): revokes the token and answers `200` with a new one
+//!   of the same name and scopes (admins rotate anyone's, users their own; a
+//!   revoked token is `400 Bad request - Token already revoked`, an unknown
+//!   one `404 Not Found` for admins and `401` for others, as in GitLab).
+//! - SSH keys: `GET /users/:id/keys`, `POST /users/:id/keys` (admin; `title`,
+//!   `key`, `expires_at`, `usage_type` default `auth_and_signing`). Keys must
+//!   be OpenSSH public keys (`{"message":{"key":["is invalid"],…}}`) and are
+//!   unique across the instance (`{"message":{"fingerprint_sha256":["has
+//!   already been taken"]}}`; the fake compares key blobs).
 //! - Groups: `GET /groups` (`search`, `top_level_only`, `all_available`,
 //!   `order_by` name|path|id, `sort`), `GET /groups/:id` (id or URL-encoded
 //!   full path), `POST /groups`, `GET /groups/:id/subgroups`,
@@ -37,8 +48,21 @@
 //!   repository), `GET|POST /projects/:id/protected_branches`,
 //!   `GET|DELETE /projects/:id/protected_branches/:name` (wildcards like
 //!   `convert/*`).
+//! - Repository files, on the real repository with git plumbing (no work
+//!   tree): `POST /projects/:id/repository/commits` (Developer and the
+//!   branch's protected branch rules; `branch`, `commit_message`,
+//!   `start_branch`, `author_name`, `author_email`, `actions` of `create`,
+//!   `update`, `delete`, `move`, `chmod` with `encoding` `text`|`base64`, as
+//!   JSON or as the form fields `actions[][…]` the `gitlab` crate sends; the
+//!   first commit of an empty repository needs no `start_branch`), with
+//!   GitLab's `400` messages (`A file with this name already exists`, `A file
+//!   with this name doesn't exist`, ...); `GET /projects/:id/repository/files/:file_path`
+//!   (`ref`; content in base64 with `blob_id`, `last_commit_id`,
+//!   `content_sha256`, ...; `404 File Not Found`, `404 Commit Not Found`) and
+//!   `…/files/:file_path/raw` (`ref` optional: the default branch).
 //! - Runners: `POST /user/runners` (`glrt-` tokens), `GET /runners/all`
-//!   (admin), `GET|DELETE /runners/:id`.
+//!   (admin), `GET|DELETE /runners/:id`, `POST /runners/verify` (no user: the
+//!   runner's `token`; `403 Forbidden` if unknown).
 //! - Git smart HTTP at `/<path_with_namespace>.git/{info/refs,git-upload-pack,git-receive-pack}`
 //!   through `git http-backend` (CGI), authenticated with HTTP Basic where the
 //!   password is a personal access token (any user name, e.g. `oauth2`).
@@ -81,8 +105,10 @@
 //! Tests can seed state directly ([`FakeGitlab::add_user`],
 //! [`FakeGitlab::add_group`], ...), inspect it ([`FakeGitlab::group`],
 //! [`FakeGitlab::members`], ...), read the request log
-//! ([`FakeGitlab::requests`]) and inject failures or delays on any path, REST or
-//! git ([`FakeGitlab::fail_next`], [`FakeGitlab::delay_next`]). A constant
+//! ([`FakeGitlab::requests`]; [`FakeGitlab::write_requests`] keeps those that
+//! may write, to show that a second run changed nothing) and inject failures
+//! or delays on any path, REST or git ([`FakeGitlab::fail_next`],
+//! [`FakeGitlab::delay_next`]). A constant
 //! [`Latency`] before every API and git request ([`FakeGitlab::set_latency`])
 //! stands for a GitLab on another host; [`FakeGitlab::stop`] and
 //! [`FakeGitlab::restart`] make an outage (connections refused, then served
@@ -90,11 +116,16 @@
 //!
 //! # What it does not implement
 //!
-//! Everything else: merge requests, pipelines, jobs, issues, tags, files and
-//! commits APIs, webhooks, SSH key APIs (keys are seeded with
-//! [`FakeGitlab::add_ssh_key`]; git over SSH runs through a real `sshd` with
-//! [`FakeGitlab::start_ssh`], whose forced command asks a fake-only endpoint
-//! where gitlab-shell would ask GitLab's internal API), LFS, GraphQL, OAuth, passwords, group/project access tokens, CI
+//! Everything else: merge requests, pipelines, jobs, issues, tags, the other
+//! commits and files endpoints (listing, single commit, `PUT|POST|DELETE
+//! /files`) and the `start_sha`, `start_project`, `force` and
+//! `last_commit_id` parameters of a commit (the first three are refused),
+//! webhooks, the other SSH key endpoints (`/user/keys`, deletion; keys can
+//! also be seeded with [`FakeGitlab::add_ssh_key`]; git over SSH runs
+//! through a real `sshd` with [`FakeGitlab::start_ssh`], whose forced command
+//! asks a fake-only endpoint where gitlab-shell would ask GitLab's internal
+//! API; signing-only keys do not log in), LFS, GraphQL, OAuth, passwords,
+//! group/project access tokens, CI
 //! job tokens, `sudo`, deletion and transfer of groups and projects, invites,
 //! group sharing, member expiry, approval rules, the `allowed_to_*` per-user
 //! or per-group protected branch rules (only the access levels), protected
@@ -112,7 +143,8 @@
 //!   protected branches, variables, runners, SSH keys) and its lookups;
 //! - `params`: request parameters (query, JSON or form body) and their checks;
 //! - `replies`: API errors and replies, HTTP responses;
-//! - `clock`: timestamps and dates; `names`: GitLab's path and name rules.
+//! - `clock`: timestamps and dates; `names`: GitLab's path and name rules;
+//! - `sha256`: SHA-256 for the `content_sha256` of files.
 //!
 //! Above them:
 //!
@@ -135,10 +167,13 @@ mod replies;
 mod repos;
 mod seed;
 mod server;
+mod sha256;
 mod shared;
 mod ssh;
 mod state;
 
 pub use server::{FakeGitlab, Latency, LoggedRequest};
 pub use ssh::FakeGitlabSsh;
-pub use state::{Group, Member, PersonalAccessToken, Project, ProtectedBranch, Runner, Scope, User, Variable, access};
+pub use state::{
+    Group, Member, PersonalAccessToken, Project, ProtectedBranch, Runner, Scope, SshKey, User, Variable, access,
+};

@@ -126,6 +126,55 @@ impl Params {
         }
         out
     }
+
+    /// An array of objects: a JSON array of objects, or form fields in Rack's
+    /// notation, `key[][field]=…` (a new object starts when a field repeats)
+    /// or `key[N][field]=…`. Each object becomes its own [`Params`]; `None`
+    /// when `key` is absent.
+    pub(crate) fn objects(&self, key: &str) -> Result<Option<Vec<Params>>, ParamError> {
+        if let Some(v) = self.raw(key) {
+            let Value::Array(items) = v else { return Err(ParamError::new(400, format!("{key} is invalid"))) };
+            let mut out = Vec::new();
+            for item in items {
+                let Value::Object(map) = item else { return Err(ParamError::new(400, format!("{key} is invalid"))) };
+                out.push(Params { pairs: map.clone().into_iter().collect() });
+            }
+            return Ok(Some(out));
+        }
+        let open = format!("{key}[");
+        let mut out: Vec<Params> = Vec::new();
+        // `key[N][…]`: N and the position of its object.
+        let mut indexed: Vec<(String, usize)> = Vec::new();
+        for (k, v) in &self.pairs {
+            let Some(rest) = k.strip_prefix(open.as_str()) else { continue };
+            let Some((index, field)) = rest.split_once("][") else { continue };
+            let Some(field) = field.strip_suffix(']').filter(|f| !f.is_empty() && !f.contains('[')) else {
+                continue;
+            };
+            let target = if index.is_empty() {
+                match out.last() {
+                    Some(last) if last.raw(field).is_none() => out.len() - 1,
+                    _ => {
+                        out.push(Params::default());
+                        out.len() - 1
+                    }
+                }
+            } else {
+                match indexed.iter().find(|(i, _)| i == index) {
+                    Some((_, at)) => *at,
+                    None => {
+                        out.push(Params::default());
+                        indexed.push((index.to_owned(), out.len() - 1));
+                        out.len() - 1
+                    }
+                }
+            };
+            if let Some(obj) = out.get_mut(target) {
+                obj.pairs.push((field.to_owned(), v.clone()));
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
 }
 
 /// `visibility`: `private`, `internal` or `public`, `default` when absent.
@@ -145,4 +194,38 @@ pub(crate) fn matches_search(needle: &str, hay: &[&str]) -> bool {
 /// A percent-decoded path segment.
 pub(crate) fn decode(seg: &str) -> String {
     percent_encoding::percent_decode_str(seg).decode_utf8_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_of_objects() {
+        let form = b"branch=main&actions[][action]=create&actions[][file_path]=a&actions[][content]=x\
+&actions[][action]=delete&actions[][file_path]=b";
+        let p = Params::parse(None, Some("application/x-www-form-urlencoded"), form).unwrap_or_default();
+        let actions = p.objects("actions").ok().flatten().unwrap_or_default();
+        let summary: Vec<(Option<String>, Option<String>)> =
+            actions.iter().map(|a| (a.str("action"), a.str("file_path"))).collect();
+        assert_eq!(summary, [(Some("create".into()), Some("a".into())), (Some("delete".into()), Some("b".into()))]);
+        assert_eq!(actions[0].str("content").as_deref(), Some("x"));
+
+        let form = b"actions[1][file_path]=b&actions[0][file_path]=a&actions[1][action]=delete";
+        let p = Params::parse(None, None, form).unwrap_or_default();
+        let actions = p.objects("actions").ok().flatten().unwrap_or_default();
+        assert_eq!(actions.len(), 2);
+        assert_eq!(
+            (actions[0].str("file_path").as_deref(), actions[0].str("action").as_deref()),
+            (Some("b"), Some("delete"))
+        );
+
+        let json = br#"{"actions":[{"action":"update","file_path":"c","execute_filemode":true}]}"#;
+        let p = Params::parse(None, Some("application/json"), json).unwrap_or_default();
+        let actions = p.objects("actions").ok().flatten().unwrap_or_default();
+        assert_eq!(actions[0].bool("execute_filemode").ok().flatten(), Some(true));
+        assert!(p.objects("nothing").ok().flatten().is_none());
+        let p = Params::parse(None, Some("application/json"), br#"{"actions":"x"}"#).unwrap_or_default();
+        assert_eq!(p.objects("actions").err().map(|e| e.error).as_deref(), Some("actions is invalid"));
+    }
 }

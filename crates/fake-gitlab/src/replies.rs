@@ -36,6 +36,14 @@ impl ApiErr {
     pub(crate) fn forbidden() -> Self {
         Self::message(403, "403 Forbidden")
     }
+    /// `403 {"message": "403 Forbidden - <reason>"}`.
+    pub(crate) fn forbidden_because(reason: &str) -> Self {
+        Self::message(403, format!("403 Forbidden - {reason}"))
+    }
+    /// `400 {"message": "400 Bad request - <reason>"}`.
+    pub(crate) fn bad_request(reason: &str) -> Self {
+        Self::message(400, format!("400 Bad request - {reason}"))
+    }
     /// `401 {"message": "401 Unauthorized"}`.
     pub(crate) fn unauthorized() -> Self {
         Self::message(401, "401 Unauthorized")
@@ -59,6 +67,8 @@ pub(crate) enum Reply {
     List(Vec<Value>),
     /// `204 No Content`.
     Empty,
+    /// `200` with raw bytes (`text/plain`) and extra headers: a file's content.
+    Raw(Vec<u8>, Vec<(String, String)>),
 }
 
 /// `200` with `v`.
@@ -85,6 +95,19 @@ pub(crate) fn json_response(status: u16, body: &Value, headers: Vec<(String, Str
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = resp.headers_mut();
     h.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(&v)) {
+            h.append(k, v);
+        }
+    }
+    resp
+}
+
+/// A `200` response of raw bytes with extra headers (`GET …/files/:file_path/raw`).
+pub(crate) fn raw_response(bytes: Vec<u8>, headers: Vec<(String, String)>) -> Response<Body> {
+    let mut resp = Response::new(full(bytes));
+    let h = resp.headers_mut();
+    h.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     for (k, v) in headers {
         if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(&v)) {
             h.append(k, v);

@@ -83,15 +83,29 @@ pub(crate) fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Re
 
 /// [`git`] with `author` as the author and committer name.
 pub(crate) fn git_as(dir: &Path, args: &[&str], stdin: Option<&[u8]>, author: &str) -> anyhow::Result<String> {
+    let out = git_env(dir, args, stdin, &[("GIT_AUTHOR_NAME", author), ("GIT_COMMITTER_NAME", author)])?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs git in `dir` (no system or global config) with extra environment
+/// variables (`GIT_INDEX_FILE`, the author and committer, ...; the fake's own
+/// identity otherwise) and returns stdout as bytes.
+pub(crate) fn git_env(
+    dir: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Vec<u8>> {
     let mut cmd = std::process::Command::new("git");
     cmd.current_dir(dir)
         .args(args)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", author)
+        .env("GIT_AUTHOR_NAME", "Fake GitLab")
         .env("GIT_AUTHOR_EMAIL", "fake-gitlab@example.com")
-        .env("GIT_COMMITTER_NAME", author)
+        .env("GIT_COMMITTER_NAME", "Fake GitLab")
         .env("GIT_COMMITTER_EMAIL", "fake-gitlab@example.com")
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -103,7 +117,7 @@ pub(crate) fn git_as(dir: &Path, args: &[&str], stdin: Option<&[u8]>, author: &s
     if !out.status.success() {
         anyhow::bail!("git {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
 }
 
 /// Creates the bare repository of `p` with the hook; with `readme_author`, a first commit with a README.

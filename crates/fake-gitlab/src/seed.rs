@@ -8,7 +8,9 @@ use crate::api::tokens::ALL_SCOPES;
 use crate::clock::now_iso;
 use crate::replies::ApiErr;
 use crate::server::FakeGitlab;
-use crate::state::{Group, Member, PersonalAccessToken, Project, ProtectedBranch, Runner, Scope, User, Variable};
+use crate::state::{
+    Group, Member, PersonalAccessToken, Project, ProtectedBranch, Runner, Scope, SshKey, User, Variable,
+};
 
 impl FakeGitlab {
     /// Creates a user (or reuses one of that name) and gives it a new token
@@ -29,12 +31,21 @@ impl FakeGitlab {
     }
 
     /// Registers an SSH public key (`ssh-ed25519 AAAA...`) of a user, as
-    /// `POST /users/:id/keys` would; returns the key id. Keys added before
+    /// `POST /users/:id/keys` would but without its checks (format,
+    /// uniqueness); returns the key id. Keys added before
     /// [`FakeGitlab::start_ssh`] may log in.
     pub fn add_ssh_key(&self, user_id: u64, public_key: &str) -> u64 {
         let mut st = self.state();
         let id = st.next();
-        st.ssh_keys.push((id, user_id, public_key.trim().to_owned()));
+        st.ssh_keys.push(SshKey {
+            id,
+            user_id,
+            title: format!("seeded key {id}"),
+            key: public_key.trim().to_owned(),
+            usage_type: "auth_and_signing".to_owned(),
+            expires_at: None,
+            created_at: now_iso(),
+        });
         id
     }
 
@@ -175,6 +186,11 @@ impl FakeGitlab {
     /// All runners.
     pub fn runners(&self) -> Vec<Runner> {
         self.state().runners.clone()
+    }
+
+    /// All SSH keys (seeded with [`Self::add_ssh_key`] or added with `POST /users/:id/keys`).
+    pub fn ssh_keys(&self) -> Vec<SshKey> {
+        self.state().ssh_keys.clone()
     }
 
     /// The bare repository of a project.

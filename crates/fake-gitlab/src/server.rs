@@ -207,6 +207,20 @@ impl FakeGitlab {
         lock(&self.inner.log).clone()
     }
 
+    /// Every request so far that may write, as `(method, path)`: those whose
+    /// method is not `GET` or `HEAD` (REST and git pushes alike), except git's
+    /// `POST …/git-upload-pack`, which only fetches. Empty after a run that
+    /// changed nothing (a test of idempotence clears the log first with
+    /// [`Self::clear_requests`]).
+    pub fn write_requests(&self) -> Vec<(String, String)> {
+        lock(&self.inner.log)
+            .iter()
+            .filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD"))
+            .filter(|r| !(r.method == "POST" && r.path.ends_with("/git-upload-pack")))
+            .map(|r| (r.method.clone(), r.path.clone()))
+            .collect()
+    }
+
     /// Forgets the request log.
     pub fn clear_requests(&self) {
         lock(&self.inner.log).clear();

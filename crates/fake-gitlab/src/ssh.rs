@@ -12,6 +12,7 @@ use hyper::Response;
 use crate::permissions::AuthUser;
 use crate::replies::{Body, text_response};
 use crate::shared::{Shared, lock};
+use crate::state::SshKey;
 
 /// Path of the fake's stand-in for gitlab-shell's internal API (not a GitLab path).
 pub(crate) const SSH_ALLOWED_PATH: &str = "/-/fake-gitlab/ssh-allowed";
@@ -86,12 +87,8 @@ pub(crate) fn allowed(shared: &Shared, query: Option<&str>) -> Response<Body> {
     };
     let st = lock(&shared.state);
     let key_id: u64 = get("key_id").parse().unwrap_or(0);
-    let Some(user) = st
-        .ssh_keys
-        .iter()
-        .find(|(id, _, _)| *id == key_id)
-        .and_then(|(_, user_id, _)| st.users.iter().find(|u| u.id == *user_id))
-        .cloned()
+    let Some(user) =
+        st.ssh_keys.iter().find(|k| k.id == key_id).and_then(|k| st.users.iter().find(|u| u.id == k.user_id)).cloned()
     else {
         return text_response(200, "denied: unknown SSH key", false);
     };
@@ -128,7 +125,8 @@ pub(crate) async fn start(shared: &Shared) -> anyhow::Result<FakeGitlabSsh> {
     }
     let keys = lock(&shared.state).ssh_keys.clone();
     let mut authorized = String::new();
-    for (id, _, key) in keys {
+    // Signing-only keys do not log in.
+    for SshKey { id, key, .. } in keys.into_iter().filter(|k| k.usage_type != "signing") {
         authorized.push_str(&format!(
             "restrict,command=\"{} {} {} {id}\" {key}\n",
             command.display(),

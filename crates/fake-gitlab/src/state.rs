@@ -209,6 +209,25 @@ pub struct Runner {
     pub created_by: u64,
 }
 
+/// An SSH key of a user (`POST /users/:id/keys`, or seeded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshKey {
+    /// Key id.
+    pub id: u64,
+    /// Owner.
+    pub user_id: u64,
+    /// Title.
+    pub title: String,
+    /// The public key as given, trimmed (`ssh-ed25519 AAAA... comment`).
+    pub key: String,
+    /// `auth`, `signing` or `auth_and_signing`.
+    pub usage_type: String,
+    /// Expiry (ISO 8601), if any.
+    pub expires_at: Option<String>,
+    /// Creation time.
+    pub created_at: String,
+}
+
 /// Everything the fake knows: what GitLab keeps in its database.
 #[derive(Debug, Default)]
 pub(crate) struct State {
@@ -223,8 +242,7 @@ pub(crate) struct State {
     pub(crate) protected: Vec<ProtectedBranch>,
     pub(crate) variables: Vec<Variable>,
     pub(crate) runners: Vec<Runner>,
-    /// SSH keys: `(key id, user id, public key)`.
-    pub(crate) ssh_keys: Vec<(u64, u64, String)>,
+    pub(crate) ssh_keys: Vec<SshKey>,
     pub(crate) next_id: u64,
 }
 

@@ -880,3 +880,487 @@ async fn git_clone_push_and_protected_branches_over_http() {
     assert!(err.contains("503"), "{err}");
     git_ok(work, &["clone", "--quiet", &fake.git_url("pi/study1/bids", &maint_token), "f2"]);
 }
+
+/// `raw` with a PRIVATE-TOKEN and a JSON body; the body parsed.
+async fn post_json(fake: &FakeGitlab, token: &str, path: &str, body: &Value) -> (u16, Value) {
+    let headers = [("PRIVATE-TOKEN", token), ("Content-Type", "application/json")];
+    let (status, _, resp) = raw(fake, "POST", path, &headers, &body.to_string()).await;
+    (status, serde_json::from_str(&resp).unwrap_or(Value::String(resp)))
+}
+
+/// `raw` GET with a PRIVATE-TOKEN; the body parsed.
+async fn get_json(fake: &FakeGitlab, token: &str, path: &str) -> (u16, Value) {
+    let (status, _, resp) = raw(fake, "GET", path, &[("PRIVATE-TOKEN", token)], "").await;
+    (status, serde_json::from_str(&resp).unwrap_or(Value::String(resp)))
+}
+
+#[tokio::test]
+async fn personal_access_token_rotation() {
+    use api::personal_access_tokens::RotatePersonalAccessToken;
+    let fake = FakeGitlab::start().await.unwrap();
+    let admin = fake.admin_token();
+    let (bot, bot_token) = fake.add_user("bids_bot", false);
+    let old = fake.tokens().into_iter().find(|t| t.token == bot_token).unwrap();
+
+    // A user rotates their own token (through the gitlab crate): same name and
+    // scopes, a new secret, the old one revoked, a week's expiry by default.
+    let as_bot = client(&fake, &bot_token).await;
+    let new: Value =
+        RotatePersonalAccessToken::builder().id(old.id).build().unwrap().query_async(&as_bot).await.unwrap();
+    let new_token = new["token"].as_str().unwrap().to_owned();
+    assert!(new_token.starts_with("glpat-") && new_token != bot_token, "{new}");
+    assert_eq!((new["name"].as_str(), new["user_id"].as_u64()), (Some(old.name.as_str()), Some(bot)));
+    assert_eq!(new["scopes"], serde_json::json!(old.scopes));
+    assert_eq!((new["revoked"].as_bool(), new["active"].as_bool()), (Some(false), Some(true)));
+    let expires = new["expires_at"].as_str().unwrap();
+    assert!(expires.len() == 10 && expires > &old.created_at[..10], "{expires}");
+    assert!(fake.tokens().iter().any(|t| t.id == old.id && t.revoked));
+    let (status, _) = get_json(&fake, &bot_token, "/api/v4/user").await;
+    assert_eq!(status, 401, "the old token is revoked");
+    let (status, me) = get_json(&fake, &new_token, "/api/v4/user").await;
+    assert_eq!((status, me["id"].as_u64()), (200, Some(bot)));
+
+    // Rotating a revoked token; an admin rotates anyone's (status 200, with expires_at).
+    let path = format!("/api/v4/personal_access_tokens/{}/rotate", old.id);
+    let (status, body) = post_json(&fake, &admin, &path, &serde_json::json!({})).await;
+    assert_eq!((status, body), (400, serde_json::json!({"message": "400 Bad request - Token already revoked"})));
+    let path = format!("/api/v4/personal_access_tokens/{}/rotate", new["id"]);
+    let (status, _, body) = raw(&fake, "POST", &path, &[("PRIVATE-TOKEN", &admin)], "expires_at=2031-01-31").await;
+    assert_eq!(status, 200, "{body}");
+    let rotated: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(rotated["expires_at"], "2031-01-31");
+    // Only admins learn that a token does not exist; a user may not rotate others' tokens.
+    let (status, body) =
+        post_json(&fake, &admin, "/api/v4/personal_access_tokens/999/rotate", &serde_json::json!({})).await;
+    assert_eq!((status, body), (404, serde_json::json!({"message": "404 Not Found"})));
+    let bot_now = rotated["token"].as_str().unwrap();
+    let path = format!("/api/v4/personal_access_tokens/{}/rotate", fake.tokens()[0].id);
+    let (status, body) = post_json(&fake, bot_now, &path, &serde_json::json!({})).await;
+    assert_eq!((status, body), (401, serde_json::json!({"message": "401 Unauthorized"})));
+    let (status, body) =
+        post_json(&fake, bot_now, "/api/v4/personal_access_tokens/999/rotate", &serde_json::json!({})).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post_json(
+        &fake,
+        &admin,
+        &format!("/api/v4/personal_access_tokens/{}/rotate", rotated["id"]),
+        &serde_json::json!({"expires_at": "next week"}),
+    )
+    .await;
+    assert_eq!((status, body), (400, serde_json::json!({"error": "expires_at is invalid"})));
+    // `self` is the token used.
+    let (status, body) =
+        post_json(&fake, bot_now, "/api/v4/personal_access_tokens/self/rotate", &serde_json::json!({})).await;
+    assert_eq!((status, body["name"].as_str()), (200, Some(old.name.as_str())));
+}
+
+const KEY_ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILV1DDQ3lYsqSZko3PKYo568Cp7CNN9CI1DY8fT2Cgeh alice@laptop";
+const KEY_OTHER: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH+yHgdkAYSBOIEMoWcivBVgvDTRZsgUD1tePnVCvtN2 other@host";
+const KEY_ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBPwxf9QDxTA8ppupk7rtvH+aZhaiLQHPOG6MkbE0iD76iuuPviqOGjxy9yRlE2zpKWgtQyLE7CeXdnR+Esd9tr8= ec@host";
+
+#[tokio::test]
+async fn user_ssh_keys_add_list_and_errors() {
+    let fake = FakeGitlab::start().await.unwrap();
+    let admin = fake.admin_token();
+    let (alice, alice_token) = fake.add_user("alice", false);
+    let (bob, _) = fake.add_user("bob", false);
+    let keys_of = |u: u64| format!("/api/v4/users/{u}/keys");
+
+    // Form-encoded, defaults: usage_type auth_and_signing, no expiry.
+    let form = form_urlencoded::Serializer::new(String::new())
+        .append_pair("title", "laptop")
+        .append_pair("key", KEY_ALICE)
+        .finish();
+    let (status, _, body) = raw(
+        &fake,
+        "POST",
+        &keys_of(alice),
+        &[("PRIVATE-TOKEN", &admin), ("Content-Type", "application/x-www-form-urlencoded")],
+        &form,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let k: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((k["title"].as_str(), k["key"].as_str()), (Some("laptop"), Some(KEY_ALICE)));
+    assert_eq!((k["usage_type"].as_str(), k["expires_at"].clone()), (Some("auth_and_signing"), Value::Null));
+    assert!(k["id"].as_u64().is_some() && k["created_at"].as_str().is_some());
+    // JSON, with an expiry and a usage type.
+    let body = serde_json::json!({"title": "ci", "key": KEY_ECDSA, "expires_at": "2099-01-31", "usage_type": "auth"});
+    let (status, k2) = post_json(&fake, &admin, &keys_of(alice), &body).await;
+    assert_eq!(status, 201, "{k2}");
+    assert_eq!(
+        (k2["expires_at"].as_str(), k2["usage_type"].as_str()),
+        (Some("2099-01-31T00:00:00.000Z"), Some("auth"))
+    );
+    // Listed by id or username, by anyone signed in.
+    let (status, list) = get_json(&fake, &alice_token, &keys_of(alice)).await;
+    assert_eq!(status, 200);
+    let titles: Vec<&str> = list.as_array().unwrap().iter().map(|k| k["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, ["laptop", "ci"]);
+    let (_, by_name) = get_json(&fake, &alice_token, "/api/v4/users/alice/keys").await;
+    assert_eq!(by_name, list);
+    let (_, none) = get_json(&fake, &admin, &keys_of(bob)).await;
+    assert_eq!(none, serde_json::json!([]));
+    assert_eq!(fake.ssh_keys().iter().filter(|k| k.user_id == alice).count(), 2);
+
+    // The same key (another comment) on any user: GitLab's fingerprint error.
+    let same = KEY_ALICE.replace("alice@laptop", "copied");
+    let (status, body) = post_json(&fake, &admin, &keys_of(bob), &serde_json::json!({"title": "x", "key": same})).await;
+    assert_eq!(
+        (status, body),
+        (400, serde_json::json!({"message": {"fingerprint_sha256": ["has already been taken"]}}))
+    );
+    // Not an OpenSSH public key.
+    for bad in
+        ["ssh-ed25519 nope", "hello", "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIH+yHgdkAYSBOIEMoWcivBVgvDTRZsgUD1tePnVCvtN2"]
+    {
+        let (status, body) =
+            post_json(&fake, &admin, &keys_of(bob), &serde_json::json!({"title": "x", "key": bad})).await;
+        assert_eq!(
+            (status, body),
+            (
+                400,
+                serde_json::json!({"message": {"key": ["is invalid"], "fingerprint_sha256": ["cannot be generated"]}})
+            ),
+            "{bad}"
+        );
+    }
+    // Parameters, expiry, permissions, unknown user.
+    let (status, body) = post_json(&fake, &admin, &keys_of(bob), &serde_json::json!({"title": "x"})).await;
+    assert_eq!((status, body), (400, serde_json::json!({"error": "key is missing"})));
+    let body = serde_json::json!({"title": "x", "key": KEY_OTHER, "usage_type": "push"});
+    let (status, body) = post_json(&fake, &admin, &keys_of(bob), &body).await;
+    assert_eq!((status, body), (400, serde_json::json!({"error": "usage_type does not have a valid value"})));
+    let body = serde_json::json!({"title": "x", "key": KEY_OTHER, "expires_at": "2001-01-01"});
+    let (status, body) = post_json(&fake, &admin, &keys_of(bob), &body).await;
+    assert_eq!((status, body), (400, serde_json::json!({"message": {"key": ["has expired"]}})));
+    let body = serde_json::json!({"title": "x", "key": KEY_OTHER});
+    let (status, resp) = post_json(&fake, &alice_token, &keys_of(bob), &body).await;
+    assert_eq!((status, resp), (403, serde_json::json!({"message": "403 Forbidden"})));
+    let (status, resp) = post_json(&fake, &admin, "/api/v4/users/999/keys", &body).await;
+    assert_eq!((status, resp), (404, serde_json::json!({"message": "404 User Not Found"})));
+    let (status, resp) = get_json(&fake, &admin, "/api/v4/users/nobody/keys").await;
+    assert_eq!((status, resp), (404, serde_json::json!({"message": "404 User Not Found"})));
+    let (status, _) = post_json(&fake, &admin, &keys_of(bob), &body).await;
+    assert_eq!(status, 201);
+    assert_eq!(fake.ssh_keys().len(), 3);
+}
+
+#[tokio::test]
+async fn runner_verify_with_the_runner_token() {
+    let fake = FakeGitlab::start().await.unwrap();
+    let gl = client(&fake, &fake.admin_token()).await;
+    let r: Value = api::users::CreateRunner::builder().instance().build().unwrap().query_async(&gl).await.unwrap();
+    let token = r["token"].as_str().unwrap();
+
+    // As gitlab-runner does it: the runner's token only, no user.
+    let (status, _, body) = raw(
+        &fake,
+        "POST",
+        "/api/v4/runners/verify",
+        &[("Content-Type", "application/json")],
+        &serde_json::json!({"token": token, "system_id": "s_0123456789ab"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v, serde_json::json!({"id": r["id"], "token": token, "token_expires_at": null}));
+    // Through the gitlab crate (form-encoded).
+    let v: Value = api::runners::VerifyRunner::builder()
+        .token(token)
+        .system_id("s_0123456789ab")
+        .build()
+        .unwrap()
+        .query_async(&gl)
+        .await
+        .unwrap();
+    assert_eq!(v["id"], r["id"]);
+    // Unknown or deleted runner tokens are 403; the token is required.
+    let (status, _, body) = raw(&fake, "POST", "/api/v4/runners/verify", &[], "token=glrt-nope").await;
+    assert_eq!((status, body.as_str()), (403, r#"{"message":"403 Forbidden"}"#));
+    let (status, _, body) = raw(&fake, "POST", "/api/v4/runners/verify", &[], "").await;
+    assert_eq!((status, body.as_str()), (400, r#"{"error":"token is missing"}"#));
+    let tok = fake.admin_token();
+    let (status, _, _) =
+        raw(&fake, "DELETE", &format!("/api/v4/runners/{}", r["id"]), &[("PRIVATE-TOKEN", &tok)], "").await;
+    assert_eq!(status, 204);
+    let (status, _, _) = raw(&fake, "POST", "/api/v4/runners/verify", &[], &format!("token={token}")).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn commits_and_files_on_the_real_repository() {
+    use api::projects::repository::commits::{CommitAction, CommitActionType, CreateCommit};
+    use api::projects::repository::files::{File, FileRaw};
+    use base64::Engine as _;
+    let fake = FakeGitlab::start().await.unwrap();
+    let admin = client(&fake, &fake.admin_token()).await;
+    get_or_create_groups(&admin, "pi/study1").await;
+    fake.add_project("pi/study1/bids").unwrap();
+    let (dev, dev_token) = fake.add_user("dev", false);
+    let (rep, rep_token) = fake.add_user("rep", false);
+    fake.set_member("pi/study1", dev, access::DEVELOPER).unwrap();
+    fake.set_member("pi/study1", rep, access::REPORTER).unwrap();
+    let gl = client(&fake, &dev_token).await;
+    let commits = "/api/v4/projects/pi%2Fstudy1%2Fbids/repository/commits";
+
+    // The first commit of an empty repository, through the gitlab crate
+    // (form-encoded `actions[][…]`; non-UTF-8 content goes as base64).
+    let create = |path: &'static str, content: &'static [u8]| {
+        CommitAction::builder().action(CommitActionType::Create).file_path(path).content(content).build().unwrap()
+    };
+    let first: Value = CreateCommit::builder()
+        .project("pi/study1/bids")
+        .branch("main")
+        .commit_message("Seed the dataset\n\nby the provisioner")
+        .action(create("dataset_description.json", b"{\"Name\": \"study1\"}\n"))
+        .action(create("bin/blob.dat", &[0, 159, 146, 150]))
+        .action(
+            CommitAction::builder()
+                .action(CommitActionType::Create)
+                .file_path("code/run.sh")
+                .content(&b"#!/bin/sh\n"[..])
+                .execute_filemode(true)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+        .query_async(&gl)
+        .await
+        .unwrap();
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    assert_eq!(first_id.len(), 40);
+    assert!(first_id.starts_with(first["short_id"].as_str().unwrap()));
+    assert_eq!(
+        (first["title"].as_str(), first["message"].as_str()),
+        (Some("Seed the dataset"), Some("Seed the dataset\n\nby the provisioner"))
+    );
+    assert_eq!(first["parent_ids"], serde_json::json!([]));
+    assert_eq!(
+        (first["author_name"].as_str(), first["committer_email"].as_str()),
+        (Some("dev"), Some("dev@example.com"))
+    );
+    assert_eq!(first["stats"]["additions"], 2);
+
+    // It is a real commit on the real repository.
+    let tmp = tempfile::tempdir().unwrap();
+    let url = fake.git_url("pi/study1/bids", &dev_token);
+    git_ok(tmp.path(), &["clone", "--quiet", &url, "c"]);
+    let c = tmp.path().join("c");
+    assert_eq!(git_ok(&c, &["rev-parse", "HEAD"]), first_id);
+    assert_eq!(std::fs::read(c.join("bin/blob.dat")).unwrap(), [0, 159, 146, 150]);
+    assert!(git_ok(&c, &["ls-tree", "HEAD", "code/run.sh"]).starts_with("100755 blob"));
+
+    // A JSON body: update (base64), delete, create in new directories.
+    let body = serde_json::json!({
+        "branch": "main",
+        "commit_message": "Update",
+        "author_name": "Provisioner",
+        "author_email": "provisioner@example.com",
+        "actions": [
+            {"action": "update", "file_path": "dataset_description.json", "content": "e30K", "encoding": "base64"},
+            {"action": "delete", "file_path": "bin/blob.dat"},
+            {"action": "create", "file_path": "/sub-01/anat/sub-01_T1w.json", "content": "{}"},
+        ],
+    });
+    let (status, second) = post_json(&fake, &dev_token, commits, &body).await;
+    assert_eq!(status, 201, "{second}");
+    assert_eq!(second["parent_ids"], serde_json::json!([first_id]));
+    assert_eq!((second["author_name"].as_str(), second["committer_name"].as_str()), (Some("Provisioner"), Some("dev")));
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    git_ok(&c, &["pull", "--quiet", "--ff-only", "origin", "main"]);
+    assert_eq!(std::fs::read_to_string(c.join("dataset_description.json")).unwrap(), "{}\n");
+    assert!(!c.join("bin").exists());
+    assert_eq!(std::fs::read_to_string(c.join("sub-01/anat/sub-01_T1w.json")).unwrap(), "{}");
+
+    // GitLab's errors; none of them moves the branch.
+    let action = |a: &str, path: &str| serde_json::json!({"branch": "main", "commit_message": "m", "actions": [{"action": a, "file_path": path, "content": "x"}]});
+    let exists = serde_json::json!({"message": "A file with this name already exists"});
+    let missing = serde_json::json!({"message": "A file with this name doesn't exist"});
+    for (body, expected) in [
+        (action("create", "dataset_description.json"), exists.clone()),
+        (action("create", "sub-01/anat/sub-01_T1w.json/x"), exists),
+        (action("create", "sub-01"), serde_json::json!({"message": "A directory with this name already exists"})),
+        (action("update", "nope.txt"), missing.clone()),
+        (action("delete", "nope.txt"), missing.clone()),
+        (action("delete", "sub-01"), missing),
+        (action("create", "../x"), serde_json::json!({"message": "Path cannot include directory traversal"})),
+        (action("rename", "x"), serde_json::json!({"error": "actions[0][action] does not have a valid value"})),
+        (
+            serde_json::json!({"branch": "main", "commit_message": "m"}),
+            serde_json::json!({"error": "actions is missing"}),
+        ),
+        (
+            serde_json::json!({"branch": "main", "commit_message": "m", "actions": [{"action": "update", "file_path": "a"}]}),
+            serde_json::json!({"error": "actions[0][content] is missing"}),
+        ),
+    ] {
+        let (status, resp) = post_json(&fake, &dev_token, commits, &body).await;
+        assert_eq!((status, &resp), (400, &expected), "{body}");
+    }
+    let on_branch = |branch: &str, start: Option<&str>| {
+        let mut b = serde_json::json!({"branch": branch, "commit_message": "m", "actions": [{"action": "create", "file_path": format!("{branch}.txt")}]});
+        if let Some(s) = start {
+            b["start_branch"] = s.into();
+        }
+        b
+    };
+    let (status, resp) = post_json(&fake, &dev_token, commits, &on_branch("feature", None)).await;
+    assert_eq!(
+        (status, resp),
+        (400, serde_json::json!({"message": "You can only create or edit files when you are on a branch"}))
+    );
+    let (status, resp) = post_json(&fake, &dev_token, commits, &on_branch("feature", Some("main"))).await;
+    assert_eq!(status, 201, "{resp}");
+    assert_eq!(resp["parent_ids"], serde_json::json!([second_id]));
+    let (status, resp) = post_json(&fake, &dev_token, commits, &on_branch("feature", Some("main"))).await;
+    assert_eq!(
+        (status, resp),
+        (
+            400,
+            serde_json::json!({"message": "A branch called 'feature' already exists. Switch to that branch in order to make changes"})
+        )
+    );
+    // A Reporter may read, not commit; protected branches hold for the API too.
+    let forbidden = serde_json::json!({"message": "403 Forbidden - You are not allowed to push into this branch"});
+    let (status, resp) = post_json(&fake, &rep_token, commits, &on_branch("main", None)).await;
+    assert_eq!((status, &resp), (403, &forbidden));
+    let protect = api::projects::protected_branches::ProtectBranch::builder()
+        .project("pi/study1/bids")
+        .name("main")
+        .push_access_level(ProtectedAccessLevel::Maintainer)
+        .build()
+        .unwrap();
+    api::ignore(protect).query_async(&admin).await.unwrap();
+    let (status, resp) = post_json(&fake, &dev_token, commits, &on_branch("main", None)).await;
+    assert_eq!((status, &resp), (403, &forbidden));
+    assert_eq!(git_ok(&fake.repo_dir("pi/study1/bids").unwrap(), &["rev-parse", "main"]), second_id);
+
+    // Files: content base64 with GitLab's metadata, at any ref.
+    let f: Value = File::builder()
+        .project("pi/study1/bids")
+        .file_path("sub-01/anat/sub-01_T1w.json")
+        .ref_("main")
+        .build()
+        .unwrap()
+        .query_async(&gl)
+        .await
+        .unwrap();
+    assert_eq!(
+        (f["file_name"].as_str(), f["file_path"].as_str()),
+        (Some("sub-01_T1w.json"), Some("sub-01/anat/sub-01_T1w.json"))
+    );
+    assert_eq!(
+        (f["size"].as_u64(), f["encoding"].as_str(), f["content"].as_str()),
+        (Some(2), Some("base64"), Some("e30="))
+    );
+    assert_eq!(
+        (f["ref"].as_str(), f["commit_id"].as_str(), f["last_commit_id"].as_str()),
+        (Some("main"), Some(second_id.as_str()), Some(second_id.as_str()))
+    );
+    let repo = fake.repo_dir("pi/study1/bids").unwrap();
+    assert_eq!(f["blob_id"].as_str().unwrap(), git_ok(&repo, &["rev-parse", "main:sub-01/anat/sub-01_T1w.json"]));
+    let f: Value = File::builder()
+        .project("pi/study1/bids")
+        .file_path("dataset_description.json")
+        .ref_(first_id.as_str())
+        .build()
+        .unwrap()
+        .query_async(&gl)
+        .await
+        .unwrap();
+    let content = base64::engine::general_purpose::STANDARD.decode(f["content"].as_str().unwrap()).unwrap();
+    assert_eq!(content, b"{\"Name\": \"study1\"}\n");
+    let (_, f) = get_json(
+        &fake,
+        &rep_token,
+        "/api/v4/projects/pi%2Fstudy1%2Fbids/repository/files/dataset_description.json?ref=main",
+    )
+    .await;
+    assert_eq!(f["content_sha256"], "ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356");
+    assert_eq!(
+        (f["last_commit_id"].as_str(), f["execute_filemode"].as_bool()),
+        (Some(second_id.as_str()), Some(false))
+    );
+    let (_, f) =
+        get_json(&fake, &rep_token, "/api/v4/projects/pi%2Fstudy1%2Fbids/repository/files/code%2Frun.sh?ref=main")
+            .await;
+    assert_eq!((f["last_commit_id"].as_str(), f["execute_filemode"].as_bool()), (Some(first_id.as_str()), Some(true)));
+    // Raw content, through the crate and without a ref (the default branch).
+    let bytes =
+        api::raw(FileRaw::builder().project("pi/study1/bids").file_path("code/run.sh").ref_("main").build().unwrap())
+            .query_async(&gl)
+            .await
+            .unwrap();
+    assert_eq!(bytes, b"#!/bin/sh\n");
+    let (status, h, body) = raw(
+        &fake,
+        "GET",
+        "/api/v4/projects/pi%2Fstudy1%2Fbids/repository/files/dataset_description.json/raw",
+        &[("PRIVATE-TOKEN", &dev_token)],
+        "",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "{}\n"));
+    assert_eq!(header(&h, "x-gitlab-commit-id"), second_id);
+    // Missing files, refs and parameters.
+    let files = "/api/v4/projects/pi%2Fstudy1%2Fbids/repository/files";
+    for (path, status, expected) in [
+        (format!("{files}/nope.txt?ref=main"), 404, serde_json::json!({"message": "404 File Not Found"})),
+        (format!("{files}/sub-01?ref=main"), 404, serde_json::json!({"message": "404 File Not Found"})),
+        (format!("{files}/bin%2Fblob.dat?ref=main"), 404, serde_json::json!({"message": "404 File Not Found"})),
+        (format!("{files}/nope.txt/raw?ref=main"), 404, serde_json::json!({"message": "404 File Not Found"})),
+        (
+            format!("{files}/dataset_description.json?ref=nope"),
+            404,
+            serde_json::json!({"message": "404 Commit Not Found"}),
+        ),
+        (format!("{files}/dataset_description.json"), 400, serde_json::json!({"error": "ref is missing"})),
+    ] {
+        assert_eq!(get_json(&fake, &dev_token, &path).await, (status, expected), "{path}");
+    }
+    // bin/blob.dat is still in the first commit.
+    let (status, _) = get_json(&fake, &dev_token, &format!("{files}/bin%2Fblob.dat?ref={first_id}")).await;
+    assert_eq!(status, 200);
+    // Private project, not a member: 404.
+    let (_, stranger) = fake.add_user("stranger", false);
+    let (status, resp) = get_json(&fake, &stranger, &format!("{files}/dataset_description.json?ref=main")).await;
+    assert_eq!((status, resp), (404, serde_json::json!({"message": "404 Project Not Found"})));
+    let (status, _) = post_json(&fake, &stranger, commits, &on_branch("main", None)).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn write_requests_count_writes_not_reads() {
+    let fake = FakeGitlab::start().await.unwrap();
+    let gl = client(&fake, &fake.admin_token()).await;
+    get_or_create_groups(&gl, "pi").await;
+    fake.add_project("pi/repo").unwrap();
+    assert!(fake.write_requests().contains(&("POST".into(), "/api/v4/groups".into())), "{:?}", fake.write_requests());
+
+    // A run that only reads (REST and a git clone) writes nothing.
+    fake.clear_requests();
+    assert_eq!(get_or_create_groups(&gl, "pi").await, fake.group("pi").unwrap().id);
+    let tmp = tempfile::tempdir().unwrap();
+    git_ok(tmp.path(), &["clone", "--quiet", &fake.git_url("pi/repo", &fake.admin_token()), "r"]);
+    assert!(!fake.requests().is_empty());
+    assert_eq!(fake.write_requests(), Vec::<(String, String)>::new());
+
+    // A POST is a write; the GET before it is not.
+    let tok = fake.admin_token();
+    let (status, _, _) = raw(&fake, "GET", "/api/v4/groups/pi", &[("PRIVATE-TOKEN", &tok)], "").await;
+    assert_eq!(status, 200);
+    let (status, _, _) = raw(&fake, "POST", "/api/v4/groups", &[("PRIVATE-TOKEN", &tok)], "name=qc&path=qc").await;
+    assert_eq!(status, 201);
+    assert_eq!(fake.write_requests(), [("POST".to_owned(), "/api/v4/groups".to_owned())]);
+    // So is a push; and clear_requests forgets them.
+    let r = tmp.path().join("r");
+    std::fs::write(r.join("f"), "x").unwrap();
+    git_ok(&r, &["add", "f"]);
+    git_ok(&r, &["commit", "--quiet", "-m", "f"]);
+    git_ok(&r, &["push", "--quiet", "origin", "HEAD:main"]);
+    assert!(fake.write_requests().contains(&("POST".into(), "/pi/repo.git/git-receive-pack".into())));
+    fake.clear_requests();
+    assert!(fake.write_requests().is_empty());
+}

@@ -1,6 +1,8 @@
 //! Branches, read from the real repository:
 //! `GET /projects/:id/repository/branches[/:branch]` (`search`).
 
+use std::path::Path;
+
 use serde_json::{Value, json};
 
 use super::protected_branches::wildcard_match;
@@ -39,13 +41,7 @@ impl State {
         if name.starts_with('-') {
             return None;
         }
-        let dir = repo_dir(env, p);
-        let format = "--format=%H%x00%h%x00%s%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%P%x00%B";
-        let out = git(&dir, &["log", "-1", format, &format!("refs/heads/{name}"), "--"], None).ok()?;
-        let f: Vec<&str> = out.splitn(11, '\0').collect();
-        if f.len() < 11 {
-            return None;
-        }
+        let commit = self.commit_json(&repo_dir(env, p), p, &format!("refs/heads/{name}"))?;
         let rules: Vec<&ProtectedBranch> =
             self.protected.iter().filter(|b| b.project_id == p.id && wildcard_match(&b.name, name)).collect();
         let protected = !rules.is_empty();
@@ -60,21 +56,33 @@ impl State {
             "developers_can_merge": !protected || dev_merge,
             "can_push": true,
             "web_url": format!("{}/{}/-/tree/{name}", self.url, p.path_with_namespace),
-            "commit": {
-                "id": f[0],
-                "short_id": f[1],
-                "title": f[2],
-                "author_name": f[3],
-                "author_email": f[4],
-                "authored_date": f[5],
-                "committer_name": f[6],
-                "committer_email": f[7],
-                "committed_date": f[8],
-                "created_at": f[8],
-                "parent_ids": f[9].split_whitespace().collect::<Vec<_>>(),
-                "message": f[10].trim_end_matches('\n'),
-                "web_url": format!("{}/{}/-/commit/{}", self.url, p.path_with_namespace, f[0]),
-            },
+            "commit": commit,
+        }))
+    }
+
+    /// The commit `rev` (a full ref name or an object id) of the repository
+    /// `dir` of `p` as GitLab shows commits, if it exists.
+    pub(crate) fn commit_json(&self, dir: &Path, p: &Project, rev: &str) -> Option<Value> {
+        let format = "--format=%H%x00%h%x00%s%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%P%x00%B";
+        let out = git(dir, &["log", "-1", format, rev, "--"], None).ok()?;
+        let f: Vec<&str> = out.splitn(11, '\0').collect();
+        if f.len() < 11 {
+            return None;
+        }
+        Some(json!({
+            "id": f[0],
+            "short_id": f[1],
+            "title": f[2],
+            "author_name": f[3],
+            "author_email": f[4],
+            "authored_date": f[5],
+            "committer_name": f[6],
+            "committer_email": f[7],
+            "committed_date": f[8],
+            "created_at": f[8],
+            "parent_ids": f[9].split_whitespace().collect::<Vec<_>>(),
+            "message": f[10].trim_end_matches('\n'),
+            "web_url": format!("{}/{}/-/commit/{}", self.url, p.path_with_namespace, f[0]),
         }))
     }
 }

@@ -2,6 +2,8 @@
 //! segments are parsed into a [`Route`] before anything is looked up, then
 //! [`Route::apply`] authenticates and calls the resource's handler. A path
 //! with no route is `404 {"error":"404 Not Found"}`, authenticated or not.
+//! Every route needs a user but `POST /runners/verify`, which a runner's token
+//! authenticates.
 
 use crate::params::Params;
 use crate::permissions::AuthUser;
@@ -28,6 +30,12 @@ pub(crate) enum Route<'a> {
     ListTokens,
     /// `GET /personal_access_tokens/self`.
     CurrentToken,
+    /// `POST /personal_access_tokens/:id/rotate` (`self`: the token used).
+    RotateToken(&'a str),
+    /// `GET /users/:id/keys`.
+    UserKeys(&'a str),
+    /// `POST /users/:id/keys`.
+    CreateUserKey(&'a str),
     /// `GET /groups`.
     ListGroups,
     /// `POST /groups`.
@@ -61,6 +69,14 @@ pub(crate) enum Route<'a> {
     AllRunners,
     /// `GET|DELETE /runners/:id`.
     Runner(&'a str),
+    /// `POST /runners/verify` (no user: the runner's token).
+    VerifyRunner,
+    /// `POST /projects/:id/repository/commits`.
+    CreateCommit(&'a str),
+    /// `GET /projects/:id/repository/files/:file_path`.
+    File(&'a str, &'a str),
+    /// `GET /projects/:id/repository/files/:file_path/raw`.
+    RawFile(&'a str, &'a str),
 }
 
 impl<'a> Route<'a> {
@@ -75,6 +91,9 @@ impl<'a> Route<'a> {
             ("POST", ["users", id, "personal_access_tokens"]) => Self::CreateToken(id),
             ("GET", ["personal_access_tokens"]) => Self::ListTokens,
             ("GET", ["personal_access_tokens", "self"]) => Self::CurrentToken,
+            ("POST", ["personal_access_tokens", id, "rotate"]) => Self::RotateToken(id),
+            ("GET", ["users", id, "keys"]) => Self::UserKeys(id),
+            ("POST", ["users", id, "keys"]) => Self::CreateUserKey(id),
             ("GET", ["groups"]) => Self::ListGroups,
             ("POST", ["groups"]) => Self::CreateGroup,
             ("GET", ["groups", g]) => Self::GetGroup(g),
@@ -90,7 +109,11 @@ impl<'a> Route<'a> {
             ("GET", ["projects", p, "repository", "branches", branch]) => Self::Branch(p, branch),
             (_, ["projects", p, "protected_branches", rest @ ..]) => Self::ProtectedBranches(p, rest),
             ("GET", ["runners", "all"]) => Self::AllRunners,
+            ("POST", ["runners", "verify"]) => Self::VerifyRunner,
             ("GET" | "DELETE", ["runners", id]) => Self::Runner(id),
+            ("POST", ["projects", p, "repository", "commits"]) => Self::CreateCommit(p),
+            ("GET", ["projects", p, "repository", "files", path]) => Self::File(p, path),
+            ("GET", ["projects", p, "repository", "files", path, "raw"]) => Self::RawFile(p, path),
             _ => return None,
         };
         Some(route)
@@ -116,6 +139,16 @@ impl<'a> Route<'a> {
             Self::CreateToken(id) => st.create_token(&me()?, id, params),
             Self::ListTokens => st.list_tokens(&me()?, params),
             Self::CurrentToken => st.current_token(auth.as_ref().map_err(Clone::clone)?),
+            Self::RotateToken("self") => {
+                let a = auth.as_ref().map_err(Clone::clone)?;
+                st.rotate_token(&a.user, &a.token_id.to_string(), params)
+            }
+            Self::RotateToken(id) => st.rotate_token(&me()?, id, params),
+            Self::UserKeys(id) => {
+                me()?;
+                st.list_user_keys(id)
+            }
+            Self::CreateUserKey(id) => st.create_user_key(&me()?, id, params),
             Self::ListGroups => st.list_groups(&me()?, params),
             Self::CreateGroup => st.api_create_group(&me()?, params),
             Self::GetGroup(g) => st.get_group(&me()?, g),
@@ -151,6 +184,10 @@ impl<'a> Route<'a> {
             }
             Self::AllRunners => st.list_all_runners(&me()?, params),
             Self::Runner(id) => st.runner(&me()?, method, id),
+            Self::VerifyRunner => st.verify_runner(params),
+            Self::CreateCommit(p) => st.create_commit(env, &me()?, p, params),
+            Self::File(p, path) => st.get_file(env, &me()?, p, path, params, false),
+            Self::RawFile(p, path) => st.get_file(env, &me()?, p, path, params, true),
         }
     }
 }

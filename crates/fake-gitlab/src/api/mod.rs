@@ -1,9 +1,9 @@
 //! The REST API v4 under `/api/v4/`: reading a request (parameters, token),
 //! routing it ([`dispatch`]), and sending the reply (paginated lists). One
 //! module per resource, each an `impl State` block with its handlers and its
-//! JSON: [`users`], [`tokens`], [`groups`], [`projects`], [`members`],
-//! [`variables`], [`branches`], [`protected_branches`], [`runners`]; and
-//! [`pagination`].
+//! JSON: [`users`], [`keys`], [`tokens`], [`groups`], [`projects`],
+//! [`members`], [`variables`], [`branches`], [`protected_branches`],
+//! [`files`] (commits and files), [`runners`]; and [`pagination`].
 //!
 //! Authentication: `PRIVATE-TOKEN: <token>`, `Authorization: Bearer <token>`
 //! or `private_token=`; otherwise `401 {"message":"401 Unauthorized"}`. A
@@ -11,7 +11,9 @@
 
 mod branches;
 mod dispatch;
+mod files;
 mod groups;
+mod keys;
 mod members;
 mod pagination;
 mod projects;
@@ -28,7 +30,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use crate::params::{ParamError, Params, decode};
-use crate::replies::{ApiErr, Body, Reply, full, json_response};
+use crate::replies::{ApiErr, Body, Reply, full, json_response, raw_response};
 use crate::shared::{Shared, lock};
 use dispatch::Route;
 use pagination::paginate;
@@ -91,6 +93,7 @@ pub(crate) async fn handle(
             *resp.status_mut() = StatusCode::NO_CONTENT;
             resp
         }
+        Ok(Reply::Raw(bytes, headers)) => raw_response(bytes, headers),
         Ok(Reply::List(items)) => {
             let (page, headers) = paginate(items, &params, &format!("{}{path}", shared.url), query);
             json_response(200, &Value::Array(page), headers)

@@ -1,6 +1,6 @@
 //! Runners: `POST /user/runners` (`glrt-` tokens; Owner of a group, Maintainer
 //! of a project, admin for the instance), `GET /runners/all` (admin),
-//! `GET|DELETE /runners/:id`.
+//! `GET|DELETE /runners/:id`, `POST /runners/verify` (runner token, no user).
 
 use serde_json::{Value, json};
 
@@ -134,5 +134,14 @@ impl State {
             return Ok(Reply::Empty);
         }
         ok(self.runner_json(&r))
+    }
+
+    /// `POST /runners/verify` (`token`, `system_id`): authenticated by the
+    /// runner's token alone, as `gitlab-runner register` does with a `glrt-`
+    /// token; `403 Forbidden` when no runner has it.
+    pub(crate) fn verify_runner(&self, params: &Params) -> Result<Reply, ApiErr> {
+        let token = params.str("token").ok_or_else(|| ParamError::missing("token"))?;
+        let r = self.runners.iter().find(|r| r.token == token).ok_or_else(ApiErr::forbidden)?;
+        ok(json!({ "id": r.id, "token": r.token, "token_expires_at": null }))
     }
 }

@@ -1,9 +1,10 @@
 //! Personal access tokens: `POST /users/:id/personal_access_tokens` (admin),
-//! `GET /personal_access_tokens` (`user_id`), `GET /personal_access_tokens/self`.
+//! `GET /personal_access_tokens` (`user_id`), `GET /personal_access_tokens/self`,
+//! `POST /personal_access_tokens/:id/rotate`.
 
 use serde_json::{Value, json};
 
-use crate::clock::{is_date, now_iso};
+use crate::clock::{date_in_days, is_date, now_iso};
 use crate::params::{ParamError, Params};
 use crate::permissions::AuthUser;
 use crate::replies::{ApiErr, Reply, created, ok};
@@ -126,5 +127,31 @@ impl State {
     pub(crate) fn current_token(&self, a: &AuthUser) -> Result<Reply, ApiErr> {
         let t = self.tokens.iter().find(|t| t.id == a.token_id).ok_or_else(|| ApiErr::not_found("Token"))?;
         ok(Self::token_json(t, false))
+    }
+
+    /// `POST /personal_access_tokens/:id/rotate` (`expires_at`, in a week by
+    /// default): revokes the token and makes a new one with the same name and
+    /// scopes, returned with its secret (`200`, as GitLab answers). Admins
+    /// rotate any token, users their own; only admins learn that a token does
+    /// not exist (`404`), others get `401` for it and for others' tokens.
+    pub(crate) fn rotate_token(&mut self, u: &User, id: &str, params: &Params) -> Result<Reply, ApiErr> {
+        let id: u64 = id.parse().map_err(|_| ParamError::new(400, "id is invalid"))?;
+        let expires_at = params.str("expires_at").filter(|s| !s.is_empty());
+        if let Some(e) = &expires_at
+            && !is_date(e)
+        {
+            return Err(ParamError::new(400, "expires_at is invalid").into());
+        }
+        let Some(i) = self.tokens.iter().position(|t| t.id == id && (u.admin || t.user_id == u.id)) else {
+            return Err(if u.admin { ApiErr::message(404, "404 Not Found") } else { ApiErr::unauthorized() });
+        };
+        if self.tokens[i].revoked {
+            return Err(ApiErr::bad_request("Token already revoked"));
+        }
+        self.tokens[i].revoked = true;
+        let old = self.tokens[i].clone();
+        let scopes: Vec<&str> = old.scopes.iter().map(String::as_str).collect();
+        let t = self.insert_token(old.user_id, &old.name, &scopes, Some(expires_at.unwrap_or_else(|| date_in_days(7))));
+        ok(Self::token_json(&t, true))
     }
 }
