@@ -21,8 +21,10 @@ pub const GITLAB_ROOT_PASSWORD: &str = "gitlab_root_password";
 pub const DICOM_BOT_GITLAB_TOKEN: &str = "dicom_bot_gitlab_token";
 /// The personal access token of `bids_bot`, the BIDS pipelines' user (a CI variable, too).
 pub const BIDS_BOT_GITLAB_TOKEN: &str = "bids_bot_gitlab_token";
-/// The bot's SSH private key (its public key is registered on the GitLab user).
+/// dicom_bot's SSH private key (its public key is registered on the GitLab user).
 pub const DICOM_BOT_SSH_KEY: &str = "dicom_bot_ssh_key";
+/// bids_bot's SSH private key: the BIDS pipelines' `BOT_SSH_KEY` CI variable.
+pub const BIDS_BOT_SSH_KEY: &str = "bids_bot_ssh_key";
 /// GitLab's SSH host keys, in `known_hosts` format.
 pub const SSH_KNOWN_HOSTS: &str = "ssh_known_hosts";
 /// `config.toml` of the data server's runner (`dind`).
@@ -104,7 +106,13 @@ pub const ALL: &[SiteSecret] = &[
         name: DICOM_BOT_SSH_KEY,
         origin: Origin::SshKey,
         in_stack: false,
-        what: "the bot's SSH private key (git over SSH, BOT_SSH_KEY)",
+        what: "dicom_bot's SSH private key (the indexer's git over SSH)",
+    },
+    SiteSecret {
+        name: BIDS_BOT_SSH_KEY,
+        origin: Origin::SshKey,
+        in_stack: false,
+        what: "bids_bot's SSH private key (the BIDS pipelines' BOT_SSH_KEY)",
     },
     SiteSecret {
         name: SSH_KNOWN_HOSTS,

@@ -6,16 +6,23 @@
 //!   `bidsflux_messaging::topology`, created when missing, updated when its settings differ,
 //!   left alone (no write) when as wanted. The services check at start that what they need
 //!   exists and refuse to run otherwise.
-//! - `secrets`: the swarm secrets with random values ([`secrets`]), on a swarm manager.
+//! - `secrets`: the secrets with random values ([`secrets`]), in the swarm of a manager or in a
+//!   directory.
+//! - `gitlab`: the root group and its projects, the bots, their tokens and SSH keys, GitLab's
+//!   host keys and the instance CI/CD variables ([`gitlab`]), with an administrator's token.
+//! - `runners`: the instance runners and the runner services' `config.toml` ([`runners`]).
+//! - `up`: all four, in the order secrets, gitlab, runners, bus.
 //!
 //! Every command prints one line per object ([`plan::Plan`]): `create`, `update` or `keep`, never a
 //! value; `--dry-run` changes nothing and exits 2 when something would change.
-//!
-//! GitLab (groups, bots, tokens, CI variables) and the runners are not provisioned yet.
 
 pub mod cli;
+pub mod gitlab;
 pub mod plan;
+pub mod rest;
+pub mod runners;
 pub mod secrets;
+pub mod site;
 
 use bidsflux_config::{ConfigError, Env};
 use bidsflux_messaging::{Bus, topology};

@@ -4,10 +4,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bidsflux_config::Env;
+use bidsflux_gitlab_api::Client;
 use bidsflux_messaging::Bus;
-use bidsflux_provisioner::cli::{Command, Target, USAGE, parse_args};
+use bidsflux_provisioner::cli::{Args, Command, Target, USAGE, parse_args};
 use bidsflux_provisioner::plan::Plan;
-use bidsflux_provisioner::{Config, bus, secrets};
+use bidsflux_provisioner::site::{Settings, Site, admin_token};
+use bidsflux_provisioner::{Config, bus, gitlab, runners, secrets};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -25,22 +27,53 @@ async fn main() -> ExitCode {
     }
     bidsflux_telemetry::command_main("bidsflux-provisioner", || async move {
         let mut plan = Plan::new(args.dry_run);
-        match args.command {
-            Command::Bus => {
-                let config = Config::from_env(&Env::from_process())?;
-                let nats = Bus::connect(&config.nats_url, "provisioner", Duration::from_secs(60)).await?;
-                bus(&nats, &mut plan).await?;
-            }
-            Command::Secrets { target, options } => {
-                let store = match target {
-                    Target::Swarm(host) => secrets::Store::swarm(&host).await?,
-                    Target::Dir(dir) => secrets::Store::Dir(dir),
-                };
-                secrets::run(&store, &options, &mut plan).await?;
-            }
-            Command::Help => {}
-        }
+        run(&args, &mut plan).await?;
         Ok(ExitCode::from(plan.exit_code()))
     })
     .await
+}
+
+async fn run(args: &Args, plan: &mut Plan) -> anyhow::Result<()> {
+    let env = Env::from_process();
+    let cmd = args.command;
+    // Read every setting before anything is changed.
+    let settings = if cmd.runs(Command::Gitlab) || cmd.runs(Command::Runners) {
+        let settings = Settings::from_env(&env)?;
+        let token = admin_token(&env, args.gitlab_token_file.as_deref())?;
+        Some((settings, token))
+    } else {
+        None
+    };
+    let config = if cmd.runs(Command::Bus) { Some(Config::from_env(&env)?) } else { None };
+    let store = if cmd != Command::Bus {
+        Some(match &args.target {
+            Target::Swarm(host) => secrets::Store::swarm(host).await?,
+            Target::Dir(dir) => secrets::Store::Dir(dir.clone()),
+        })
+    } else {
+        None
+    };
+    if let (true, Some(store)) = (cmd.runs(Command::Secrets), &store) {
+        secrets::run(store, &args.options, plan).await?;
+    }
+    if let (Some((settings, token)), Some(store)) = (&settings, &store) {
+        let site = Site {
+            api: Client::new(&settings.url, token.clone(), settings.timeout),
+            store,
+            mounted: args.secrets_from.clone(),
+            settings,
+            rotate: &args.options.rotate,
+        };
+        if cmd.runs(Command::Gitlab) {
+            gitlab::run(&site, plan).await?;
+        }
+        if cmd.runs(Command::Runners) {
+            runners::run(&site, plan).await?;
+        }
+    }
+    if let Some(config) = config {
+        let nats = Bus::connect(&config.nats_url, "provisioner", Duration::from_secs(60)).await?;
+        bus(&nats, plan).await?;
+    }
+    Ok(())
 }

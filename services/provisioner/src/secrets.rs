@@ -8,7 +8,7 @@
 //! it. The values the operator must keep (GitLab's root password) are shown once, or written to a
 //! file of mode 0600 that the operator names; no other value is ever printed or logged.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -77,34 +77,76 @@ impl Store {
 
     /// The names of the secrets kept.
     pub async fn existing(&self) -> anyhow::Result<BTreeSet<String>> {
+        Ok(self.inventory().await?.into_keys().collect())
+    }
+
+    /// The secrets kept, with their labels (swarm: the secret's labels; a directory: the file
+    /// `.<name>.labels` beside it). Labels hold what identifies a value without showing it: the
+    /// GitLab id of a token, the public half of a key, the ids of runners.
+    pub async fn inventory(&self) -> anyhow::Result<BTreeMap<String, Labels>> {
         match self {
             Self::Swarm(docker) => {
                 let list = docker
                     .list_secrets(None)
                     .await
                     .context("list the swarm's secrets (is this node a swarm manager?)")?;
-                Ok(list.into_iter().filter_map(|s| s.spec.and_then(|spec| spec.name)).collect())
+                Ok(list
+                    .into_iter()
+                    .filter_map(|s| s.spec)
+                    .filter_map(|spec| Some((spec.name?, spec.labels.unwrap_or_default().into_iter().collect())))
+                    .collect())
             }
             Self::Dir(dir) => match std::fs::read_dir(dir) {
                 Ok(entries) => Ok(entries
                     .filter_map(Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .filter(|n| !n.starts_with('.'))
+                    .map(|n| {
+                        let labels = std::fs::read(dir.join(labels_file(&n)))
+                            .ok()
+                            .and_then(|b| serde_json::from_slice(&b).ok())
+                            .unwrap_or_default();
+                        (n, labels)
+                    })
                     .collect()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
                 Err(e) => Err(anyhow::anyhow!("read the secrets directory {}: {e}", dir.display())),
             },
+        }
+    }
+
+    /// The value of the secret `name`, where this process can read it: a directory store's file,
+    /// else `<mounted>/<name>` (a swarm secret mounted into the container the provisioner runs
+    /// in). Swarm does not give a secret's value back through its API. The value is as stored
+    /// (a key file keeps its final newline).
+    pub fn read(&self, name: &str, mounted: Option<&Path>) -> anyhow::Result<Option<String>> {
+        let path = match (self, mounted) {
+            (Self::Dir(dir), _) => dir.join(name),
+            (Self::Swarm(_), Some(m)) => m.join(name),
+            (Self::Swarm(_), None) => return Ok(None),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("read the secret {}: {e}", path.display())),
         }
     }
 
     /// Creates the secret `name` (version of `base`) with `value`; `Ok(false)` when it exists
     /// already (made meanwhile by another run): it is then kept, never overwritten.
     pub async fn create(&self, name: &str, base: &str, value: &str) -> anyhow::Result<bool> {
+        self.create_labeled(name, base, value, &Labels::new()).await
+    }
+
+    /// [`Store::create`] with `labels` besides [`LABEL`] (never a value).
+    pub async fn create_labeled(&self, name: &str, base: &str, value: &str, labels: &Labels) -> anyhow::Result<bool> {
+        let mut labels = labels.clone();
+        labels.insert(LABEL.to_owned(), base.to_owned());
         match self {
             Self::Swarm(docker) => {
                 let spec = SecretSpec {
                     name: Some(name.to_owned()),
-                    labels: Some(HashMap::from([(LABEL.to_owned(), base.to_owned())])),
+                    labels: Some(labels.into_iter().collect::<HashMap<_, _>>()),
                     data: Some(base64::engine::general_purpose::STANDARD.encode(value)),
                     ..Default::default()
                 };
@@ -115,9 +157,48 @@ impl Store {
                     Err(e) => Err(anyhow::anyhow!("create the secret {name}: {e}")),
                 }
             }
-            Self::Dir(dir) => create_file(dir, name, value),
+            Self::Dir(dir) => create_file(dir, name, value, &labels),
         }
     }
+
+    /// The latest version of `base` kept, if any ([`secrets::versioned`]).
+    pub async fn latest(&self, base: &str) -> anyhow::Result<Option<Stored>> {
+        Ok(latest_of(&self.inventory().await?, base))
+    }
+}
+
+/// Labels of a kept secret.
+pub type Labels = BTreeMap<String, String>;
+
+/// A kept version of a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its name (`base` or `base_vN`).
+    pub name: String,
+    /// N.
+    pub version: u32,
+    /// Its labels.
+    pub labels: Labels,
+}
+
+impl Stored {
+    /// The name of the next version.
+    pub fn next_name(stored: Option<&Self>, base: &str) -> String {
+        secrets::versioned(base, stored.map_or(1, |s| s.version + 1))
+    }
+}
+
+/// The latest version of `base` in `inventory`.
+pub fn latest_of(inventory: &BTreeMap<String, Labels>, base: &str) -> Option<Stored> {
+    inventory
+        .iter()
+        .filter_map(|(n, labels)| Some((secrets::version_of(base, n)?, n, labels)))
+        .max_by_key(|(v, _, _)| *v)
+        .map(|(version, name, labels)| Stored { name: name.clone(), version, labels: labels.clone() })
+}
+
+fn labels_file(name: &str) -> String {
+    format!(".{name}.labels")
 }
 
 impl Store {
@@ -139,7 +220,7 @@ impl Store {
 
 /// Writes `<dir>/<name>` whole or not at all (a temporary file, synced, then linked into place:
 /// the link fails if the name exists, so nothing is overwritten), mode 0600, in a 0700 directory.
-fn create_file(dir: &Path, name: &str, value: &str) -> anyhow::Result<bool> {
+fn create_file(dir: &Path, name: &str, value: &str, labels: &Labels) -> anyhow::Result<bool> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -147,6 +228,13 @@ fn create_file(dir: &Path, name: &str, value: &str) -> anyhow::Result<bool> {
         .create(dir)
         .with_context(|| format!("create the secrets directory {}", dir.display()))?;
     let target = dir.join(name);
+    if target.exists() {
+        return Ok(false);
+    }
+    // The labels first: a crash before the link leaves labels of no secret, rewritten next time.
+    let labels_path = dir.join(labels_file(name));
+    std::fs::write(&labels_path, serde_json::to_vec(labels)?)
+        .with_context(|| format!("write {}", labels_path.display()))?;
     let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let written = (|| -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
@@ -173,12 +261,8 @@ pub fn stack_variable(name: &str) -> String {
 /// Creates every missing random secret (and the rotations asked for), recording a line for each.
 pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::Result<()> {
     for name in &options.rotate {
-        match secrets::get(name) {
-            Some(SiteSecret { origin: Origin::Generated { .. }, .. }) => {}
-            Some(_) => anyhow::bail!(
-                "{name} is not a random secret: GitLab tokens, SSH keys and runner configs are rotated by `bidsflux-provisioner gitlab` and `runners`"
-            ),
-            None => anyhow::bail!("{name} is not a secret of the site (known: {})", known()),
+        if site_secret(name).is_none() {
+            anyhow::bail!("{name} is not a secret of the site (known: {})", known());
         }
     }
     let have = store.existing().await?;
@@ -221,7 +305,13 @@ pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::R
     Ok(())
 }
 
-fn known() -> String {
+/// Where the site's secret `name` comes from, if it is one.
+pub fn site_secret(name: &str) -> Option<Origin> {
+    secrets::get(name).map(|s: &SiteSecret| s.origin)
+}
+
+/// The names of the site's secrets.
+pub fn known() -> String {
     secrets::ALL.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
 }
 

@@ -71,7 +71,11 @@ fn secrets_as_files_are_created_once_and_rotated() {
     let v2 = std::fs::read_to_string(dir.join("s3_secret_v2")).unwrap();
     assert_eq!(v2.len(), 40);
     assert_ne!(v2, values[1].1);
-    let names: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    // Each secret has its labels beside it (`.<name>.labels`, no value in them).
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !(n.starts_with('.') && n.ends_with(".labels")))
+        .collect();
     assert_eq!(names.len(), 4, "no temporary file left: {names:?}");
 }
