@@ -156,12 +156,11 @@ fn env_example() -> BTreeMap<String, String> {
     out.split('\0').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
-/// The secrets the stack declares: the random ones by `bidsflux-provisioner secrets`, as a site
-/// makes them (its plan printed, GitLab's root password written to a 0600 file); GitLab's (a
-/// token, the runners' `config.toml`) through the Engine API as placeholders: GitLab is not
-/// deployed here.
+/// The secrets the stack declares, by `bidsflux-provisioner secrets` as a site makes them (its
+/// plan printed, GitLab's root password written to a 0600 file): the random ones, and the
+/// placeholders of those GitLab makes (a token, the runners' `config.toml`) that let the first
+/// deploy start. GitLab is not deployed here, so `gitlab` and `runners` never replace them.
 async fn create_secrets(engine: &Engine) {
-    use base64::Engine as _;
     use bidsflux_config::secrets as names;
     // As docs/deploy.md has the operator run it: the image, as root, the manager's socket.
     let keep = engine.dir.path().join("keep");
@@ -184,28 +183,15 @@ async fn create_secrets(engine: &Engine) {
     ]);
     let values = std::fs::read_to_string(keep.join("values")).unwrap();
     assert!(values.starts_with("gitlab_root_password="), "the root password is kept in the file");
-    for name in [names::S3_ID, names::S3_SECRET, names::GITLAB_ROOT_PASSWORD] {
+    for name in [
+        names::S3_ID,
+        names::S3_SECRET,
+        names::GITLAB_ROOT_PASSWORD,
+        names::DICOM_BOT_GITLAB_TOKEN,
+        names::GITLAB_RUNNER_DATA_CONFIG,
+        names::GITLAB_RUNNER_PROC_CONFIG,
+    ] {
         assert!(plan.contains(&format!("create secret {name} ")), "{name} not created:\n{plan}");
-    }
-    let docker = bollard::Docker::connect_with_unix(
-        &engine.sock.display().to_string(),
-        60,
-        &bollard::ClientVersion { major_version: 1, minor_version: 41 },
-    )
-    .unwrap();
-    let runner = "# GitLab is not deployed by the deploy test: no runner.\nconcurrent = 1\n";
-    let secrets = [
-        (names::DICOM_BOT_GITLAB_TOKEN, "unused-with-the-local-forge"),
-        (names::GITLAB_RUNNER_DATA_CONFIG, runner),
-        (names::GITLAB_RUNNER_PROC_CONFIG, runner),
-    ];
-    for (name, value) in secrets {
-        let spec = bollard::models::SecretSpec {
-            name: Some(name.to_owned()),
-            data: Some(base64::engine::general_purpose::STANDARD.encode(value)),
-            ..Default::default()
-        };
-        docker.create_secret(spec).await.unwrap_or_else(|e| panic!("create secret {name}: {e}"));
     }
 }
 

@@ -88,17 +88,52 @@ async fn start(settings: &[(&str, &str)], indexers: usize, options: &SiteOptions
     (site, bus)
 }
 
-/// A fake GitLab with the indexer's bot user, and the settings that make a site index into it.
-async fn fake_gitlab() -> (FakeGitlab, Vec<(&'static str, String)>) {
+/// A fake GitLab set up by `bidsflux-provisioner` as a site sets up its GitLab (`secrets`,
+/// `gitlab`, `runners` with the administrator's token, secrets in a directory), and the settings
+/// that make a site index into it with the `dicom_bot` token the provisioner made. The directory
+/// of secrets lives as long as the returned guard.
+async fn fake_gitlab() -> (FakeGitlab, Vec<(&'static str, String)>, tempfile::TempDir) {
     let fake = FakeGitlab::start().await.unwrap();
-    let (_, token) = fake.add_user("dicom_bot", false);
+    let ssh = fake.start_ssh().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let admin = dir.path().join("admin-token");
+    let keep = dir.path().join("keep");
+    std::fs::write(&admin, fake.admin_token()).unwrap();
+    let bin = bidsflux_testsupport::site::bin_dir().unwrap().join("bidsflux-provisioner");
+    for command in ["secrets", "gitlab", "runners"] {
+        let mut args = vec![command, "--secrets-dir", secrets.to_str().unwrap()];
+        if command == "secrets" {
+            args.extend(["--reveal-to", keep.to_str().unwrap()]);
+        } else {
+            args.extend(["--gitlab-token-file", admin.to_str().unwrap()]);
+        }
+        common::run_ok(
+            std::process::Command::new(&bin)
+                .args(&args)
+                .env("GITLAB_URL", fake.url())
+                .env("GITLAB_BOT_EMAIL", "dicom_bot@example.org")
+                .env("BIDSFLUX_GITLAB_SSH_HOST", "127.0.0.1")
+                .env("GIT_SSH_PORT", ssh.port.to_string())
+                .env("OTEL_SDK_DISABLED", "true"),
+        );
+    }
+    drop(ssh);
+    // `secrets` made a placeholder for the first deploy; `gitlab` the token, as its next version.
+    let token = secrets.join("dicom_bot_gitlab_token_v2");
+    let bot = fake.user("dicom_bot").expect("the provisioner made dicom_bot");
+    let value = std::fs::read_to_string(&token).unwrap();
+    assert!(
+        fake.tokens().iter().any(|t| t.user_id == bot.id && !t.revoked && t.token == value),
+        "the stored token is dicom_bot's active token"
+    );
     let settings = vec![
         ("BIDSFLUX_FORGE", "gitlab".to_owned()),
         ("GITLAB_URL", fake.url()),
-        ("GITLAB_TOKEN", token),
+        ("GITLAB_TOKEN_FILE", token.display().to_string()),
         ("GITLAB_BOT_USERNAME", "dicom_bot".to_owned()),
     ];
-    (fake, settings)
+    (fake, settings, dir)
 }
 
 /// `settings` borrowed as [`start`] takes them.
@@ -262,7 +297,7 @@ async fn s3_unreachable_then_answering_503_loses_nothing() {
 /// sessions wait to be indexed: the indexers retry until it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gitlab_5xx_bursts_and_a_60_s_outage_lose_nothing() {
-    let (fake, mut gitlab) = fake_gitlab().await;
+    let (fake, mut gitlab, _secrets) = fake_gitlab().await;
     gitlab.push(("BIDSFLUX_GITLAB_TIMEOUT", "10s".to_owned()));
     let (mut site, bus) = start(&borrowed(&gitlab), 2, &SiteOptions::default()).await;
     let sent = studies(&site.dir.path().join("sent"), 4, 40);
@@ -388,7 +423,7 @@ async fn four_busy_scanners_with_amendments_and_a_resend() {
 /// dead letter, their instances kept in the spool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_world_names_go_through_and_hostile_ones_are_dead_lettered_keeping_the_data() {
-    let (fake, gitlab) = fake_gitlab().await;
+    let (fake, gitlab, _secrets) = fake_gitlab().await;
     let (mut site, bus) = start(&borrowed(&gitlab), 1, &SiteOptions::default()).await;
     let dir = site.dir.path().join("sent");
     let spec = |i: usize, referring: &str, description: &str, patient: &str| StudySpec {

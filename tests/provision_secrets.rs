@@ -106,12 +106,26 @@ async fn secrets_are_created_once_seen_by_services_and_rotated() {
     let keep = engine.dir.path().join("keep");
     let first = provisioner(&engine, &["secrets", "--reveal-to", keep.to_str().unwrap()]);
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
-    assert_eq!(String::from_utf8_lossy(&first.stdout).lines().filter(|l| l.starts_with("create secret ")).count(), 3);
+    let first_plan = String::from_utf8_lossy(&first.stdout).into_owned();
+    // Three random secrets, and a placeholder of each secret the stack mounts that only GitLab
+    // can make (the first deploy needs them; `gitlab` and `runners` make their next version).
+    assert_eq!(first_plan.lines().filter(|l| l.starts_with("create secret ")).count(), 6, "{first_plan}");
+    assert!(
+        first_plan.contains("create secret dicom_bot_gitlab_token (placeholder until `bidsflux-provisioner gitlab`)"),
+        "{first_plan}"
+    );
     outputs.push(text(&first));
     let created = secrets(&engine);
     assert_eq!(
         created.keys().map(String::as_str).collect::<Vec<_>>(),
-        vec![names::GITLAB_ROOT_PASSWORD, names::S3_ID, names::S3_SECRET]
+        vec![
+            names::DICOM_BOT_GITLAB_TOKEN,
+            names::GITLAB_ROOT_PASSWORD,
+            names::GITLAB_RUNNER_DATA_CONFIG,
+            names::GITLAB_RUNNER_PROC_CONFIG,
+            names::S3_ID,
+            names::S3_SECRET
+        ]
     );
     assert_eq!(std::fs::metadata(&keep).unwrap().permissions().mode() & 0o777, 0o600);
     let kept = std::fs::read_to_string(&keep).unwrap();

@@ -202,6 +202,7 @@ pub fn parse_args(args: &[String], docker_host: Option<&str>) -> Result<Args, St
             });
         }
     }
+    options.placeholders = command == Command::Secrets;
     let target = dir.map_or(Target::Swarm(host), Target::Dir);
     Ok(Args { command, dry_run, target, options, gitlab_token_file, secrets_from })
 }
@@ -228,7 +229,11 @@ mod tests {
         assert_eq!(a.target, Target::Swarm("unix:///x.sock".into()));
         assert_eq!(
             a.options,
-            secrets::Options { rotate: vec!["s3_secret".into()], reveal_to: Some(PathBuf::from("/root/keep")) }
+            secrets::Options {
+                rotate: vec!["s3_secret".into()],
+                reveal_to: Some(PathBuf::from("/root/keep")),
+                placeholders: true
+            }
         );
         let a = parse_args(&["secrets".to_owned()], None).unwrap();
         assert_eq!(a.target, Target::Swarm("unix:///var/run/docker.sock".into()));
@@ -254,7 +259,7 @@ mod tests {
         assert_eq!(a.gitlab_token_file, Some(PathBuf::from("/t")));
         let a = parse(&["up", "--rotate", "s3_id", "--rotate", "gitlab_runner_data_config", "--secrets-dir", "/d"])
             .unwrap();
-        assert_eq!((a.command, a.options.rotate.len()), (Command::Up, 2));
+        assert_eq!((a.command, a.options.rotate.len(), a.options.placeholders), (Command::Up, 2, false));
         assert!(parse(&["runners", "--reveal-to", "/k"]).unwrap_err().contains("option of `secrets`"));
         assert!(parse(&["gitlab", "--secrets-from", "/run/secrets"]).is_ok());
         assert!(Command::Up.runs(Command::Bus) && !Command::Gitlab.runs(Command::Runners));

@@ -379,6 +379,11 @@ async fn user(site: &Site<'_>, plan: &mut Plan, bot: &Bot) -> anyhow::Result<Opt
     Ok(uid)
 }
 
+/// Whether `stored` is the placeholder `secrets` made for the first deploy.
+pub fn placeholder(stored: Option<&Stored>) -> bool {
+    stored.is_some_and(|s| s.labels.contains_key(crate::secrets::PLACEHOLDER_LABEL))
+}
+
 /// What the operator does to use a new version of a secret.
 fn switch_hint(store: &Store, secret: &SiteSecret, name: &str) -> Option<String> {
     if secrets_version(name) <= 1 {
@@ -445,6 +450,7 @@ async fn token(
     let why = match current {
         _ if site.rotating(bot.secret) => "rotation asked for".to_owned(),
         None if stored.is_none() && active.is_empty() => "new".to_owned(),
+        None if active.is_empty() && placeholder(stored.as_ref()) => "replaces the placeholder".to_owned(),
         None if active.is_empty() => "the stored token is not active in GitLab".to_owned(),
         None => "its value is not stored (lost)".to_owned(),
         Some(_)

@@ -154,6 +154,7 @@ pub async fn run(site: &Site<'_>, plan: &mut Plan) -> anyhow::Result<()> {
         let why = match (&stored, all_held, site.rotating(config)) {
             (_, _, true) => "rotation asked for",
             (None, _, _) => "new",
+            (Some(_), _, _) if crate::gitlab::placeholder(stored.as_ref()) => "replaces the placeholder",
             (Some(_), false, _) => "its runners are not the ones in GitLab",
             (Some(s), true, false) => {
                 for d in &defs {

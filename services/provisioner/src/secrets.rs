@@ -30,6 +30,9 @@ pub struct Options {
     pub rotate: Vec<String>,
     /// Where to write the values the operator must keep, instead of showing them once.
     pub reveal_to: Option<PathBuf>,
+    /// Also make placeholders of the stack's secrets that GitLab makes ([`PLACEHOLDER_LABEL`]):
+    /// `secrets` alone does, for the first deploy; `up`, which makes the real ones next, does not.
+    pub placeholders: bool,
 }
 
 /// A random value of `len` characters of [`ALPHABET`], from the OS's CSPRNG.
@@ -299,8 +302,49 @@ pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::R
             plan.record(Change::Keep, "secret", &target, Some("created meanwhile by someone else".into()));
         }
     }
+    if options.placeholders {
+        placeholders(store, &have, plan).await?;
+    }
     if !reveal.is_empty() {
         show(&reveal, options.reveal_to.as_deref())?;
+    }
+    Ok(())
+}
+
+/// Label of a placeholder: a secret the stack mounts whose value GitLab must make first.
+pub const PLACEHOLDER_LABEL: &str = "org.bidsflux.placeholder";
+
+/// The value of a placeholder of `secret`: a runner `config.toml` with no runner (gitlab-runner
+/// starts, serves its metrics and waits), or a word that GitLab refuses as a token.
+pub fn placeholder_value(secret: &SiteSecret) -> &'static str {
+    match secret.origin {
+        Origin::RunnerConfig => {
+            "# Placeholder made by `bidsflux-provisioner secrets`: no runner until `bidsflux-provisioner runners`.\nconcurrent = 1\nlisten_address = \"127.0.0.1:9252\"\n"
+        }
+        _ => "placeholder-until-bidsflux-provisioner-gitlab",
+    }
+}
+
+/// The two-stage deploy: the stack mounts secrets that only GitLab can make (`dicom_bot`'s
+/// token, the runners' configs) and GitLab runs in the stack. So `secrets` makes a placeholder
+/// of each that has no version yet; the stack deploys and GitLab starts; `gitlab` and
+/// `runners` then make the real values as the next version (`_v2`) and say which `SECRET_*`
+/// variable to set before deploying again.
+async fn placeholders(store: &Store, have: &BTreeSet<String>, plan: &mut Plan) -> anyhow::Result<()> {
+    for secret in secrets::ALL.iter().filter(|s| s.in_stack && !matches!(s.origin, Origin::Generated { .. })) {
+        if have.iter().any(|n| secrets::version_of(secret.name, n).is_some()) {
+            continue;
+        }
+        let by = if secret.origin == Origin::RunnerConfig { "runners" } else { "gitlab" };
+        let note = Some(format!("placeholder until `bidsflux-provisioner {by}`"));
+        if plan.dry_run {
+            plan.record(Change::Create, "secret", secret.name, note);
+            continue;
+        }
+        let labels = Labels::from([(PLACEHOLDER_LABEL.to_owned(), "true".to_owned())]);
+        if store.create_labeled(secret.name, secret.name, placeholder_value(secret), &labels).await? {
+            plan.record(Change::Create, "secret", secret.name, note);
+        }
     }
     Ok(())
 }

@@ -229,7 +229,7 @@ async fn up_creates_everything_then_changes_nothing() {
         "create gitlab user dicom_bot",
         "create gitlab user bids_bot",
         "create gitlab token dicom_bot bidsflux",
-        "create secret dicom_bot_gitlab_token",
+        "create secret dicom_bot_gitlab_token (new)",
         "create secret bids_bot_ssh_key",
         "create gitlab ssh-key bids_bot",
         "create secret ssh_known_hosts",
@@ -264,8 +264,9 @@ async fn up_creates_everything_then_changes_nothing() {
     // A file the site edited is kept; a deleted one is committed again.
     // Lost secrets: a token's and a runner config's. The token is rotated (not a second one),
     // the runners of that config are made again (not a second set).
-    std::fs::remove_file(f.secrets().join("dicom_bot_gitlab_token")).unwrap();
-    std::fs::remove_file(f.secrets().join("gitlab_runner_data_config")).unwrap();
+    for base in ["dicom_bot_gitlab_token", "gitlab_runner_data_config"] {
+        std::fs::remove_file(f.secrets().join(f.latest(base).unwrap())).unwrap();
+    }
     let dicom_bot = f.fake.user("dicom_bot").unwrap().id;
     let old_token = f.fake.tokens().into_iter().find(|t| !t.revoked && t.user_id == dicom_bot).unwrap();
     let healed = f.run("up", &[]);
@@ -289,8 +290,8 @@ async fn up_creates_everything_then_changes_nothing() {
     assert_eq!(rotated.status.code(), Some(0), "{}", out(&rotated));
     let stdout = String::from_utf8_lossy(&rotated.stdout);
     assert!(stdout.contains("create secret bids_bot_gitlab_token_v2"), "{stdout}");
-    assert!(stdout.contains("update ci variable BIDS_API_TOKEN"), "{stdout}");
     assert!(stdout.contains("create secret gitlab_runner_proc_config_v2"), "{stdout}");
+    assert!(stdout.contains("update ci variable BIDS_API_TOKEN"), "{stdout}");
     assert!(f.fake.tokens().iter().any(|t| t.token == before && t.revoked), "the old token is revoked");
     check_end_state(&f);
     assert_no_values(&f, &rotated);
@@ -318,7 +319,7 @@ async fn a_failure_at_each_step_then_up_again_converges() {
         if i == 5 {
             // Rotation needs a token to exist: a first clean run, a lost secret, then the fault.
             assert_eq!(f.run("up", &[]).status.code(), Some(0));
-            std::fs::remove_file(f.secrets().join("bids_bot_gitlab_token")).unwrap();
+            std::fs::remove_file(f.secrets().join(f.latest("bids_bot_gitlab_token").unwrap())).unwrap();
         }
         f.fake.fail_next(Some(method), path, 502, 1);
         let failed = f.run("up", &[]);
