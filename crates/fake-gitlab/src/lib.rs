@@ -143,8 +143,7 @@
 //!   protected branches, variables, runners, SSH keys) and its lookups;
 //! - `params`: request parameters (query, JSON or form body) and their checks;
 //! - `replies`: API errors and replies, HTTP responses;
-//! - `clock`: timestamps and dates; `names`: GitLab's path and name rules;
-//! - `sha256`: SHA-256 for the `content_sha256` of files.
+//! - `clock`: timestamps and dates; `names`: GitLab's path and name rules.
 //!
 //! Above them:
 //!
@@ -167,7 +166,6 @@ mod replies;
 mod repos;
 mod seed;
 mod server;
-mod sha256;
 mod shared;
 mod ssh;
 mod state;

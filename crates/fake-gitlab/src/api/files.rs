@@ -22,7 +22,6 @@ use super::protected_branches::wildcard_match;
 use crate::params::{ParamError, Params};
 use crate::replies::{ApiErr, Reply, created, ok};
 use crate::repos::{Env, git, git_env, repo_dir};
-use crate::sha256::sha256_hex;
 use crate::state::{Project, Scope, State, User, access};
 
 /// Paths are given literally, never as pathspec patterns.
@@ -398,4 +397,10 @@ impl State {
             "content": base64::engine::general_purpose::STANDARD.encode(&content),
         }))
     }
+}
+
+/// SHA-256 of `data` in lowercase hex (a file's `content_sha256`).
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
 }
