@@ -249,7 +249,7 @@ async fn root_group(site: &Site<'_>, plan: &mut Plan) -> anyhow::Result<Option<u
         return Ok(None);
     }
     let create = Rest::post("groups").form("name", path).form("path", path).form("visibility", "internal");
-    let g = match site.write(&object, create).await {
+    let g = match site.write(create).await {
         Ok(g) => g,
         Err(Fail::Taken(_) | Fail::Conflict(_)) => site
             .get(&object, Rest::get(format!("groups/{}", esc(path))))
@@ -286,7 +286,7 @@ async fn seed_project(
                 .form("namespace_id", gid)
                 .form("visibility", "internal")
                 .form("default_branch", BRANCH);
-            let p = match site.write(&object, create).await {
+            let p = match site.write(create).await {
                 Ok(p) => p,
                 Err(Fail::Taken(_) | Fail::Conflict(_)) => site
                     .get(&object, Rest::get(format!("projects/{}", esc(&full))))
@@ -332,7 +332,7 @@ async fn seed_project(
                 .form("actions[][file_path]", path)
                 .form("actions[][content]", content);
         }
-        site.write(&format!("files of {object}"), commit).await.map_err(|f| fail(&object, f))?;
+        site.write(commit).await.map_err(|f| fail(&object, f))?;
     }
     for (path, _) in missing {
         plan.record(Change::Create, "gitlab file", &format!("{full}:{path}"), None);
@@ -364,7 +364,7 @@ async fn user(site: &Site<'_>, plan: &mut Plan, bot: &Bot) -> anyhow::Result<Opt
                 .form("skip_confirmation", true)
                 .form("can_create_group", true)
                 .form("admin", bot.admin);
-            let u = match site.write(&object, create).await {
+            let u = match site.write(create).await {
                 Ok(u) => u,
                 // Made meanwhile, or the email is another user's: look again, say which.
                 Err(f @ (Fail::Conflict(_) | Fail::Taken(_))) => {
@@ -492,7 +492,7 @@ async fn token(
     let uid = uid.ok_or_else(|| anyhow::anyhow!("{object}: the user does not exist"))?;
     let made = match newest {
         Some(t) => site
-            .write(&object, Rest::post(format!("personal_access_tokens/{t}/rotate")).form("expires_at", &expires_at))
+            .write(Rest::post(format!("personal_access_tokens/{t}/rotate")).form("expires_at", &expires_at))
             .await
             .map_err(|f| fail(&object, f))?,
         None => {
@@ -502,7 +502,7 @@ async fn token(
             for s in bot.scopes {
                 create = create.form("scopes[]", s);
             }
-            site.write(&object, create).await.map_err(|f| fail(&object, f))?
+            site.write(create).await.map_err(|f| fail(&object, f))?
         }
     };
     let value = text(&made, "token").to_owned();
@@ -568,7 +568,7 @@ async fn ssh_key(
     }
     if let (false, Some(u), Some(key)) = (plan.dry_run, uid, &public) {
         let add = Rest::post(format!("users/{u}/keys")).form("title", KEY_TITLE).form("key", key);
-        match site.write(object, add).await {
+        match site.write(add).await {
             Ok(_) => {}
             Err(Fail::Taken(m)) => anyhow::bail!("{object}: the key is registered on another user: {m}"),
             Err(f) => return Err(fail(object, f)),
@@ -680,7 +680,7 @@ async fn variable(
                 anyhow::bail!("{object}: its flags differ and its value is unknown");
             };
             if !plan.dry_run {
-                site.write(&object, form(Rest::put(format!("admin/ci/variables/{}", want.key)), v))
+                site.write(form(Rest::put(format!("admin/ci/variables/{}", want.key)), v))
                     .await
                     .map_err(|f| fail(&object, f))?;
             }
@@ -691,7 +691,7 @@ async fn variable(
             if !plan.dry_run {
                 let Some(v) = value else { anyhow::bail!("{object}: its value is unknown") };
                 let create = form(Rest::post("admin/ci/variables").form("key", want.key), v);
-                match site.write(&object, create).await {
+                match site.write(create).await {
                     Ok(_) => {}
                     // Made meanwhile by another run: the next run compares it.
                     Err(Fail::Taken(_)) => {}

@@ -179,7 +179,7 @@ pub async fn run(site: &Site<'_>, plan: &mut Plan) -> anyhow::Result<()> {
                     .form("run_untagged", def.run_untagged)
                     .form("locked", false)
                     .form("access_level", "not_protected");
-                let r = site.write(&object, create).await.map_err(|f| fail(&object, f))?;
+                let r = site.write(create).await.map_err(|f| fail(&object, f))?;
                 let token = text(&r, "token").to_owned();
                 if token.is_empty() {
                     anyhow::bail!("{object}: GitLab's answer holds no token");

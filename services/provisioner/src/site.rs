@@ -151,14 +151,11 @@ impl Site<'_> {
         self.api.call(&what, paged(r, Pagination::All)).await.map_err(|f| fail(object, f))
     }
 
-    /// A write; its answer.
-    pub async fn write(&self, object: &str, r: Rest) -> Result<Value, Fail> {
+    /// A write; its answer, or the failure for the caller to sort (a duplicate is looked up
+    /// again; anything else becomes an error naming the object with [`fail`]).
+    pub async fn write(&self, r: Rest) -> Result<Value, Fail> {
         let what = r.what();
-        self.api.call(&what, r).await.map_err(|f| match f {
-            // Name the object: GitLab's message alone may not.
-            Fail::Refused(m) => Fail::Refused(format!("{object}: {m}")),
-            other => other,
-        })
+        self.api.call(&what, r).await
     }
 
     /// A write whose answer is not read (`DELETE`: 204).
