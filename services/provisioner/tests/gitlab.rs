@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
 use bidsflux_fake_gitlab::{FakeGitlab, FakeGitlabSsh};
 use bidsflux_testsupport::NatsServer;
@@ -39,6 +40,10 @@ impl Fixture {
     }
 
     fn run_with(&self, command: &str, extra: &[&str], token_file: &Path) -> Output {
+        self.command(command, extra, token_file).output().unwrap()
+    }
+
+    fn command(&self, command: &str, extra: &[&str], token_file: &Path) -> std::process::Command {
         let mut args = vec![command.to_owned()];
         args.push("--secrets-dir".into());
         args.push(self.secrets().display().to_string());
@@ -52,8 +57,8 @@ impl Fixture {
             args.push(token_file.display().to_string());
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        std::process::Command::new(env!("CARGO_BIN_EXE_bidsflux-provisioner"))
-            .args(&args)
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bidsflux-provisioner"));
+        cmd.args(&args)
             .env("GITLAB_URL", self.fake.url())
             .env("BOT_EMAIL_DOMAIN", "bids.example.org")
             .env("BIDSFLUX_GITLAB_SSH_HOST", "127.0.0.1")
@@ -61,9 +66,8 @@ impl Fixture {
             .env("BIDSFLUX_GITLAB_TIMEOUT", "5s")
             .env("NATS_URL", &self.nats.url)
             .env("OTEL_SDK_DISABLED", "true")
-            .env_remove("GITLAB_ADMIN_TOKEN_FILE")
-            .output()
-            .unwrap()
+            .env_remove("GITLAB_ADMIN_TOKEN_FILE");
+        cmd
     }
 
     fn secret(&self, name: &str) -> String {
@@ -333,6 +337,32 @@ async fn a_failure_at_each_step_then_up_again_converges() {
         let third = f.run("up", &[]);
         assert_eq!(third.status.code(), Some(0));
         assert!(f.fake.write_requests().is_empty(), "{method} {path}: converged, then nothing to write");
+    }
+}
+
+/// `kill -9` of `up` after its n-th write request to GitLab (GitLab 20 ms away, so the kill
+/// lands while a request is in flight or its answer not yet stored), then `up` again: the same
+/// end state as a clean run, with no duplicate user, token, key or runner.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_killed_at_any_point_then_up_again_converges() {
+    for n in [1, 3, 5, 7, 9, 11, 13, 16, 19, 21] {
+        let f = Fixture::start().await;
+        f.fake.set_latency(bidsflux_fake_gitlab::Latency { api: Duration::from_millis(20), git: Duration::ZERO });
+        let mut child = f.command("up", &[], &f.tmp.path().join("admin-token")).stdout(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while f.fake.write_requests().len() < n && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), None, "killed after write {n}, before the end of the run");
+        f.fake.set_latency(bidsflux_fake_gitlab::Latency::default());
+        let again = f.run("up", &[]);
+        assert_eq!(again.status.code(), Some(0), "killed after write {n}, run again: {}", out(&again));
+        check_end_state(&f);
+        f.fake.clear_requests();
+        assert_eq!(f.run("up", &[]).status.code(), Some(0));
+        assert!(f.fake.write_requests().is_empty(), "killed after write {n}: converged, then nothing to write");
     }
 }
 
