@@ -54,6 +54,9 @@ fn secrets(engine: &Engine) -> BTreeMap<String, String> {
 /// A one-file image: Debian's static busybox as `sh`, `cat` and `sleep`.
 fn busybox_image(engine: &Engine) -> &'static str {
     let root = engine.dir.path().join("busybox-root");
+    if root.exists() {
+        return "bidsflux-test-busybox:1";
+    }
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .expect("/bin/busybox (scripts/install-deps.sh installs busybox-static)");
@@ -215,8 +218,94 @@ async fn secrets_are_created_once_seen_by_services_and_rotated() {
     }
     assert_eq!(secrets(&engine), before);
 
+    // Stage two: GitLab runs (the fake; a real sshd as its SSH endpoint). `gitlab` and `runners`
+    // write into the swarm, whose values they cannot read back.
+    let fake = bidsflux_fake_gitlab::FakeGitlab::start().await.unwrap();
+    let ssh = fake.start_ssh().await.unwrap();
+    let admin = engine.dir.path().join("admin-token");
+    std::fs::write(&admin, fake.admin_token()).unwrap();
+    let mounted = engine.dir.path().join("mounted");
+    std::fs::create_dir_all(&mounted).unwrap();
+    let gitlab = |args: &[&str]| {
+        let bin = bidsflux_testsupport::site::bin_dir().unwrap().join("bidsflux-provisioner");
+        Command::new(bin)
+            .args(args)
+            .args(["--gitlab-token-file", admin.to_str().unwrap()])
+            .env("DOCKER_HOST", engine.host())
+            .env("GITLAB_URL", fake.url())
+            .env("BOT_EMAIL_DOMAIN", "example.org")
+            .env("BIDSFLUX_GITLAB_SSH_HOST", "127.0.0.1")
+            .env("GIT_SSH_PORT", ssh.port.to_string())
+            .output()
+            .unwrap()
+    };
+    // The version 1 of s3_secret mounted while v2 is the latest: not trusted, nothing written.
+    std::fs::write(mounted.join("s3_secret"), &s3_secret).unwrap();
+    let stale = gitlab(&["gitlab", "--secrets-from", mounted.to_str().unwrap()]);
+    assert_eq!(stale.status.code(), Some(1), "{}", text(&stale));
+    assert!(text(&stale).contains("CI variable S3_SECRET needs the value of the secret s3_secret"), "{}", text(&stale));
+    assert!(fake.write_requests().is_empty(), "{:?}", fake.write_requests());
+    outputs.push(text(&stale));
+    // The latest, mounted as the swarm job of docs/provisioning.md mounts it.
+    std::fs::write(mounted.join("s3_secret"), &v2).unwrap();
+    let made = gitlab(&["gitlab", "--secrets-from", mounted.to_str().unwrap()]);
+    assert_eq!(made.status.code(), Some(0), "{}", text(&made));
+    let plan = String::from_utf8_lossy(&made.stdout).into_owned();
+    assert!(
+        plan.contains(
+            "create secret dicom_bot_gitlab_token_v2 (replaces the placeholder; rotation of dicom_bot_gitlab_token: set SECRET_DICOM_BOT_GITLAB_TOKEN=dicom_bot_gitlab_token_v2"
+        ),
+        "{plan}"
+    );
+    outputs.push(text(&made));
+    let runners = gitlab(&["runners"]);
+    assert_eq!(runners.status.code(), Some(0), "{}", text(&runners));
+    assert!(
+        String::from_utf8_lossy(&runners.stdout)
+            .contains("create secret gitlab_runner_proc_config_v2 (replaces the placeholder")
+    );
+    outputs.push(text(&runners));
+    let vars: BTreeMap<String, String> = fake.variables(None).into_iter().map(|v| (v.key, v.value)).collect();
+    assert_eq!(vars["S3_SECRET"], v2, "the CI variable holds the latest S3 secret");
+    // A service mounting the stored token reads the active token of dicom_bot.
+    engine.docker_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "token-probe",
+        "--secret",
+        "source=dicom_bot_gitlab_token_v2,target=dicom_bot_gitlab_token",
+        busybox_image(&engine),
+        "sleep",
+        "3600",
+    ]);
+    let probe = container_of(&engine, "token-probe").await;
+    let token = read_in(&engine, &probe, "/run/secrets/dicom_bot_gitlab_token");
+    let bot = fake.user("dicom_bot").unwrap();
+    assert!(fake.tokens().iter().any(|t| t.user_id == bot.id && !t.revoked && t.token == token));
+    // Again, nothing mounted: nothing is readable, everything is known to be as wanted by its
+    // labels and the variables' descriptions. No write, to GitLab or to the swarm.
+    let swarm_before = secrets(&engine);
+    fake.clear_requests();
+    for args in [&["gitlab"][..], &["runners"][..], &["gitlab", "--dry-run"][..]] {
+        let again = gitlab(args);
+        assert_eq!(again.status.code(), Some(0), "{args:?}: {}", text(&again));
+        let stdout = String::from_utf8_lossy(&again.stdout).into_owned();
+        assert!(stdout.lines().all(|l| l.starts_with("keep")), "{args:?}:\n{stdout}");
+        outputs.push(text(&again));
+    }
+    assert!(fake.write_requests().is_empty(), "{:?}", fake.write_requests());
+    assert_eq!(secrets(&engine), swarm_before);
+    let gitlab_tokens: Vec<String> =
+        fake.tokens().into_iter().filter(|t| t.user_id != fake.admin_id()).map(|t| t.token).collect();
+
     // No value was ever printed or logged.
-    for value in [s3_id.as_str(), s3_secret.as_str(), root_password, v2.as_str()] {
+    for value in [s3_id.as_str(), s3_secret.as_str(), root_password, v2.as_str()]
+        .into_iter()
+        .chain(gitlab_tokens.iter().map(String::as_str))
+        .chain([token.as_str()])
+    {
         for out in &outputs {
             assert!(!out.contains(value), "a secret value was printed:\n{out}");
         }

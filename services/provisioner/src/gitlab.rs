@@ -35,15 +35,13 @@ use sha2::Digest as _;
 
 use crate::plan::{Change, Plan};
 use crate::rest::{Rest, esc};
-use crate::secrets::{Labels, Store, Stored};
-use crate::site::{Site, fail, id, text};
+use crate::secrets::{Labels, SHA256_LABEL, Store, Stored};
+use crate::site::{Site, fail, id, sha256_hex, text};
 
 /// Label of a token's secret: the token's id in GitLab.
 pub const TOKEN_ID_LABEL: &str = "org.bidsflux.gitlab-token-id";
 /// Label of the SSH key's secret: its public key (OpenSSH format).
 pub const PUBLIC_KEY_LABEL: &str = "org.bidsflux.public-key";
-/// Label of a secret whose value is not secret: its SHA-256, to compare without reading it.
-pub const SHA256_LABEL: &str = "org.bidsflux.sha256";
 /// Name of the bots' personal access tokens in GitLab (how a run finds them again).
 pub const TOKEN_NAME: &str = "bidsflux";
 /// Title of the bot's SSH key in GitLab.
@@ -149,6 +147,21 @@ impl Values {
     }
 }
 
+/// The description of a variable whose value comes from a secret: names the secret and the
+/// SHA-256 of the value (never the value), so that a run that cannot read the secret can still
+/// tell whether the variable holds its latest version.
+fn describe(source: &str, value: &str) -> String {
+    format!("set by bidsflux-provisioner from the secret {source}; sha256 {}", sha256_hex(value))
+}
+
+/// Whether the variable `var` holds the value of `stored` (by the SHA-256 in its description).
+/// A secret made before labels cannot be compared: it is taken to match.
+fn var_holds(var: Option<&Value>, stored: Option<&Stored>) -> bool {
+    let (Some(var), Some(stored)) = (var, stored) else { return false };
+    let Some(sha) = stored.labels.get(SHA256_LABEL) else { return true };
+    text(var, "description").ends_with(&format!("; sha256 {sha}"))
+}
+
 /// Runs the `gitlab` command.
 pub async fn run(site: &Site<'_>, plan: &mut Plan) -> anyhow::Result<()> {
     let me = site.get("the administrator's token", Rest::get("user")).await?.unwrap_or_default();
@@ -172,12 +185,12 @@ pub async fn run(site: &Site<'_>, plan: &mut Plan) -> anyhow::Result<()> {
         users.insert(bot.username, uid);
     }
     for bot in BOTS {
-        let need_value = bot.secret == names::BIDS_BOT_GITLAB_TOKEN && !variables.contains_key("BIDS_API_TOKEN");
-        token(site, plan, &bot, users[bot.username], need_value, &mut values).await?;
+        let var = (bot.secret == names::BIDS_BOT_GITLAB_TOKEN).then(|| variables.get("BIDS_API_TOKEN"));
+        token(site, plan, &bot, users[bot.username], var, &mut values).await?;
     }
     for bot in BOTS {
-        let need_value = bot.ssh_key == names::BIDS_BOT_SSH_KEY && !variables.contains_key("BOT_SSH_KEY");
-        ssh_key(site, plan, &bot, users[bot.username], need_value, &mut values).await?;
+        let var = (bot.ssh_key == names::BIDS_BOT_SSH_KEY).then(|| variables.get("BOT_SSH_KEY"));
+        ssh_key(site, plan, &bot, users[bot.username], var, &mut values).await?;
     }
     known_hosts(site, plan, &mut values).await?;
     values.set("GIT_BOT_USERNAME", "bids_bot".to_owned());
@@ -227,6 +240,13 @@ async fn preflight(
         }
         // A dry run of `up` plans the secret before this: it does not exist yet.
         None if dry_run && stored.is_none() => {}
+        None if variables.contains_key("S3_SECRET") && !var_holds(variables.get("S3_SECRET"), stored.as_ref()) => {
+            anyhow::bail!(
+                "CI variable S3_SECRET does not hold the latest version of the secret {} ({}), which this process cannot read: run where that version is mounted (--secrets-from) or with --secrets-dir; nothing was written",
+                names::S3_SECRET,
+                stored.as_ref().map_or("", |s| s.name.as_str())
+            )
+        }
         None if !variables.contains_key("S3_SECRET") => anyhow::bail!(
             "CI variable S3_SECRET needs the value of the secret {}, which this process cannot read: run `bidsflux-provisioner secrets` first, and run `gitlab` where the secret is mounted (--secrets-from /run/secrets) or with --secrets-dir; nothing was written",
             names::S3_SECRET
@@ -389,10 +409,14 @@ fn switch_hint(store: &Store, secret: &SiteSecret, name: &str) -> Option<String>
     if secrets_version(name) <= 1 {
         return None;
     }
-    Some(if secret.in_stack {
-        store.rotation_hint(secret.name, name)
-    } else {
-        format!("new version of {}: its CI variable is updated by this run", secret.name)
+    let variable = VARIABLES.iter().find(|v| source_of(v.key) == secret.name);
+    Some(match (secret.in_stack, variable) {
+        (true, _) => store.rotation_hint(secret.name, name),
+        (false, Some(v)) => format!("new version of {}: the CI variable {} is updated by this run", secret.name, v.key),
+        (false, None) => format!(
+            "new version of {}: point what reads it (e.g. the indexer's GITLAB_SSH_KEY_FILE) at {name}",
+            secret.name
+        ),
     })
 }
 
@@ -427,11 +451,12 @@ async fn token(
     plan: &mut Plan,
     bot: &Bot,
     uid: Option<u64>,
-    need_value: bool,
+    var: Option<Option<&Value>>,
     values: &mut Values,
 ) -> anyhow::Result<()> {
     let object = format!("token of {}", bot.username);
     let stored = site.latest(bot.secret).await?;
+    let need_value = var.is_some_and(|v| !var_holds(v, stored.as_ref()));
     let active: Vec<Value> = match uid {
         Some(u) => site
             .list(&object, Rest::get("personal_access_tokens").query("user_id", u).query("state", "active"))
@@ -459,7 +484,7 @@ async fn token(
             format!("expires on {}", expires.unwrap_or_default())
         }
         Some(_) if need_value && known.is_none() => {
-            "its CI variable is missing and the value is not readable here".to_owned()
+            "BIDS_API_TOKEN is missing or holds another token, and the value is not readable here".to_owned()
         }
         Some(_) => {
             plan.record(
@@ -475,8 +500,11 @@ async fn token(
         }
     };
     let expires_at = (today + chrono::Days::new(site.settings.token_days.saturating_sub(1).into())).to_string();
-    // Rotate the newest active token rather than make another: GitLab revokes the old one.
-    let newest = active.iter().filter_map(|t| t.get("id").and_then(Value::as_u64)).max();
+    // Rotate rather than make another: GitLab revokes the old one. The stored token if it is
+    // active (a rotation asked for, an expiry), else the newest active one (a lost value).
+    let newest = current
+        .and_then(|t| t.get("id").and_then(Value::as_u64))
+        .or_else(|| active.iter().filter_map(|t| t.get("id").and_then(Value::as_u64)).max());
     let change_note = if why == "new" {
         format!("scopes {}, expires on {expires_at}", bot.scopes.join(","))
     } else {
@@ -523,18 +551,19 @@ async fn ssh_key(
     plan: &mut Plan,
     bot: &Bot,
     uid: Option<u64>,
-    need_value: bool,
+    var: Option<Option<&Value>>,
     values: &mut Values,
 ) -> anyhow::Result<()> {
     let base = bot.ssh_key;
     let stored = site.latest(base).await?;
+    let need_value = var.is_some_and(|v| !var_holds(v, stored.as_ref()));
     let public = stored.as_ref().and_then(|s| s.labels.get(PUBLIC_KEY_LABEL)).cloned();
     let known = site.read_latest(stored.as_ref(), base)?;
     let why = match (&public, site.rotating(base)) {
         (_, true) => Some("rotation asked for"),
         (None, _) => Some("new"),
         (Some(_), _) if need_value && known.is_none() => {
-            Some("BOT_SSH_KEY is missing and the key is not readable here")
+            Some("BOT_SSH_KEY is missing or holds another key, and the key is not readable here")
         }
         _ => None,
     };
@@ -614,16 +643,20 @@ async fn known_hosts(site: &Site<'_>, plan: &mut Plan, values: &mut Values) -> a
     for l in lines {
         let _ = writeln!(content, "{l}");
     }
-    let sha = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+    let sha = sha256_hex(&content);
     let stored = site.latest(base).await?;
     match &stored {
-        Some(s) if s.labels.get(SHA256_LABEL) == Some(&sha) => {
+        Some(s) if !site.rotating(base) && s.labels.get(SHA256_LABEL) == Some(&sha) => {
             plan.record(Change::Keep, "secret", &s.name, None);
         }
         _ => {
-            let why = if stored.is_some() { "GitLab's host keys changed" } else { "new" };
-            let labels = Labels::from([(SHA256_LABEL.to_owned(), sha)]);
-            store_new(site, plan, base, stored.as_ref(), &content, &labels, &format!("{why}: {host}:{port}")).await?;
+            let why = match &stored {
+                None => "new",
+                Some(_) if site.rotating(base) => "rotation asked for",
+                Some(_) => "GitLab's host keys changed",
+            };
+            store_new(site, plan, base, stored.as_ref(), &content, &Labels::new(), &format!("{why}: {host}:{port}"))
+                .await?;
         }
     }
     values.set(base, content);
@@ -653,12 +686,14 @@ async fn variable(
         if want.masked { ", masked" } else { "" },
         if want.protected { ", protected" } else { "" }
     );
+    let description = |v: &str| if source.is_empty() { String::new() } else { describe(source, v) };
     let form = |r: Rest, v: &str| {
         r.form("value", v)
             .form("variable_type", want.variable_type)
             .form("masked", want.masked)
             .form("protected", want.protected)
             .form("raw", want.raw)
+            .form("description", description(v))
     };
     match have {
         Some(h) => {
@@ -668,7 +703,8 @@ async fn variable(
                 && h.get("raw").and_then(Value::as_bool) == Some(want.raw);
             // A masked value comes back as GitLab stores it; `None` when GitLab hides it.
             let same_value = match (value, h.get("value").and_then(Value::as_str)) {
-                (Some(v), Some(g)) => v.trim_end() == g.trim_end(),
+                (Some(v), Some(g)) => v.trim_end() == g.trim_end() && text(h, "description") == description(v),
+                // Unreadable here: the steps before made sure it holds the latest version.
                 _ => true,
             };
             if same_flags && same_value {

@@ -53,8 +53,9 @@ async fn run(args: &Args, plan: &mut Plan) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut made = std::collections::BTreeMap::new();
     if let (true, Some(store)) = (cmd.runs(Command::Secrets), &store) {
-        secrets::run(store, &args.options, plan).await?;
+        made = secrets::run(store, &args.options, plan).await?;
     }
     if let (Some((settings, token)), Some(store)) = (&settings, &store) {
         let site = Site {
@@ -63,6 +64,7 @@ async fn run(args: &Args, plan: &mut Plan) -> anyhow::Result<()> {
             mounted: args.secrets_from.clone(),
             settings,
             rotate: &args.options.rotate,
+            made,
         };
         if cmd.runs(Command::Gitlab) {
             gitlab::run(&site, plan).await?;

@@ -22,6 +22,10 @@ use crate::plan::{Change, Plan};
 
 /// Label on every secret the provisioner creates (its value: the secret's base name).
 pub const LABEL: &str = "org.bidsflux.secret";
+/// Label on every secret the provisioner creates: the SHA-256 of its value (random values of 20
+/// or more characters and GitLab tokens: not reversible), to tell which version a mounted copy is
+/// and whether a value changed, without reading it.
+pub const SHA256_LABEL: &str = "org.bidsflux.sha256";
 
 /// Options of `secrets`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,6 +149,8 @@ impl Store {
     pub async fn create_labeled(&self, name: &str, base: &str, value: &str, labels: &Labels) -> anyhow::Result<bool> {
         let mut labels = labels.clone();
         labels.insert(LABEL.to_owned(), base.to_owned());
+        // Identifies the value without showing it: a mounted copy is checked against it.
+        labels.insert(SHA256_LABEL.to_owned(), crate::site::sha256_hex(value));
         match self {
             Self::Swarm(docker) => {
                 let spec = SecretSpec {
@@ -261,8 +267,9 @@ pub fn stack_variable(name: &str) -> String {
     format!("SECRET_{}", name.to_ascii_uppercase())
 }
 
-/// Creates every missing random secret (and the rotations asked for), recording a line for each.
-pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::Result<()> {
+/// Creates every missing random secret (and the rotations asked for), recording a line for each;
+/// returns the values made, by secret name (for `up`'s next steps, never printed).
+pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::Result<BTreeMap<String, String>> {
     for name in &options.rotate {
         if site_secret(name).is_none() {
             anyhow::bail!("{name} is not a secret of the site (known: {})", known());
@@ -270,6 +277,7 @@ pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::R
     }
     let have = store.existing().await?;
     let mut reveal: Vec<(String, String)> = Vec::new();
+    let mut made = BTreeMap::new();
     for secret in secrets::ALL {
         let Origin::Generated { len, reveal: keep } = secret.origin else { continue };
         let versions: Vec<u32> = have.iter().filter_map(|n| secrets::version_of(secret.name, n)).collect();
@@ -295,6 +303,7 @@ pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::R
         let value = random_value(len)?;
         if store.create(&target, secret.name, &value).await? {
             plan.record(Change::Create, "secret", &target, Some(note));
+            made.insert(target.clone(), value.clone());
             if keep {
                 reveal.push((target, value));
             }
@@ -308,7 +317,7 @@ pub async fn run(store: &Store, options: &Options, plan: &mut Plan) -> anyhow::R
     if !reveal.is_empty() {
         show(&reveal, options.reveal_to.as_deref())?;
     }
-    Ok(())
+    Ok(made)
 }
 
 /// Label of a placeholder: a secret the stack mounts whose value GitLab must make first.

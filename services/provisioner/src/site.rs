@@ -12,7 +12,7 @@ use gitlab::api::{Pagination, ignore, paged};
 use serde_json::Value;
 
 use crate::rest::Rest;
-use crate::secrets::{Labels, Store, Stored, latest_of};
+use crate::secrets::{Labels, SHA256_LABEL, Store, Stored, latest_of};
 
 /// Settings of the `gitlab` and `runners` commands.
 #[derive(Debug, Clone)]
@@ -80,6 +80,18 @@ impl Settings {
             return Err(ConfigError::invalid("BOT_EMAIL_DOMAIN", "must be a domain such as example.org"));
         }
         let ssh_host = env.get("BIDSFLUX_GITLAB_SSH_HOST").map_or(host, |h| h.trim().to_owned());
+        let token_days: u32 = env.parse_or("BIDSFLUX_BOT_TOKEN_DAYS", 365)?;
+        let renew_days: u32 = env.parse_or("BIDSFLUX_BOT_TOKEN_RENEW_DAYS", 30)?;
+        if !(2..=365).contains(&token_days) {
+            return Err(ConfigError::invalid("BIDSFLUX_BOT_TOKEN_DAYS", "must be 2 to 365 (GitLab's maximum)"));
+        }
+        // Renewing as early as the token's life would rotate it at every run.
+        if renew_days + 1 >= token_days {
+            return Err(ConfigError::invalid(
+                "BIDSFLUX_BOT_TOKEN_RENEW_DAYS",
+                "must be less than BIDSFLUX_BOT_TOKEN_DAYS - 1 (else every run rotates the tokens)",
+            ));
+        }
         Ok(Self {
             url,
             root_group,
@@ -87,8 +99,8 @@ impl Settings {
             ssh_host,
             ssh_port: env.parse_or("GIT_SSH_PORT", 222)?,
             timeout: env.duration_or("BIDSFLUX_GITLAB_TIMEOUT", Duration::from_secs(30))?,
-            token_days: env.parse_or("BIDSFLUX_BOT_TOKEN_DAYS", 365)?.clamp(2, 365),
-            renew_days: env.parse_or("BIDSFLUX_BOT_TOKEN_RENEW_DAYS", 30)?,
+            token_days,
+            renew_days,
             runner_concurrent: env.parse_or("BIDSFLUX_RUNNER_CONCURRENT", 4)?.max(1),
         })
     }
@@ -128,6 +140,8 @@ pub struct Site<'a> {
     pub settings: &'a Settings,
     /// Secrets to rotate.
     pub rotate: &'a [String],
+    /// Values of secrets made earlier in this run (`up`'s `secrets`), by secret name.
+    pub made: BTreeMap<String, String>,
 }
 
 /// A GitLab failure as an error naming the object.
@@ -180,12 +194,28 @@ impl Site<'_> {
     }
 
     /// The value of the latest version of `base`, if this process can read it.
+    ///
+    /// A mounted swarm secret is trusted only when it is the latest version: its SHA-256 is the
+    /// latest version's label (or, for a secret made before labels, the latest is version 1).
+    /// Values made earlier in this run (`up`) are known without reading.
     pub fn read_latest(&self, stored: Option<&Stored>, base: &str) -> anyhow::Result<Option<String>> {
+        if let Some(s) = stored
+            && let Some(v) = self.made.get(&s.name)
+        {
+            return Ok(Some(v.clone()));
+        }
         match (self.store, stored) {
             (Store::Dir(_), Some(s)) => self.store.read(&s.name, None),
-            (Store::Dir(_), None) => Ok(None),
+            (_, None) => Ok(None),
             // A swarm secret is read where it is mounted, under the name the service gives it.
-            (Store::Swarm(_), _) => self.store.read(base, self.mounted.as_deref()),
+            (Store::Swarm(_), Some(s)) => {
+                let Some(v) = self.store.read(base, self.mounted.as_deref())? else { return Ok(None) };
+                let latest = match s.labels.get(SHA256_LABEL) {
+                    Some(sha) => *sha == sha256_hex(&v),
+                    None => s.version == 1,
+                };
+                Ok(latest.then_some(v))
+            }
         }
     }
 }
@@ -197,5 +227,15 @@ pub fn text<'v>(v: &'v Value, field: &str) -> &'v str {
 
 /// A JSON field as an id.
 pub fn id(v: &Value) -> anyhow::Result<u64> {
-    v.get("id").and_then(Value::as_u64).ok_or_else(|| anyhow::anyhow!("GitLab's answer has no id: {v}"))
+    // Never the answer itself: a token's holds the token.
+    v.get("id").and_then(Value::as_u64).ok_or_else(|| {
+        let fields: Vec<&str> = v.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+        anyhow::anyhow!("GitLab's answer has no id (fields: {})", fields.join(", "))
+    })
+}
+
+/// SHA-256 of a value, in hex: the label that identifies a stored value without showing it.
+pub fn sha256_hex(value: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(value.as_bytes()))
 }
