@@ -87,7 +87,12 @@ pub const RUNNERS: [RunnerDef; 4] = [
 pub const CONFIGS: [&str; 2] = [names::GITLAB_RUNNER_DATA_CONFIG, names::GITLAB_RUNNER_PROC_CONFIG];
 
 /// The `config.toml` of `runners` with their tokens.
-pub fn config_toml(url: &str, concurrent: u32, runners: &[(RunnerDef, String)]) -> anyhow::Result<String> {
+pub fn config_toml(
+    url: &str,
+    concurrent: u32,
+    proc_volumes: &[String],
+    runners: &[(RunnerDef, String)],
+) -> anyhow::Result<String> {
     use toml::{Table, Value as T};
     let strings = |v: &[&str]| T::Array(v.iter().map(|s| T::String((*s).to_owned())).collect());
     let mut list = Vec::new();
@@ -96,7 +101,11 @@ pub fn config_toml(url: &str, concurrent: u32, runners: &[(RunnerDef, String)]) 
         docker.insert("image".into(), T::String("docker:27".into()));
         docker.insert("privileged".into(), T::Boolean(def.privileged));
         docker.insert("tls_verify".into(), T::Boolean(false));
-        docker.insert("volumes".into(), strings(&["/certs/client", "/cache"]));
+        let mut volumes = vec!["/certs/client", "/cache"];
+        if def.config == names::GITLAB_RUNNER_PROC_CONFIG {
+            volumes.extend(proc_volumes.iter().map(String::as_str));
+        }
+        docker.insert("volumes".into(), strings(&volumes));
         docker.insert("pull_policy".into(), strings(&["if-not-present", "always"]));
         if !def.devices.is_empty() {
             docker.insert("devices".into(), strings(def.devices));
@@ -196,7 +205,8 @@ pub async fn run(site: &Site<'_>, plan: &mut Plan) -> anyhow::Result<()> {
         }
         let pairs: Vec<(RunnerDef, String)> = made.iter().map(|(d, t, _)| (*d, t.clone())).collect();
         let ids: Vec<(&str, u64)> = made.iter().map(|(d, _, i)| (d.description, *i)).collect();
-        let toml = config_toml(&site.settings.url, site.settings.runner_concurrent, &pairs)?;
+        let s = site.settings;
+        let toml = config_toml(&s.url, s.runner_concurrent, &s.runner_proc_volumes, &pairs)?;
         let labels = Labels::from([(RUNNER_IDS_LABEL.to_owned(), ids_label(&ids))]);
         let name = Stored::next_name(stored.as_ref(), config);
         let mut note =
@@ -223,7 +233,7 @@ mod tests {
             .filter(|r| r.config == names::GITLAB_RUNNER_PROC_CONFIG)
             .map(|r| (*r, format!("glrt-{}", r.description)))
             .collect();
-        let text = config_toml("https://gitlab.example.org", 4, &defs).unwrap();
+        let text = config_toml("https://gitlab.example.org", 4, &["/mnt/data/mri:/data".to_owned()], &defs).unwrap();
         let parsed: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(parsed["listen_address"].as_str(), Some("127.0.0.1:9252"));
         let runners = parsed["runners"].as_array().unwrap();
@@ -233,6 +243,8 @@ mod tests {
         assert_eq!(preproc["executor"].as_str(), Some("docker"));
         assert_eq!(preproc["docker"]["devices"].as_array().unwrap()[0].as_str(), Some("/dev/fuse"));
         assert_eq!(preproc["docker"]["security_opt"].as_array().unwrap().len(), 2);
+        let volumes = preproc["docker"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes.last().unwrap().as_str(), Some("/mnt/data/mri:/data"));
         assert_eq!(parse_ids(&ids_label(&[("a", 1), ("b", 22)])), BTreeMap::from([("a".into(), 1), ("b".into(), 22)]));
     }
 }

@@ -36,6 +36,10 @@ pub struct Settings {
     pub renew_days: u32,
     /// Jobs each runner service runs at once (`BIDSFLUX_RUNNER_CONCURRENT`, 4).
     pub runner_concurrent: u32,
+    /// More volumes of the processing server's runners' job containers
+    /// (`BIDSFLUX_RUNNER_PROC_VOLUMES`, comma-separated docker volume specs, e.g. the original's
+    /// `/mnt/data/mri:/data`); none by default.
+    pub runner_proc_volumes: Vec<String>,
 }
 
 impl Settings {
@@ -102,8 +106,28 @@ impl Settings {
             token_days,
             renew_days,
             runner_concurrent: env.parse_or("BIDSFLUX_RUNNER_CONCURRENT", 4)?.max(1),
+            runner_proc_volumes: volumes(env.get_or("BIDSFLUX_RUNNER_PROC_VOLUMES", ""))?,
         })
     }
+}
+
+/// Docker volume specs (`/host:/container[:ro]` or `/path`), comma-separated.
+fn volumes(text: &str) -> Result<Vec<String>, ConfigError> {
+    let list: Vec<String> = text.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned).collect();
+    for v in &list {
+        let parts: Vec<&str> = v.split(':').collect();
+        let ok = parts.len() <= 3
+            && parts.iter().take(2).all(|p| p.starts_with('/') && !p.split('/').any(|c| c == ".."))
+            && parts.get(2).is_none_or(|m| matches!(*m, "ro" | "rw"))
+            && !v.chars().any(|c| c.is_control() || c.is_whitespace() || c == '"');
+        if !ok {
+            return Err(ConfigError::invalid(
+                "BIDSFLUX_RUNNER_PROC_VOLUMES",
+                format!("{v:?} is not a volume such as /mnt/data/mri:/data or /mnt/data/mri:/data:ro"),
+            ));
+        }
+    }
+    Ok(list)
 }
 
 /// Reads the administrator's token: `--gitlab-token-file`, else `GITLAB_ADMIN_TOKEN_FILE` (or
@@ -238,4 +262,45 @@ pub fn id(v: &Value) -> anyhow::Result<u64> {
 pub fn sha256_hex(value: &str) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(value.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_pairs(pairs.iter().copied())
+    }
+
+    #[test]
+    fn settings_follow_the_stack_env() {
+        let s = Settings::from_env(&env(&[
+            ("GITLAB_HOST", "gitlab.example.org"),
+            ("GITLAB_BOT_EMAIL", "dicom_bot@example.org"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.ssh_host.as_str(), s.ssh_port),
+            ("https://gitlab.example.org", "gitlab.example.org", 222)
+        );
+        assert_eq!((s.email_domain.as_str(), s.root_group.as_str()), ("example.org", "ni-dataops"));
+        assert!(s.runner_proc_volumes.is_empty());
+        let base = [("GITLAB_URL", "http://127.0.0.1:8080/"), ("BOT_EMAIL_DOMAIN", "x.org")];
+        assert_eq!(Settings::from_env(&env(&base)).unwrap().url, "http://127.0.0.1:8080");
+        let with = |extra: (&'static str, &'static str)| {
+            let mut pairs = base.to_vec();
+            pairs.push(extra);
+            Settings::from_env(&env(&pairs))
+        };
+        assert!(with(("BIDSFLUX_BOT_TOKEN_DAYS", "30")).is_err(), "renewal as long as the token's life");
+        assert!(with(("BIDSFLUX_BOT_TOKEN_DAYS", "400")).is_err());
+        assert!(with(("NI_DATAOPS_GITLAB_ROOT", "a/../b")).is_err());
+        let v = with(("BIDSFLUX_RUNNER_PROC_VOLUMES", "/mnt/data/mri:/data, /ria:/data/ria:ro")).unwrap();
+        assert_eq!(v.runner_proc_volumes, ["/mnt/data/mri:/data", "/ria:/data/ria:ro"]);
+        for bad in ["data:/data", "/a/../b:/c", "/a:/b:rx", "/a:/b\"]"] {
+            assert!(with(("BIDSFLUX_RUNNER_PROC_VOLUMES", bad)).is_err(), "{bad}");
+        }
+        assert!(Settings::from_env(&env(&[("BOT_EMAIL_DOMAIN", "x.org")])).is_err(), "no GitLab URL");
+        assert!(Settings::from_env(&env(&[("GITLAB_URL", "https://g")])).is_err(), "no email domain");
+    }
 }
